@@ -1,0 +1,6 @@
+"""Kafka and PostgreSQL for tests, the demo and benchmarks: given, containerised or embedded."""
+
+from devservices.embedded import EmbeddedKafka, EmbeddedPostgres
+from devservices.resolve import Services, services
+
+__all__ = ["EmbeddedKafka", "EmbeddedPostgres", "Services", "services"]

@@ -1,0 +1,157 @@
+"""Realistic Stripe event payloads for tests, the demo and benchmarks.
+
+Shaped like what Stripe sends (API version 2024-06-20): whole PaymentIntent and
+Charge objects with the many fields intentflow never reads, so decoding is
+measured on the real size and shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import secrets
+import time
+from typing import Any
+
+_counter = itertools.count()
+
+# Each status's usual event type.
+EVENT_TYPE_OF_STATUS = {
+    "requires_capture": "payment_intent.amount_capturable_updated",
+    "succeeded": "payment_intent.succeeded",
+    "canceled": "payment_intent.canceled",
+    "requires_payment_method": "payment_intent.payment_failed",
+    "processing": "payment_intent.processing",
+    "requires_action": "payment_intent.requires_action",
+}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(6)}{next(_counter):06d}"
+
+
+def payment_intent(
+    intent_id: str,
+    *,
+    amount: int,
+    currency: str = "usd",
+    status: str = "requires_capture",
+    cart_id: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
+    created = created or int(time.time())
+    capturable = amount if status == "requires_capture" else 0
+    received = amount if status == "succeeded" else 0
+    return {
+        "id": intent_id,
+        "object": "payment_intent",
+        "amount": amount,
+        "amount_capturable": capturable,
+        "amount_details": {"tip": {}},
+        "amount_received": received,
+        "application": None,
+        "application_fee_amount": None,
+        "automatic_payment_methods": None,
+        "canceled_at": None,
+        "cancellation_reason": None,
+        "capture_method": "manual",
+        "client_secret": f"{intent_id}_secret_{secrets.token_hex(8)}",
+        "confirmation_method": "automatic",
+        "created": created,
+        "currency": currency,
+        "customer": "cus_" + secrets.token_hex(7),
+        "description": "Order from the storefront",
+        "invoice": None,
+        "last_payment_error": None,
+        "latest_charge": "ch_" + secrets.token_hex(12),
+        "livemode": False,
+        "metadata": {"cart_id": cart_id} if cart_id else {},
+        "next_action": None,
+        "on_behalf_of": None,
+        "payment_method": "pm_" + secrets.token_hex(12),
+        "payment_method_configuration_details": None,
+        "payment_method_options": {
+            "card": {
+                "installments": None,
+                "mandate_options": None,
+                "network": None,
+                "request_three_d_secure": "automatic",
+            }
+        },
+        "payment_method_types": ["card"],
+        "processing": None,
+        "receipt_email": "buyer@example.com",
+        "review": None,
+        "setup_future_usage": None,
+        "shipping": {
+            "address": {
+                "city": "Berlin",
+                "country": "DE",
+                "line1": "Torstrasse 1",
+                "line2": None,
+                "postal_code": "10119",
+                "state": None,
+            },
+            "carrier": None,
+            "name": "Ada Lovelace",
+            "phone": None,
+            "tracking_number": None,
+        },
+        "source": None,
+        "statement_descriptor": None,
+        "statement_descriptor_suffix": None,
+        "status": status,
+        "transfer_data": None,
+        "transfer_group": None,
+    }
+
+
+def event(obj: dict[str, Any], event_type: str, *, event_id: str | None = None) -> dict[str, Any]:
+    return {
+        "id": event_id or new_id("evt"),
+        "object": "event",
+        "api_version": "2024-06-20",
+        "created": obj.get("created", int(time.time())),
+        "data": {"object": obj, "previous_attributes": {}},
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": new_id("req"), "idempotency_key": secrets.token_hex(16)},
+        "type": event_type,
+    }
+
+
+def intent_event(
+    intent_id: str,
+    *,
+    amount: int,
+    cart_id: str | None,
+    status: str = "requires_capture",
+    currency: str = "usd",
+    event_type: str | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """A `payment_intent.*` event carrying the intent in `status`."""
+    obj = payment_intent(intent_id, amount=amount, currency=currency, status=status, cart_id=cart_id)
+    return event(obj, event_type or EVENT_TYPE_OF_STATUS[status], event_id=event_id)
+
+
+def charge_event(intent_id: str, *, amount: int, event_type: str = "charge.succeeded") -> dict[str, Any]:
+    charge = {
+        "id": new_id("ch"),
+        "object": "charge",
+        "amount": amount,
+        "amount_captured": amount,
+        "amount_refunded": 0,
+        "currency": "usd",
+        "paid": True,
+        "payment_intent": intent_id,
+        "refunded": False,
+        "status": "succeeded",
+        "created": int(time.time()),
+    }
+    return event(charge, event_type)
+
+
+def encode(evt: dict[str, Any]) -> bytes:
+    """The bytes Stripe would send: compact-ish JSON."""
+    return json.dumps(evt, separators=(",", ":")).encode()

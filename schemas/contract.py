@@ -1,0 +1,63 @@
+"""The Kafka contract between the webhook bridge and the consumer.
+
+Topic names, the message key, and the header names are part of the public
+contract (DESIGN.md, "Contracts other people rely on"): change them only with
+a migration plan for every reader.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_TOPIC = "stripe.events"
+
+HEADER_EVENT_ID = "stripe-event-id"
+HEADER_EVENT_TYPE = "stripe-event-type"
+HEADER_RECEIVED_AT = "received-at"
+
+# Added by the consumer when it dead-letters a message.
+HEADER_ERROR = "error"
+HEADER_ERROR_DETAIL = "error-detail"
+HEADER_ORIGINAL_PARTITION = "original-partition"
+HEADER_ORIGINAL_OFFSET = "original-offset"
+
+
+def dlq_topic(topic: str) -> str:
+    """The dead-letter topic that belongs to `topic`."""
+    return f"{topic}.dlq"
+
+
+def payment_intent_key(event: dict[str, Any]) -> str | None:
+    """The message key of a Stripe event given as parsed JSON: its payment intent id.
+
+    `payment_intent.*` events carry the intent as `data.object`; `charge.*` events
+    name it in `data.object.payment_intent`. Events that concern no payment
+    intent return None.
+    """
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    kind = obj.get("object")
+    if kind == "payment_intent":
+        value = obj.get("id")
+    elif kind == "charge":
+        value = obj.get("payment_intent")
+    else:
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def encode_key(payment_intent_id: str) -> bytes:
+    return payment_intent_id.encode("utf-8")
+
+
+def contract_headers(
+    event_id: str, event_type: str, received_at_ms: int
+) -> list[tuple[str, bytes]]:
+    """The headers every message on the events topic carries."""
+    return [
+        (HEADER_EVENT_ID, event_id.encode("utf-8")),
+        (HEADER_EVENT_TYPE, event_type.encode("utf-8")),
+        (HEADER_RECEIVED_AT, str(received_at_ms).encode("ascii")),
+    ]

@@ -1,0 +1,91 @@
+"""The parts of Stripe's Event, PaymentIntent and Charge objects that intentflow reads.
+
+Stripe adds fields to its objects without notice, so every model ignores what it
+does not know instead of rejecting it. Models are frozen value types.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag
+
+
+class _StripeModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class PaymentIntent(_StripeModel):
+    object: Literal["payment_intent"]
+    id: str
+    status: str
+    amount: int
+    currency: str
+    metadata: dict[str, str] = {}
+
+    @property
+    def cart_id(self) -> str | None:
+        return self.metadata.get("cart_id") or None
+
+
+class Charge(_StripeModel):
+    object: Literal["charge"]
+    id: str
+    payment_intent: str | None = None
+    amount: int = 0
+    amount_refunded: int = 0
+    currency: str = ""
+    refunded: bool = False
+
+
+class OtherObject(_StripeModel):
+    """Any other Stripe object (customer, invoice, …): only its kind and id are read."""
+
+    object: str
+    id: str | None = None
+
+
+def _object_kind(value: Any) -> str:
+    kind = value.get("object") if isinstance(value, dict) else getattr(value, "object", None)
+    return kind if kind in ("payment_intent", "charge") else "other"
+
+
+StripeObject = Annotated[
+    Annotated[PaymentIntent, Tag("payment_intent")]
+    | Annotated[Charge, Tag("charge")]
+    | Annotated[OtherObject, Tag("other")],
+    Discriminator(_object_kind),
+]
+
+
+class EventData(_StripeModel):
+    object: StripeObject
+
+
+class StripeEvent(_StripeModel):
+    id: str
+    type: str
+    created: int
+    livemode: bool = False
+    data: EventData
+
+    @property
+    def payment_intent_id(self) -> str | None:
+        """The payment intent this event concerns, or None when it concerns none."""
+        obj = self.data.object
+        if isinstance(obj, PaymentIntent):
+            return obj.id
+        if isinstance(obj, Charge):
+            return obj.payment_intent
+        return None
+
+
+# Event types intentflow gives meaning to. Stripe has no `payment_intent.authorized`;
+# some teams use that name internally, so it is accepted as a synonym.
+AUTHORIZATION_EVENTS = frozenset(
+    {
+        "payment_intent.amount_capturable_updated",
+        "payment_intent.authorized",
+        "payment_intent.succeeded",
+    }
+)

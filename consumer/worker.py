@@ -145,6 +145,10 @@ class Worker:
     ) -> None:
         await self.stop()
 
+    def assignment(self) -> frozenset[TopicPartition]:
+        """The partitions this member owns right now."""
+        return frozenset(self._consumer.assignment()) if self._consumer is not None else frozenset()
+
     def request_stop(self) -> None:
         """Finish the batch in flight, commit it, then return from `run` (SIGTERM)."""
         self._stopping.set()

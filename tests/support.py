@@ -1,0 +1,165 @@
+"""Helpers for the integration and end-to-end tests: seeding, publishing, running consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from consumer.settings import ConsumerSettings
+from devservices import Services
+from loadtest import events
+from schemas import contract_headers, encode_key, payment_intent_key
+
+
+def consumer_settings(
+    infra: Services, database_url: str, topic: str, **overrides: Any
+) -> ConsumerSettings:
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": infra.kafka_bootstrap_servers,
+        "kafka_enable_idempotence": infra.kafka_enable_idempotence,
+        "kafka_topic": topic,
+        "kafka_group_id": f"group-{topic}",
+        "database_url": database_url,
+        "retry_initial_s": 0.05,
+        "retry_max_s": 0.5,
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 500,
+    }
+    values.update(overrides)
+    return ConsumerSettings(**values)
+
+
+def consumer_env(settings: ConsumerSettings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+async def publish(
+    infra: Services,
+    topic: str,
+    payloads: Iterable[dict[str, Any] | bytes],
+    *,
+    partition: int | None = None,
+    key: bytes | None = None,
+) -> None:
+    """Publish events as the bridge would: raw JSON value, intent key, contract headers."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=infra.kafka_bootstrap_servers,
+        acks="all",
+        enable_idempotence=infra.kafka_enable_idempotence,
+        linger_ms=5,
+    )
+    await producer.start()
+    try:
+        futures = []
+        for payload in payloads:
+            if isinstance(payload, bytes):
+                value, headers, msg_key = payload, [], key
+            else:
+                value = events.encode(payload)
+                headers = contract_headers(payload["id"], payload["type"], 0)
+                intent = payment_intent_key(payload)
+                msg_key = key if key is not None else (encode_key(intent) if intent else None)
+            futures.append(
+                await producer.send(topic, value, key=msg_key, headers=headers, partition=partition)
+            )
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def seed_stock(db: asyncpg.Connection, levels: dict[str, int]) -> None:
+    await db.executemany(
+        "INSERT INTO inventory_levels (sku, stocked_quantity) VALUES ($1, $2)", list(levels.items())
+    )
+
+
+async def seed_cart(
+    db: asyncpg.Connection, cart_id: str, lines: list[tuple[str, int, int]], currency: str = "usd"
+) -> int:
+    """Create a cart of (sku, quantity, unit_amount) lines; return its total."""
+    await db.execute("INSERT INTO carts (id, currency) VALUES ($1, $2)", cart_id, currency)
+    await db.executemany(
+        "INSERT INTO cart_items (cart_id, sku, quantity, unit_amount) VALUES ($1, $2, $3, $4)",
+        [(cart_id, sku, qty, unit) for sku, qty, unit in lines],
+    )
+    return sum(qty * unit for _, qty, unit in lines)
+
+
+@dataclass
+class Snapshot:
+    """The database's state, summarised for assertions."""
+
+    orders: dict[str, str]  # payment intent -> status
+    levels: dict[str, int]
+    movements: dict[str, int]  # sku -> sum of deltas
+    order_movements: int  # rows with reason 'order'
+    processed: int
+
+    def assert_movements_explain_levels(self) -> None:
+        """Invariant 4: for every SKU, the sum of its movements is its level."""
+        assert self.movements == {sku: q for sku, q in self.levels.items() if sku in self.movements}
+        assert set(self.levels) == set(self.movements)
+
+
+async def snapshot(db: asyncpg.Connection) -> Snapshot:
+    orders = {r["payment_intent_id"]: r["status"] for r in await db.fetch("SELECT * FROM orders")}
+    levels = {
+        r["sku"]: r["stocked_quantity"]
+        for r in await db.fetch("SELECT sku, stocked_quantity FROM inventory_levels")
+    }
+    movements = {
+        r["sku"]: r["total"]
+        for r in await db.fetch(
+            "SELECT sku, sum(quantity_delta)::int AS total FROM inventory_movements GROUP BY sku"
+        )
+    }
+    order_movements = await db.fetchval(
+        "SELECT count(*) FROM inventory_movements WHERE reason = 'order'"
+    )
+    processed = await db.fetchval("SELECT count(*) FROM processed_events")
+    return Snapshot(orders, levels, movements, order_movements, processed)
+
+
+class ConsumerProcess:
+    """`python -m consumer run` as a separate OS process, as an operator would start it."""
+
+    def __init__(self, settings: ConsumerSettings, exit_when_idle_s: float = 4.0) -> None:
+        self._argv = [
+            sys.executable,
+            "-m",
+            "consumer",
+            "run",
+            "--exit-when-idle",
+            str(exit_when_idle_s),
+        ]
+        self._env = consumer_env(settings)
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> ConsumerProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            *self._argv, env=self._env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        return self
+
+    async def wait(self, timeout_s: float = 60) -> dict[str, Any]:
+        """Wait for the process to exit by itself; return its summary."""
+        assert self.process is not None
+        stdout, stderr = await asyncio.wait_for(self.process.communicate(), timeout_s)
+        assert self.process.returncode == 0, stderr.decode()[-3000:]
+        return dict(json.loads(stdout.decode().strip().splitlines()[-1]))
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()

@@ -1,0 +1,74 @@
+"""Decoding Kafka records: valid events, and poison with a reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from consumer.decode import Envelope, Poison, decode
+from loadtest import events
+from schemas import Charge, PaymentIntent, payment_intent_key
+
+
+@dataclass
+class Record:
+    value: bytes | None
+    key: bytes | None
+    topic: str = "t"
+    partition: int = 3
+    offset: int = 7
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def test_payment_intent_event_decodes_with_unknown_fields_ignored() -> None:
+    payload = events.intent_event("pi_1", amount=500, cart_id="c1")
+    payload["data"]["object"]["brand_new_stripe_field"] = {"nested": [1, 2]}
+    result = decode(Record(events.encode(payload), b"pi_1"))
+    assert isinstance(result, Envelope)
+    assert isinstance(result.event.data.object, PaymentIntent)
+    assert result.event.data.object.cart_id == "c1"
+    assert (result.partition, result.offset) == (3, 7)
+
+
+def test_charge_event_names_its_intent() -> None:
+    result = decode(Record(events.encode(events.charge_event("pi_9", amount=1)), b"pi_9"))
+    assert isinstance(result, Envelope)
+    assert isinstance(result.event.data.object, Charge)
+    assert result.event.payment_intent_id == "pi_9"
+
+
+def test_other_objects_concern_no_intent() -> None:
+    payload = events.event({"object": "customer", "id": "cus_1"}, "customer.created")
+    result = decode(Record(events.encode(payload), None))
+    assert isinstance(result, Envelope)
+    assert result.event.payment_intent_id is None
+    assert payment_intent_key(payload) is None
+
+
+def test_not_json_is_poison() -> None:
+    result = decode(Record(b"{not json", b"pi_1"))
+    assert isinstance(result, Poison) and result.error == "invalid_json"
+
+
+def test_json_that_is_not_an_event_is_poison_naming_the_field() -> None:
+    result = decode(Record(b'{"id": "evt_1", "type": "x"}', b"pi_1"))
+    assert isinstance(result, Poison) and result.error == "invalid_event"
+    assert "created" in result.detail or "data" in result.detail
+
+
+def test_payment_intent_missing_amount_is_poison() -> None:
+    payload = events.intent_event("pi_1", amount=500, cart_id="c1")
+    del payload["data"]["object"]["amount"]
+    result = decode(Record(events.encode(payload), b"pi_1"))
+    assert isinstance(result, Poison) and "amount" in result.detail
+
+
+def test_key_must_be_the_events_intent() -> None:
+    payload = events.intent_event("pi_1", amount=500, cart_id="c1")
+    for key in (b"pi_2", None):
+        result = decode(Record(events.encode(payload), key))
+        assert isinstance(result, Poison) and result.error == "key_mismatch"
+
+
+def test_tombstone_is_poison() -> None:
+    result = decode(Record(None, b"pi_1"))
+    assert isinstance(result, Poison) and result.error == "empty_value"

@@ -47,6 +47,7 @@ class RunStats:
     dead_lettered: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     orders: Counter[str] = field(default_factory=Counter)
+    batch_latencies_ms: list[float] = field(default_factory=list)
 
     def add(self, result: BatchResult) -> None:
         self.events += result.events
@@ -192,16 +193,18 @@ class Worker:
             await self._dead_letter(poison)
         result = await self._apply(envelopes)
         await self.commit_offsets(records)
+        duration_ms = (time.perf_counter() - started) * 1000
         self.stats.batches += 1
         self.stats.add(result)
+        self.stats.batch_latencies_ms.append(duration_ms)
         log.info(
             "batch_applied",
             records=len(records),
             claimed=result.claimed,
             duplicates=result.duplicates,
             dead_lettered=len(poison),
-            orders=dict(result.orders),
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            orders={str(k): v for k, v in result.orders.items()},
+            duration_ms=round(duration_ms, 1),
         )
 
     async def _apply(self, envelopes: list[Envelope]) -> BatchResult:

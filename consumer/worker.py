@@ -45,6 +45,7 @@ class RunStats:
     events: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+    retries: int = 0  # waits for the database or broker to come back
     outcomes: Counter[str] = field(default_factory=Counter)
     orders: Counter[str] = field(default_factory=Counter)
     batch_latencies_ms: list[float] = field(default_factory=list)
@@ -74,6 +75,7 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._worker.last_activity = time.monotonic()  # joining is not idleness
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
@@ -85,6 +87,7 @@ class Worker:
         self.exit_when_idle_s = exit_when_idle_s
         self.stats = RunStats()
         self.inflight = asyncio.Lock()
+        self.last_activity = time.monotonic()
         self._stopping = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -120,7 +123,7 @@ class Worker:
         s = self.settings
         return await asyncpg.create_pool(
             s.database_url,
-            min_size=1,
+            min_size=0,  # our retry loop, not the pool, owns reconnecting (and its logs)
             max_size=s.db_pool_size,
             server_settings={"statement_timeout": str(s.db_statement_timeout_ms)},
         )
@@ -158,7 +161,7 @@ class Worker:
 
     async def run(self) -> RunStats:
         assert self._consumer is not None
-        last_message = time.monotonic()
+        self.last_activity = time.monotonic()
         while not self._stopping.is_set():
             fetched = await self._consumer.getmany(
                 timeout_ms=self.settings.poll_timeout_ms,
@@ -166,12 +169,12 @@ class Worker:
             )
             records = [r for tp in sorted(fetched) for r in fetched[tp]]
             if not records:
-                idle = time.monotonic() - last_message
+                idle = time.monotonic() - self.last_activity
                 if self.exit_when_idle_s is not None and idle >= self.exit_when_idle_s:
                     log.info("idle_exit", idle_s=round(idle, 1))
                     break
                 continue
-            last_message = time.monotonic()
+            self.last_activity = time.monotonic()
             async with self.inflight:
                 await self.handle(records)
         return self.stats
@@ -286,6 +289,7 @@ class Worker:
                 if not _retriable(exc):
                     raise
                 log.warning(what, error=f"{type(exc).__name__}: {exc}"[:300], retry_in_s=delay)
+                self.stats.retries += 1
             await self._keep_alive(delay)
             delay = min(delay * 2, self.settings.retry_max_s)
 

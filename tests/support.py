@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,20 @@ from consumer.settings import ConsumerSettings
 from devservices import Services
 from loadtest import events
 from schemas import contract_headers, encode_key, payment_intent_key
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], timeout_s: float = 30, interval_s: float = 0.05
+) -> None:
+    """Poll `check` until it holds; fail with TimeoutError after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(interval_s)
 
 
 def consumer_settings(

@@ -16,22 +16,12 @@ from loadtest import events
 from tests.support import (
     ConsumerProcess,
     consumer_settings,
+    eventually,
     publish,
     seed_cart,
     seed_stock,
     snapshot,
 )
-
-
-async def wait_until(probe: Any, at_least: int, timeout_s: float = 30) -> None:
-    """Poll `probe()` until it returns at least `at_least`."""
-    async with asyncio.timeout(timeout_s):
-        while await probe() < at_least:  # noqa: ASYNC110 - the probe asks another process
-            await asyncio.sleep(0.1)
-
-
-async def _assigned(worker: Worker) -> int:
-    return len(worker.assignment())
 
 
 class SimulatedCrash(Exception):
@@ -120,20 +110,20 @@ async def test_rebalance_mid_run_loses_nothing_and_doubles_nothing(
         waves[i % 3] += [auth, capture, auth]  # a duplicate of the authorization too
     settings = consumer_settings(infra, database_url, topic)
 
-    async def orders_placed() -> int:
-        return int(await db.fetchval("SELECT count(*) FROM orders"))
+    async def orders_placed(at_least: int) -> bool:
+        return int(await db.fetchval("SELECT count(*) FROM orders")) >= at_least
 
     await publish(infra, topic, waves[0])
     # Idle long enough to outlast a session timeout: the broker reassigns the
     # leaver's partitions to the stayer at the latest after that.
     async with Worker(settings, exit_when_idle_s=10) as stayer:
         stayer_run = asyncio.create_task(stayer.run())
-        await wait_until(lambda: orders_placed(), 100)
+        await eventually(lambda: orders_placed(100))
         async with Worker(settings) as visitor:
             visitor_run = asyncio.create_task(visitor.run())
-            await wait_until(lambda: _assigned(visitor), 1)
+            await eventually(lambda: bool(visitor.assignment()))
             await publish(infra, topic, waves[1])
-            await wait_until(lambda: orders_placed(), 200)
+            await eventually(lambda: orders_placed(200))
             visitor.request_stop()
             visitor_stats = await visitor_run
         await publish(infra, topic, waves[2])

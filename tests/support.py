@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
 
 from consumer.settings import ConsumerSettings
 from devservices import Services
-from loadtest import events
-from schemas import contract_headers, encode_key, payment_intent_key
+from loadtest.publish import publish as publish_events
 
 
 async def eventually(
@@ -68,30 +66,15 @@ async def publish(
     partition: int | None = None,
     key: bytes | None = None,
 ) -> None:
-    """Publish events as the bridge would: raw JSON value, intent key, contract headers."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=infra.kafka_bootstrap_servers,
-        acks="all",
+    """Publish events as the bridge would (see loadtest.publish)."""
+    await publish_events(
+        infra.kafka_bootstrap_servers,
+        topic,
+        payloads,
         enable_idempotence=infra.kafka_enable_idempotence,
-        linger_ms=5,
+        partition=partition,
+        key=key,
     )
-    await producer.start()
-    try:
-        futures = []
-        for payload in payloads:
-            if isinstance(payload, bytes):
-                value, headers, msg_key = payload, [], key
-            else:
-                value = events.encode(payload)
-                headers = contract_headers(payload["id"], payload["type"], 0)
-                intent = payment_intent_key(payload)
-                msg_key = key if key is not None else (encode_key(intent) if intent else None)
-            futures.append(
-                await producer.send(topic, value, key=msg_key, headers=headers, partition=partition)
-            )
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 async def seed_stock(db: asyncpg.Connection, levels: dict[str, int]) -> None:

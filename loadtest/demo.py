@@ -1,0 +1,157 @@
+"""`make demo`: the whole path on one machine, with no Docker, ending by itself.
+
+Starts the embedded broker and PostgreSQL (or uses TEST_KAFKA_BOOTSTRAP_SERVERS /
+TEST_DATABASE_URL when given), migrates a fresh database with
+`order-consumer migrate`, seeds stock and carts, publishes a few hundred
+authorization events with duplicates straight to Kafka, runs two
+`order-consumer run` processes in one group until idle, and prints what happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from devservices import services
+from devservices.topics import create_topics
+from loadtest import workload
+from loadtest.publish import publish
+from schemas import dlq_topic
+
+
+async def run_command(argv: list[str], env: dict[str, str], log: Path) -> str:
+    with log.open("ab") as err:
+        process = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=err
+        )
+        stdout, _ = await process.communicate()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({process.returncode}); see {log}")
+    return stdout.decode()
+
+
+async def demo(intents: int, consumers: int) -> None:
+    with services() as infra:
+        print(f"kafka:      {infra.kafka_origin} at {infra.kafka_bootstrap_servers}")
+        print(f"postgresql: {infra.postgres_origin}")
+        database = f"intentflow_demo_{secrets.token_hex(3)}"
+        admin = await asyncpg.connect(infra.database_url)
+        await admin.execute(f'CREATE DATABASE "{database}"')
+        await admin.close()
+        database_url = infra.database_url.rpartition("/")[0] + f"/{database}"
+        topic = f"stripe.events.demo-{secrets.token_hex(3)}"
+        await create_topics(infra.kafka_bootstrap_servers, topic, dlq_topic(topic))
+        log = Path(tempfile.gettempdir()) / f"intentflow-demo-{secrets.token_hex(3)}.log"
+
+        env = dict(os.environ)
+        env.update(
+            KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap_servers,
+            KAFKA_ENABLE_IDEMPOTENCE=str(infra.kafka_enable_idempotence).lower(),
+            KAFKA_TOPIC=topic,
+            KAFKA_GROUP_ID=f"demo-{topic}",
+            DATABASE_URL=database_url,
+        )
+        consumer_cli = [sys.executable, "-m", "consumer"]
+        await run_command([*consumer_cli, "migrate"], env, log)
+
+        # Stock is tight on purpose: some orders must come out out_of_stock.
+        work = workload.generate(intents, skus=40, capture_ratio=0.0, stock_per_sku=40)
+        for evt in work.deliveries[::37]:  # a few payments that do not match their cart
+            evt["data"]["object"]["amount"] += 1
+        conn = await asyncpg.connect(database_url)
+        try:
+            await workload.seed_database(conn, work)
+            stock_before = sum(work.stock.values())
+            await publish(
+                infra.kafka_bootstrap_servers,
+                topic,
+                work.deliveries,
+                enable_idempotence=infra.kafka_enable_idempotence,
+            )
+            print(
+                f"published:  {len(work.deliveries)} deliveries of {work.distinct_events} "
+                f"authorization events ({work.duplicates} duplicates) to {topic}"
+            )
+            runs = [
+                run_command([*consumer_cli, "run", "--exit-when-idle", "5"], env, log)
+                for _ in range(consumers)
+            ]
+            summaries = [
+                json.loads(out.strip().splitlines()[-1]) for out in await asyncio.gather(*runs)
+            ]
+            await report(conn, summaries, stock_before, work)
+        finally:
+            await conn.close()
+        print(f"consumer logs: {log}")
+
+
+async def report(
+    conn: asyncpg.Connection,
+    summaries: list[dict[str, Any]],
+    stock_before: int,
+    work: workload.Workload,
+) -> None:
+    for i, s in enumerate(summaries, 1):
+        print(
+            f"consumer {i}: {s['events']} events in {s['batches']} batches, "
+            f"{s['duplicates']} duplicates absorbed, orders {s['orders']}"
+        )
+    statuses = Counter(
+        {
+            r["status"]: r["n"]
+            for r in await conn.fetch("SELECT status, count(*) AS n FROM orders GROUP BY 1")
+        }
+    )
+    stock_after = await conn.fetchval("SELECT sum(stocked_quantity) FROM inventory_levels")
+    sold_out = await conn.fetchval(
+        "SELECT count(*) FROM inventory_levels WHERE stocked_quantity = 0"
+    )
+    unexplained = await conn.fetchval(
+        """
+        SELECT count(*) FROM inventory_levels l
+        LEFT JOIN (SELECT sku, sum(quantity_delta) AS s FROM inventory_movements GROUP BY sku) m
+          ON m.sku = l.sku
+        WHERE coalesce(m.s, 0) <> l.stocked_quantity
+        """
+    )
+    processed = await conn.fetchval("SELECT count(*) FROM processed_events")
+    absorbed = sum(s["duplicates"] for s in summaries)
+    print()
+    print(f"events applied once:     {processed} of {work.distinct_events}")
+    print(f"duplicates absorbed:     {absorbed} of {work.duplicates} published")
+    print("orders by status:        " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
+    print(f"stock:                   {stock_before} units before, {stock_after} left", end="")
+    print(f", {sold_out} SKUs sold out")
+    print(f"one order per intent:    {sum(statuses.values()) == len(work.intents)}")
+    print(f"movements explain stock: {unexplained == 0}")
+    ok = (
+        processed == work.distinct_events
+        and sum(statuses.values()) == len(work.intents)
+        and unexplained == 0
+        and absorbed == work.duplicates
+    )
+    print(f"\n{'all invariants held' if ok else 'INVARIANT VIOLATED'}")
+    if not ok:
+        raise SystemExit(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.demo", description=__doc__)
+    parser.add_argument("--intents", type=int, default=300)
+    parser.add_argument("--consumers", type=int, default=2)
+    args = parser.parse_args()
+    asyncio.run(demo(args.intents, args.consumers))
+
+
+if __name__ == "__main__":
+    main()

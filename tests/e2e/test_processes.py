@@ -1,0 +1,68 @@
+"""Processes started as a user would: `make demo`'s entry point and a SIGTERM'd consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import asyncpg
+
+from devservices import Services
+from loadtest import events
+from tests.support import (
+    ConsumerProcess,
+    consumer_settings,
+    eventually,
+    publish,
+    seed_cart,
+    seed_stock,
+    snapshot,
+)
+
+
+async def test_sigterm_drains_commits_and_leaves_so_a_successor_repeats_nothing(
+    infra: Services, database_url: str, db: asyncpg.Connection, topic: str
+) -> None:
+    await seed_stock(db, {"sku-a": 10_000})
+    batch = []
+    for i in range(400):
+        total = await seed_cart(db, f"cart-{i}", [("sku-a", 1, 100)])
+        batch.append(events.intent_event(f"pi_{i}", amount=total, cart_id=f"cart-{i}"))
+    # Small batches, so that SIGTERM lands while there is still work left.
+    settings = consumer_settings(infra, database_url, topic, batch_max_records=10)
+    first = await ConsumerProcess(settings, exit_when_idle_s=60).start()
+    await publish(infra, topic, batch)
+
+    async def some_orders() -> bool:
+        return int(await db.fetchval("SELECT count(*) FROM orders")) >= 20
+
+    await eventually(some_orders)
+    assert first.process is not None
+    first.process.send_signal(signal.SIGTERM)
+    stopped = await first.wait(timeout_s=30)  # exit code 0, with its summary
+
+    successor = await ConsumerProcess(settings, exit_when_idle_s=4).start()
+    finished = await successor.wait()
+    assert finished["duplicates"] == 0  # everything the first applied was committed
+    assert stopped["events"] + finished["events"] == 400
+    state = await snapshot(db)
+    assert len(state.orders) == 400
+    assert state.levels == {"sku-a": 10_000 - 400}
+
+
+async def test_demo_runs_to_the_end_and_reports_invariants_held(infra: Services) -> None:
+    env = dict(os.environ)
+    env["TEST_KAFKA_BOOTSTRAP_SERVERS"] = infra.kafka_bootstrap_servers
+    env["TEST_KAFKA_ENABLE_IDEMPOTENCE"] = str(infra.kafka_enable_idempotence).lower()
+    env["TEST_DATABASE_URL"] = infra.database_url
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest.demo", "--intents", "80",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 90)
+    out = stdout.decode()
+    assert process.returncode == 0, out + stderr.decode()[-2000:]
+    assert "events applied once:     80 of 80" in out
+    assert "all invariants held" in out

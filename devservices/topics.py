@@ -1,6 +1,11 @@
-"""Create topics for tests, the demo and benchmarks (production creates them with its own tooling)."""
+"""Create topics for tests, the demo and benchmarks.
+
+Production creates them with its own tooling.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -15,11 +20,9 @@ async def create_topics(
     await admin.start()
     try:
         for name in names:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(
                     [NewTopic(name, num_partitions=partitions, replication_factor=1)]
                 )
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()

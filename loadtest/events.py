@@ -131,11 +131,15 @@ def intent_event(
     event_id: str | None = None,
 ) -> dict[str, Any]:
     """A `payment_intent.*` event carrying the intent in `status`."""
-    obj = payment_intent(intent_id, amount=amount, currency=currency, status=status, cart_id=cart_id)
+    obj = payment_intent(
+        intent_id, amount=amount, currency=currency, status=status, cart_id=cart_id
+    )
     return event(obj, event_type or EVENT_TYPE_OF_STATUS[status], event_id=event_id)
 
 
-def charge_event(intent_id: str, *, amount: int, event_type: str = "charge.succeeded") -> dict[str, Any]:
+def charge_event(
+    intent_id: str, *, amount: int, event_type: str = "charge.succeeded"
+) -> dict[str, Any]:
     charge = {
         "id": new_id("ch"),
         "object": "charge",

@@ -1,0 +1,160 @@
+"""`POST /webhooks/stripe`: one Stripe delivery, from raw bytes to a broker acknowledgement.
+
+The promise: a 2xx means the event is in Kafka. The steps, in order: refuse an
+oversized body (413), verify the signature over the raw bytes (400), check the
+body is a Stripe event (400), pick the key (no payment intent: 200, not
+published), publish the raw bytes unchanged and wait for the ack (200), or
+answer 503 so Stripe retries.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import structlog
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from producer.metrics import BridgeMetrics
+from producer.publisher import Publisher, PublishError
+from producer.signature import SignatureError, SignatureVerifier
+from schemas import contract_headers, encode_key, payment_intent_key
+
+log = structlog.get_logger("bridge")
+
+SIGNATURE_HEADER = "stripe-signature"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _answer(status: int, outcome: str, **fields: Any) -> Response:
+    return Response(
+        orjson.dumps({"outcome": outcome, **fields}),
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing more than `limit` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_event(body: bytes) -> dict[str, Any] | None:
+    """The event as a dict when it looks like a Stripe event (`id`, `type`, `data.object`)."""
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    data = event.get("data")
+    if (
+        isinstance(event.get("id"), str)
+        and isinstance(event.get("type"), str)
+        and isinstance(data, dict)
+        and isinstance(data.get("object"), dict)
+    ):
+        return event
+    return None
+
+
+class WebhookEndpoint:
+    def __init__(
+        self,
+        verifier: SignatureVerifier,
+        publisher: Publisher | None,
+        metrics: BridgeMetrics,
+        max_body_bytes: int,
+    ) -> None:
+        self._verifier = verifier
+        # None only in the bench's baseline: verify and answer, publish nothing.
+        self._publisher = publisher
+        self._metrics = metrics
+        self._max_body_bytes = max_body_bytes
+
+    def _count(self, outcome: str) -> None:
+        self._metrics.webhooks.labels(outcome).inc()
+
+    async def handle(self, request: Request) -> Response:
+        received_at_ms = time.time_ns() // 1_000_000
+        try:
+            body = await read_body(request, self._max_body_bytes)
+        except BodyTooLarge:
+            self._count("too_large")
+            log.info("webhook", outcome="too_large")
+            return _answer(413, "too_large", reason=f"body over {self._max_body_bytes} bytes")
+        except ClientDisconnect:
+            self._count("disconnected")
+            return Response(status_code=400)
+
+        try:
+            self._verifier.verify(body, request.headers.get(SIGNATURE_HEADER))
+        except SignatureError as exc:
+            self._count("bad_signature")
+            self._metrics.signature_failures.labels(exc.reason).inc()
+            log.info("webhook", outcome="bad_signature", reason=exc.reason)
+            return _answer(400, "bad_signature", reason=exc.reason)
+
+        event = parse_event(body)
+        if event is None:
+            self._count("bad_body")
+            log.info("webhook", outcome="bad_body")
+            return _answer(400, "bad_body", reason="not a Stripe event")
+        event_id: str = event["id"]
+        event_type: str = event["type"]
+
+        intent_id = payment_intent_key(event)
+        if intent_id is None:
+            self._count("ignored")
+            log.info("webhook", outcome="ignored", event_id=event_id, event_type=event_type)
+            return _answer(200, "ignored")
+
+        if self._publisher is None:
+            self._count("verified")
+            return _answer(200, "verified")
+
+        started = time.perf_counter()
+        try:
+            published = await self._publisher.publish(
+                encode_key(intent_id),
+                body,
+                contract_headers(event_id, event_type, received_at_ms),
+            )
+        except PublishError as exc:
+            self._count("unavailable")
+            log.warning(
+                "webhook",
+                outcome="unavailable",
+                event_id=event_id,
+                event_type=event_type,
+                payment_intent_id=intent_id,
+                error=str(exc),
+            )
+            return _answer(503, "unavailable", reason="event store unavailable, retry later")
+        self._metrics.publish_seconds.observe(time.perf_counter() - started)
+        self._count("published")
+        log.info(
+            "webhook",
+            outcome="published",
+            event_id=event_id,
+            event_type=event_type,
+            payment_intent_id=intent_id,
+            partition=published.partition,
+            offset=published.offset,
+        )
+        return _answer(200, "published", partition=published.partition, offset=published.offset)

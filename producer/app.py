@@ -1,18 +1,22 @@
 """The bridge's ASGI app: routes, health, metrics, and the producer's lifespan.
 
 `create_app(settings)` builds every dependency; nothing is built at import time.
+`POST /webhooks/stripe` goes straight to the webhook endpoint; everything else
+(health, metrics, lifespan, 404 and 405 answers) is a small Starlette app.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from producer.metrics import CONTENT_TYPE, BridgeMetrics
 from producer.publisher import Publisher
@@ -25,7 +29,31 @@ log = structlog.get_logger("bridge")
 WEBHOOK_PATH = "/webhooks/stripe"
 
 
-def create_app(settings: BridgeSettings) -> Starlette:
+class BridgeApp:
+    """Sends webhook deliveries to the endpoint directly, the rest through Starlette."""
+
+    def __init__(
+        self,
+        webhook: WebhookEndpoint,
+        rest: Starlette,
+        lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
+    ) -> None:
+        self._webhook = webhook
+        self._rest = rest
+        self._lifespan = lifespan
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == WEBHOOK_PATH:
+            await self._webhook(scope, receive, send)
+        else:
+            await self._rest(scope, receive, send)
+
+    def lifespan(self) -> AbstractAsyncContextManager[None]:
+        """Start and stop the producer (for running the app without an ASGI server)."""
+        return self._lifespan(self._rest)
+
+
+def create_app(settings: BridgeSettings) -> BridgeApp:
     metrics = BridgeMetrics()
     verifier = SignatureVerifier(settings.secrets(), settings.stripe_webhook_tolerance_s)
     publisher = Publisher(settings) if settings.bridge_publish else None
@@ -59,12 +87,13 @@ def create_app(settings: BridgeSettings) -> Starlette:
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    return Starlette(
+    rest = Starlette(
         routes=[
-            Route(WEBHOOK_PATH, endpoint.handle, methods=["POST"]),
+            Route(WEBHOOK_PATH, endpoint, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
+    return BridgeApp(endpoint, rest, lifespan)

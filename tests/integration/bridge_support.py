@@ -37,7 +37,7 @@ async def running_bridge(settings: BridgeSettings) -> AsyncIterator[httpx.AsyncC
     """The app with its lifespan (producer start/stop) run, behind an in-process client."""
     app = create_app(settings)
     async with (
-        app.router.lifespan_context(app),
+        app.lifespan(),
         httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://bridge", timeout=10
         ) as client,

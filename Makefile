@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit integration demo bench clean
+.PHONY: venv test lint unit integration demo bench bench-bridge clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench
+
+# The bridge's bench drives it with wrk, a real HTTP load generator (Debian: apt-get).
+bench-bridge: $(STAMP)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m loadtest.bench_bridge
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

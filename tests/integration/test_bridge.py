@@ -1,0 +1,241 @@
+"""The webhook bridge against a real broker: what a 2xx promises, and what is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from aiokafka.partitioner import murmur2
+
+from devservices import Services
+from devservices.embedded import EmbeddedKafka, free_port
+from devservices.topics import create_topics
+from loadtest.events import charge_event, encode, intent_event, new_id
+from loadtest.signing import stripe_signature
+from producer.app import WEBHOOK_PATH
+from schemas import HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_RECEIVED_AT
+from tests.integration.bridge_support import (
+    SECRET,
+    bridge_settings,
+    post_webhook,
+    read_topic,
+    running_bridge,
+    topic_size,
+)
+
+
+def java_partition(key: bytes, partitions: int = 12) -> int:
+    # aiokafka's murmur2 is checked against Kafka's own vectors in tests/unit/test_partition.py.
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+async def test_a_signed_event_lands_with_its_key_raw_body_and_headers(
+    infra: Services, topic: str
+) -> None:
+    settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
+    intent = new_id("pi")
+    event = intent_event(intent, amount=1999, cart_id="cart_1")
+    # Whitespace and key order a re-serialization would lose: the bytes must survive as sent.
+    body = b'  {"note":  "kept as sent",' + encode(event)[1:] + b"\n"
+    before_ms = time.time_ns() // 1_000_000
+
+    async with running_bridge(settings) as client:
+        response = await post_webhook(client, body)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["outcome"] == "published"
+    [record] = await read_topic(infra.kafka_bootstrap_servers, topic, expected=1)
+    assert record.key == intent.encode()
+    assert record.value == body
+    assert record.partition == java_partition(intent.encode()) == response.json()["partition"]
+    headers = dict(record.headers)
+    assert headers[HEADER_EVENT_ID] == event["id"].encode()
+    assert headers[HEADER_EVENT_TYPE] == b"payment_intent.amount_capturable_updated"
+    assert before_ms <= int(headers[HEADER_RECEIVED_AT]) <= time.time_ns() // 1_000_000
+
+
+async def test_an_intents_events_share_a_partition_in_request_order_with_its_charges(
+    infra: Services, topic: str
+) -> None:
+    settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
+    intent = new_id("pi")
+    bodies = [
+        encode(intent_event(intent, amount=500, cart_id="c", status="requires_capture")),
+        encode(intent_event(intent, amount=500, cart_id="c", status="succeeded")),
+        encode(charge_event(intent, amount=500, event_type="charge.refunded")),
+    ]
+    other = encode(intent_event(new_id("pi"), amount=1, cart_id="d"))
+
+    async with running_bridge(settings) as client:
+        for body in [bodies[0], other, bodies[1], bodies[2]]:
+            assert (await post_webhook(client, body)).status_code == 200
+
+    records = await read_topic(infra.kafka_bootstrap_servers, topic, expected=4)
+    mine = [r for r in records if r.key == intent.encode()]
+    assert [r.value for r in mine] == bodies
+    assert {r.partition for r in mine} == {java_partition(intent.encode())}
+    assert [r.offset for r in mine] == sorted(r.offset for r in mine)
+
+
+async def test_both_secrets_verify_during_rotation(infra: Services, topic: str) -> None:
+    settings = bridge_settings(
+        infra.kafka_bootstrap_servers,
+        topic,
+        infra.kafka_enable_idempotence,
+        stripe_webhook_secret="whsec_old, " + SECRET,
+    )
+    old_body = encode(intent_event(new_id("pi"), amount=1, cart_id="c"))
+    new_body = encode(intent_event(new_id("pi"), amount=2, cart_id="c"))
+
+    async with running_bridge(settings) as client:
+        assert (await post_webhook(client, old_body, secret="whsec_old")).status_code == 200
+        assert (await post_webhook(client, new_body, secret=SECRET)).status_code == 200
+
+    records = await read_topic(infra.kafka_bootstrap_servers, topic, expected=2)
+    assert sorted(r.value for r in records) == sorted([old_body, new_body])
+
+
+async def test_an_event_about_no_payment_intent_is_acknowledged_and_not_published(
+    infra: Services, topic: str
+) -> None:
+    settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
+    body = orjson.dumps(
+        {"id": "evt_c", "type": "customer.created", "data": {"object": {"object": "customer"}}}
+    )
+    async with running_bridge(settings) as client:
+        response = await post_webhook(client, body)
+        metrics = (await client.get("/metrics")).text
+
+    assert (response.status_code, response.json()["outcome"]) == (200, "ignored")
+    assert 'bridge_webhooks_total{outcome="ignored"} 1.0' in metrics
+    await asyncio.sleep(0.3)
+    assert await topic_size(infra.kafka_bootstrap_servers, topic) == 0
+
+
+GOOD = encode(intent_event("pi_refused", amount=1, cart_id="c"))
+STALE = stripe_signature(GOOD, SECRET, int(time.time()) - 3600)
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "headers", "status", "reason"),
+    [
+        ("POST", GOOD, {"stripe-signature": "forge"}, 400, "malformed"),
+        ("POST", GOOD, {"stripe-signature": stripe_signature(GOOD, "whsec_x")}, 400, "forged"),
+        ("POST", GOOD, {"stripe-signature": STALE}, 400, "stale"),
+        ("POST", GOOD, {}, 400, "missing"),
+        ("POST", b"not json", None, 400, "not a Stripe event"),
+        ("POST", b'["an array"]', None, 400, "not a Stripe event"),
+        ("POST", b'{"id":"evt_1","type":"x"}', None, 400, "not a Stripe event"),
+        ("POST", b"{" + b" " * (512 * 1024) + b"}", None, 413, "body over 524288 bytes"),
+        ("GET", b"", None, 405, None),
+        ("PUT", GOOD, None, 405, None),
+    ],
+    ids=[
+        "malformed",
+        "forged",
+        "stale",
+        "missing",
+        "not-json",
+        "not-object",
+        "no-data",
+        "oversized",
+        "get",
+        "put",
+    ],
+)
+async def test_refused_requests_get_their_status_and_publish_nothing(
+    infra: Services,
+    topic: str,
+    method: str,
+    body: bytes,
+    headers: dict[str, str] | None,
+    status: int,
+    reason: str | None,
+) -> None:
+    settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
+    sent = {"stripe-signature": stripe_signature(body, SECRET)} if headers is None else headers
+    async with running_bridge(settings) as client:
+        response = await client.request(method, WEBHOOK_PATH, content=body, headers=sent)
+
+    assert response.status_code == status
+    if reason is not None:
+        assert response.json()["reason"] == reason
+    await asyncio.sleep(0.2)
+    assert await topic_size(infra.kafka_bootstrap_servers, topic) == 0
+
+
+async def test_an_oversized_body_is_refused_while_streaming_without_content_length(
+    infra: Services, topic: str
+) -> None:
+    settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
+    chunks_sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal chunks_sent
+        for _ in range(64):  # 64 x 64 KiB = 4 MiB offered, no Content-Length
+            chunks_sent += 1
+            yield b" " * 65536
+
+    async with running_bridge(settings) as client:
+        response = await client.post(
+            WEBHOOK_PATH, content=chunks(), headers={"stripe-signature": "t=1,v1=00"}
+        )
+
+    assert response.status_code == 413
+    assert chunks_sent < 64
+    assert await topic_size(infra.kafka_bootstrap_servers, topic) == 0
+
+
+async def test_health_readiness_and_metrics(infra: Services, topic: str) -> None:
+    settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
+    async with running_bridge(settings) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        await post_webhook(client, GOOD, secret="whsec_wrong")
+        metrics = (await client.get("/metrics")).text
+    assert 'bridge_signature_failures_total{reason="forged"} 1.0' in metrics
+    assert SECRET not in metrics
+
+
+async def test_with_the_broker_down_the_bridge_answers_503_and_a_retry_lands_once() -> None:
+    port = free_port()
+    broker = EmbeddedKafka().start(port=port)
+    try:
+        topic = f"stripe.events.{new_id('t')}"
+        await create_topics(broker.bootstrap_servers, topic)
+        settings = bridge_settings(
+            broker.bootstrap_servers, topic, False, kafka_publish_timeout_s=1.0
+        )
+        body = encode(intent_event(new_id("pi"), amount=700, cart_id="c"))
+
+        async with running_bridge(settings) as client:
+            assert (await post_webhook(client, GOOD)).status_code == 200
+
+            broker.stop()
+            started = time.monotonic()
+            down = await post_webhook(client, body)
+            assert down.status_code == 503
+            assert time.monotonic() - started < 5
+            assert (await client.get("/readyz")).status_code == 503
+
+            # Memory-only broker: it comes back empty, so the topic is created again.
+            broker.start(port=port)
+            await create_topics(broker.bootstrap_servers, topic)
+            for _ in range(40):  # Stripe's retries, faster
+                retry = await post_webhook(client, body)
+                if retry.status_code == 200:
+                    break
+                assert retry.status_code == 503
+                await asyncio.sleep(0.25)
+            assert retry.status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
+
+        # Longer than the publish timeout: a late copy of a 503'd attempt would show by now.
+        await asyncio.sleep(1.5)
+        records = await read_topic(broker.bootstrap_servers, topic, expected=1)
+        assert [r.value for r in records] == [body]
+    finally:
+        broker.stop()

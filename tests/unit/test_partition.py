@@ -1,0 +1,43 @@
+"""The bridge's partitioning is Kafka's Java murmur2 partitioner.
+
+Vectors: Apache Kafka, clients/src/test/java/org/apache/kafka/common/utils/UtilsTest.java,
+`testMurmur2` (signed 32-bit results of `Utils.murmur2`). The Java default
+partitioner picks `(murmur2(key) & 0x7fffffff) % numPartitions`
+(`Utils.toPositive`), which is what any Java or librdkafka murmur2 producer does.
+"""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka.partitioner import DefaultPartitioner, murmur2
+
+KAFKA_MURMUR2_VECTORS = {
+    b"21": -973932308,
+    b"foobar": -790332482,
+    b"a-little-bit-long-string": -985981536,
+    b"a-little-bit-longer-string": -1486304829,
+    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    b"abc": 479470107,
+}
+
+
+def java_partition(java_murmur2: int, partitions: int) -> int:
+    return (java_murmur2 & 0x7FFFFFFF) % partitions
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 12, 64, 1000])
+@pytest.mark.parametrize("key", list(KAFKA_MURMUR2_VECTORS))
+def test_partition_matches_the_java_client(key: bytes, partitions: int) -> None:
+    expected = java_partition(KAFKA_MURMUR2_VECTORS[key], partitions)
+    all_partitions = list(range(partitions))
+    assert DefaultPartitioner()(key, all_partitions, all_partitions) == expected
+
+
+def test_the_vectors_spread_over_partitions() -> None:
+    # Guards the test itself: with 12 partitions the vectors do not all agree by accident.
+    assert len({java_partition(v, 12) for v in KAFKA_MURMUR2_VECTORS.values()}) > 2
+
+
+@pytest.mark.parametrize("key", list(KAFKA_MURMUR2_VECTORS))
+def test_aiokafka_murmur2_is_javas_as_unsigned(key: bytes) -> None:
+    assert murmur2(key) == KAFKA_MURMUR2_VECTORS[key] & 0xFFFFFFFF

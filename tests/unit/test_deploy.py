@@ -1,0 +1,44 @@
+"""deploy/ stays true to the code: every variable it sets is a setting a process reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from consumer.settings import ConsumerSettings
+from producer.settings import BridgeSettings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+KNOWN = {name.upper() for name in [*ConsumerSettings.model_fields, *BridgeSettings.model_fields]}
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_configmap_and_secret_set_only_known_settings() -> None:
+    for name in ("configmap.yaml", "secret.example.yaml"):
+        (doc,) = documents(DEPLOY / "k8s" / name)
+        keys = set(doc.get("data") or doc.get("stringData") or {})
+        assert keys <= KNOWN, (name, keys - KNOWN)
+
+
+def test_containers_set_only_known_settings_and_run_real_commands() -> None:
+    commands = set()
+    for path in (DEPLOY / "k8s").glob("*.yaml"):
+        for doc in documents(path):
+            spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for container in spec.get("containers", []):
+                commands.add(container["command"][0])
+                names = {env["name"] for env in container.get("env", [])}
+                assert names <= KNOWN, (path.name, names - KNOWN)
+    assert commands == {"order-consumer", "stripe-bridge"}
+
+
+def test_compose_services_set_only_known_settings() -> None:
+    (compose,) = documents(DEPLOY / "compose.yaml")
+    for name in ("migrate", "bridge", "consumer"):
+        env = set(compose["services"][name]["environment"])
+        assert env <= KNOWN, (name, env - KNOWN)

@@ -21,14 +21,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
 import platform
 import secrets
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -46,8 +48,10 @@ from loadtest.workload import Workload, generate, seed_database
 from schemas import contract_headers, dlq_topic, encode_key, payment_intent_key
 
 INTENTFLOW = "intentflow"
+INTENTFLOW_2 = "intentflow-x2"  # two processes in one group, one per core
 BASELINE = "baseline"
 _POLL_S = 0.002  # how often the clock checks progress; well below any batch
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -247,10 +251,8 @@ async def _timed(
     return join_s, elapsed_s
 
 
-async def run_intentflow(
-    infra: Services, url: str, topic: str, workload: Workload, args: argparse.Namespace
-) -> tuple[float, float, list[float]]:
-    settings = ConsumerSettings(
+def _settings(infra: Services, url: str, topic: str, args: argparse.Namespace) -> ConsumerSettings:
+    return ConsumerSettings(
         kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
         kafka_enable_idempotence=infra.kafka_enable_idempotence,
         kafka_topic=topic,
@@ -258,6 +260,12 @@ async def run_intentflow(
         database_url=url,
         batch_max_records=args.batch_max_records,
     )
+
+
+async def run_intentflow(
+    infra: Services, url: str, topic: str, workload: Workload, args: argparse.Namespace
+) -> tuple[float, float, list[float]]:
+    settings = _settings(infra, url, topic, args)
     total = len(workload.deliveries)
     async with Worker(settings) as worker:
         run = asyncio.ensure_future(worker.run())
@@ -289,7 +297,80 @@ async def run_baseline(
     return join_s, elapsed_s, list(baseline.stats.transaction_latencies_ms)
 
 
-CONTENDERS = {INTENTFLOW: run_intentflow, BASELINE: run_baseline}
+# Shared with each member process: its assignment time, events applied, end of its last batch.
+_ASSIGNED_AT, _EVENTS, _LAST_BATCH_AT = range(3)
+
+
+def _member(settings_json: str, progress: Any, stop: Any, results: Any) -> None:
+    """One consumer-group member in its own process (multiprocessing target)."""
+    logs.configure("WARNING", "console")
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    settings = ConsumerSettings.model_validate_json(settings_json)
+    latencies = _event_loop_run(_member_run(settings, progress, stop))
+    results.put(latencies)
+
+
+async def _member_run(settings: ConsumerSettings, progress: Any, stop: Any) -> list[float]:
+    async with Worker(settings) as worker:
+        run = asyncio.ensure_future(worker.run())
+        while not worker.assignment():  # noqa: ASYNC110 - aiokafka has no assignment event
+            await asyncio.sleep(_POLL_S)
+        progress[_ASSIGNED_AT] = time.time()
+        seen = 0
+        while not stop.is_set():
+            if worker.stats.batches != seen:
+                seen = worker.stats.batches
+                progress[_EVENTS] = worker.stats.events
+                progress[_LAST_BATCH_AT] = time.time()
+            await asyncio.sleep(_POLL_S)
+        worker.request_stop()
+        await run
+    return list(worker.stats.batch_latencies_ms)
+
+
+async def run_intentflow_processes(
+    infra: Services, url: str, topic: str, workload: Workload, args: argparse.Namespace
+) -> tuple[float, float, list[float]]:
+    """Two member processes; the clock runs from the first assignment to the last batch."""
+    settings_json = _settings(infra, url, topic, args).model_dump_json()
+    total = len(workload.deliveries)
+    ctx = multiprocessing.get_context("spawn")
+    stop, results = ctx.Event(), ctx.Queue()
+    progress = [ctx.Array("d", 3, lock=False) for _ in range(2)]
+    members = [
+        ctx.Process(target=_member, args=(settings_json, p, stop, results)) for p in progress
+    ]
+    launched = time.time()
+    for m in members:
+        m.start()
+    try:
+        while sum(p[_EVENTS] for p in progress) < total:
+            if any(not m.is_alive() for m in members):
+                raise RuntimeError("a member process died before every delivery was applied")
+            await asyncio.sleep(_POLL_S)
+    finally:
+        stop.set()
+    latencies = [ms for _ in members for ms in await asyncio.to_thread(results.get, True, 60)]
+    for m in members:
+        await asyncio.to_thread(m.join, 30)
+    started = min(p[_ASSIGNED_AT] for p in progress if p[_ASSIGNED_AT])
+    finished = max(p[_LAST_BATCH_AT] for p in progress)
+    return started - launched, finished - started, latencies
+
+
+def _event_loop_run(main: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+CONTENDERS = {
+    INTENTFLOW: run_intentflow,
+    INTENTFLOW_2: run_intentflow_processes,
+    BASELINE: run_baseline,
+}
 
 
 async def run_once(
@@ -348,12 +429,15 @@ def print_context(infra: Services, pg_version: str, args: argparse.Namespace) ->
     print(f"machine   {os.cpu_count()} cores, {platform.machine()}, Python {python}")
     print(f"kafka     {infra.kafka_origin} at {infra.kafka_bootstrap_servers}, 12 partitions")
     print(f"postgres  {infra.postgres_origin} {pg_version}")
-    print(f"consumer  batch_max_records={args.batch_max_records}, one process, uvloop")
+    print(
+        f"consumer  batch_max_records={args.batch_max_records}, uvloop; "
+        f"{INTENTFLOW} = one process, {INTENTFLOW_2} = two processes in one group"
+    )
 
 
 def print_table(results: list[RunResult]) -> None:
     header = (
-        f"{'contender':<12} {'run':>3} {'events':>7} {'events/s':>9} {'orders/s':>9} "
+        f"{'contender':<13} {'run':>3} {'events':>7} {'events/s':>9} {'orders/s':>9} "
         f"{'p50 batch ms':>12} {'p99 batch ms':>12} {'join s':>6}  invariants"
     )
     print(header)
@@ -361,7 +445,7 @@ def print_table(results: list[RunResult]) -> None:
     for r in results:
         verdict = "ok" if r.check.ok else "FAILED: " + "; ".join(r.check.failures)
         print(
-            f"{r.contender:<12} {r.run:>3} {r.events:>7} {r.events_per_s:>9,.0f} "
+            f"{r.contender:<13} {r.run:>3} {r.events:>7} {r.events_per_s:>9,.0f} "
             f"{r.orders_per_s:>9,.0f} {percentile(r.latencies_ms, 50):>12.1f} "
             f"{percentile(r.latencies_ms, 99):>12.1f} {r.join_s:>6.1f}  {verdict}"
         )
@@ -391,16 +475,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-max-records", type=int, default=ConsumerSettings().batch_max_records)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
-        "--only", choices=sorted(CONTENDERS), help="run one contender (no ratio is printed)"
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated subset of {', '.join(CONTENDERS)} (default all)",
     )
     return p
 
 
 async def bench(args: argparse.Namespace) -> int:
     workload = generate(args.intents, seed=args.seed)
-    slices = {INTENTFLOW: workload, BASELINE: slice_workload(workload, args.baseline_intents)}
-    messages = {c: encode_messages(w) for c, w in slices.items()}
-    contenders = [args.only] if args.only else list(CONTENDERS)
+    slices = {
+        INTENTFLOW: workload,
+        INTENTFLOW_2: workload,
+        BASELINE: slice_workload(workload, args.baseline_intents),
+    }
+    encoded = encode_messages(workload)
+    messages = {c: encoded if w is workload else encode_messages(w) for c, w in slices.items()}
+    contenders = [c for c in args.contenders.split(",") if c]
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        raise SystemExit(f"unknown contenders: {', '.join(sorted(unknown))}")
     with services() as infra:
         print_context(infra, await postgres_version(infra), args)
         print(
@@ -427,9 +521,11 @@ async def bench(args: argparse.Namespace) -> int:
     medians = summarize(results)
     print()
     for contender, rate in medians.items():
-        print(f"median {contender:<12} {rate:>9,.0f} events/s")
-    if len(medians) == 2:
-        print(f"ratio  intentflow / baseline = {medians[INTENTFLOW] / medians[BASELINE]:.1f}x")
+        print(f"median {contender:<13} {rate:>9,.0f} events/s")
+    for contender in (INTENTFLOW, INTENTFLOW_2):
+        if contender in medians and BASELINE in medians:
+            ratio = medians[contender] / medians[BASELINE]
+            print(f"ratio  {contender} / baseline = {ratio:.1f}x")
     print(
         "batch = one poll applied in one transaction, offsets committed (intentflow); "
         "one event's transaction (baseline). join s = group join, not timed."
@@ -441,11 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.configure("WARNING", "console")
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.run(bench(args))
-    return uvloop.run(bench(args))
+    return _event_loop_run(bench(args))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import structlog
 
 from consumer import logs
 from consumer.migrate import migrate
+from consumer.runtime import tune_gc
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 
@@ -52,6 +53,7 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
     async with worker:
+        tune_gc()
         stats = await worker.run()
     summary = {
         "batches": stats.batches,

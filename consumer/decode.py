@@ -12,7 +12,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from consumer.deadletter import Poison
 from schemas import StripeEvent
+
+__all__ = ["Envelope", "Poison", "decode"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,15 +32,6 @@ class Envelope:
     @property
     def offset(self) -> int:
         return int(self.record.offset)
-
-
-@dataclass(frozen=True, slots=True)
-class Poison:
-    """A record that cannot be applied, with the reason it goes to the dead-letter topic."""
-
-    record: Any  # aiokafka ConsumerRecord
-    error: str
-    detail: str
 
 
 def decode(record: Any) -> Envelope | Poison:

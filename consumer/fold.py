@@ -39,6 +39,7 @@ class IntentState:
     payment_intent_id: str
     status: str | None = None
     has_order: bool = False
+    exists: bool = True  # whether the intent has a row yet (the store's concern, carried along)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ def fold_intent(state: IntentState, events: list[StripeEvent]) -> IntentFold:
                 event_id=event.id,
             )
     return IntentFold(
-        state=IntentState(state.payment_intent_id, status, has_order),
+        state=IntentState(state.payment_intent_id, status, has_order, state.exists),
         create_order=create,
         outcomes=tuple(outcomes),
         last_event_id=last_event_id,

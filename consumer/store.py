@@ -29,8 +29,18 @@ _RETRIABLE_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57")  # connection, roll
 # object in use, operator intervention (shutdown, restart)
 
 
+class ConcurrentIntentWrite(Exception):
+    """Another transaction created one of the batch's intents first (a consumer that
+    lost its partitions in a rebalance and is finishing a batch). The batch is
+    rolled back and retried; it then finds the rows and waits for their locks."""
+
+    retriable = True
+
+
 def is_retriable(exc: BaseException) -> bool:
     """Whether retrying the same batch later can succeed (the database was away or busy)."""
+    if isinstance(exc, ConcurrentIntentWrite):
+        return True
     if isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.PostgresConnectionError):
         return True
     if isinstance(exc, asyncpg.InterfaceError):
@@ -53,6 +63,14 @@ class BatchResult:
     def duplicates(self) -> int:
         return self.events - self.claimed
 
+    def merged(self, other: BatchResult) -> BatchResult:
+        return BatchResult(
+            events=self.events + other.events,
+            claimed=self.claimed + other.claimed,
+            outcomes=self.outcomes + other.outcomes,
+            orders=self.orders + other.orders,
+        )
+
 
 async def apply_batch(conn: Connection, envelopes: list[Envelope]) -> BatchResult:
     """Apply `envelopes` (in Kafka order) in one transaction on `conn`."""
@@ -72,9 +90,10 @@ async def apply_batch(conn: Connection, envelopes: list[Envelope]) -> BatchResul
             by_intent[intent_id].append(envelope.event)
         states = await _lock_intents(conn, sorted(by_intent))
         folds = [fold_intent(states[pid], events) for pid, events in by_intent.items()]
+        # Before any order: from here on this transaction holds every intent's row.
+        await _write_intents(conn, folds)
         plans = await _place_orders(conn, folds)
-        order_ids = await _write_orders(conn, plans)
-        await _write_intents(conn, folds, order_ids)
+        await _write_orders(conn, plans)
         await _record_outcomes(conn, claimed, folds, result)
         for plan in plans:
             result.orders[plan.status] += 1
@@ -105,18 +124,29 @@ async def _claim(conn: Connection, envelopes: list[Envelope]) -> list[Envelope]:
 
 
 async def _lock_intents(conn: Connection, intent_ids: list[str]) -> dict[str, IntentState]:
-    await conn.execute(
-        "INSERT INTO payment_intents (id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
-        intent_ids,
-    )
+    """Lock the intents that have a row and read every intent's state.
+
+    Intents with no row yet are inserted by `_write_intents`; a concurrent
+    insert of the same intent is detected there and the batch retried.
+    """
     rows = await conn.fetch(
         """
-        SELECT id, status, order_id IS NOT NULL AS has_order FROM payment_intents
+        SELECT id, status FROM payment_intents
         WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE
         """,
         intent_ids,
     )
-    return {r["id"]: IntentState(r["id"], r["status"], r["has_order"]) for r in rows}
+    with_orders = {
+        r["payment_intent_id"]
+        for r in await conn.fetch(
+            "SELECT payment_intent_id FROM orders WHERE payment_intent_id = ANY($1::text[])",
+            intent_ids,
+        )
+    }
+    states = {pid: IntentState(pid, None, pid in with_orders, exists=False) for pid in intent_ids}
+    for r in rows:
+        states[r["id"]] = IntentState(r["id"], r["status"], r["id"] in with_orders, exists=True)
+    return states
 
 
 async def _place_orders(conn: Connection, folds: list[IntentFold]) -> list[OrderPlan]:
@@ -159,10 +189,10 @@ async def _load_carts(conn: Connection, cart_ids: list[str]) -> dict[str, Cart]:
     return {cid: Cart(cid, cur, tuple(lines[cid])) for cid, cur in currency.items()}
 
 
-async def _write_orders(conn: Connection, plans: list[OrderPlan]) -> dict[str, int]:
-    """Insert the planned orders with their items and stock effects; return intent -> order id."""
+async def _write_orders(conn: Connection, plans: list[OrderPlan]) -> None:
+    """Insert the planned orders with their items and stock effects."""
     if not plans:
-        return {}
+        return
     rows = await conn.fetch(
         """
         INSERT INTO orders
@@ -199,7 +229,6 @@ async def _write_orders(conn: Connection, plans: list[OrderPlan]) -> dict[str, i
         )
     placed = [p for p in plans if p.status is OrderStatus.PLACED]
     await _take_stock(conn, placed, order_ids)
-    return order_ids
 
 
 async def _take_stock(conn: Connection, placed: list[OrderPlan], order_ids: dict[str, int]) -> None:
@@ -238,26 +267,37 @@ async def _take_stock(conn: Connection, placed: list[OrderPlan], order_ids: dict
     )
 
 
-async def _write_intents(
-    conn: Connection, folds: list[IntentFold], order_ids: dict[str, int]
-) -> None:
-    changed = [f for f in folds if f.changed]
-    if not changed:
-        return
-    await conn.execute(
-        """
-        UPDATE payment_intents p
-        SET status = v.status, order_id = coalesce(p.order_id, v.order_id),
-            last_event_id = v.event_id, updated_at = now()
-        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])
-            AS v(id, status, order_id, event_id)
-        WHERE p.id = v.id
-        """,
-        [f.state.payment_intent_id for f in changed],
-        [f.state.status for f in changed],
-        [order_ids.get(f.state.payment_intent_id) for f in changed],
-        [f.last_event_id for f in changed],
-    )
+async def _write_intents(conn: Connection, folds: list[IntentFold]) -> None:
+    """Store each changed intent's new state; fail retriably if another writer raced us."""
+    changed = sorted((f for f in folds if f.changed), key=lambda f: f.state.payment_intent_id)
+    known = [f for f in changed if f.state.exists]
+    new = [f for f in changed if not f.state.exists]
+    if known:
+        await conn.execute(
+            """
+            UPDATE payment_intents p
+            SET status = v.status, last_event_id = v.event_id, updated_at = now()
+            FROM unnest($1::text[], $2::text[], $3::text[]) AS v(id, status, event_id)
+            WHERE p.id = v.id
+            """,
+            [f.state.payment_intent_id for f in known],
+            [f.state.status for f in known],
+            [f.last_event_id for f in known],
+        )
+    if new:
+        inserted = await conn.fetch(
+            """
+            INSERT INTO payment_intents (id, status, last_event_id)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+            ON CONFLICT (id) DO NOTHING
+            RETURNING id
+            """,
+            [f.state.payment_intent_id for f in new],
+            [f.state.status for f in new],
+            [f.last_event_id for f in new],
+        )
+        if len(inserted) != len(new):
+            raise ConcurrentIntentWrite(f"{len(new) - len(inserted)} intents written concurrently")
 
 
 async def _record_outcomes(

@@ -38,6 +38,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer import logs
 from consumer.migrate import migrate
+from consumer.runtime import tune_gc
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 from devservices import Services, services
@@ -268,6 +269,7 @@ async def run_intentflow(
     settings = _settings(infra, url, topic, args)
     total = len(workload.deliveries)
     async with Worker(settings) as worker:
+        tune_gc()  # as `order-consumer run` does; also freezes this process's workload copy
         run = asyncio.ensure_future(worker.run())
         try:
             join_s, elapsed_s = await _timed(
@@ -289,6 +291,7 @@ async def run_baseline(
         group_id=f"bench-{topic}",
         database_url=url,
     ) as baseline:
+        tune_gc()  # the same process tuning as intentflow's consumer
         join_s, elapsed_s = await _timed(
             baseline.run(total),
             lambda: bool(baseline.assignment()),
@@ -312,6 +315,7 @@ def _member(settings_json: str, progress: Any, stop: Any, results: Any) -> None:
 
 async def _member_run(settings: ConsumerSettings, progress: Any, stop: Any) -> list[float]:
     async with Worker(settings) as worker:
+        tune_gc()  # as `order-consumer run` does; also freezes this process's workload copy
         run = asyncio.ensure_future(worker.run())
         while not worker.assignment():  # noqa: ASYNC110 - aiokafka has no assignment event
             await asyncio.sleep(_POLL_S)

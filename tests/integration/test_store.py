@@ -1,0 +1,54 @@
+"""The unit of work against a real PostgreSQL, with transactions interleaved by hand."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import asyncpg
+import pytest
+
+from consumer.decode import Envelope
+from consumer.store import ConcurrentIntentWrite, apply_batch
+from loadtest import events
+from schemas import StripeEvent
+from tests.support import seed_cart, seed_stock, snapshot
+
+
+def envelope(payload: dict[str, object], offset: int = 0) -> Envelope:
+    record = SimpleNamespace(topic="t", partition=0, offset=offset, key=None, value=None)
+    return Envelope(StripeEvent.model_validate(payload), record)
+
+
+async def test_an_intent_created_concurrently_is_retried_not_ordered_twice(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    """A consumer finishing a batch after losing its partitions races the new owner."""
+    await seed_stock(db, {"sku-a": 5})
+    total = await seed_cart(db, "cart-1", [("sku-a", 1, 100)])
+    auth = events.intent_event("pi_1", amount=total, cart_id="cart-1")
+    capture = events.intent_event("pi_1", amount=total, cart_id="cart-1", status="succeeded")
+
+    zombie = await asyncpg.connect(database_url)
+    owner = await asyncpg.connect(database_url)
+    try:
+        # The zombie has applied the authorization but not yet committed.
+        zombie_tx = zombie.transaction()
+        await zombie_tx.start()
+        await apply_batch(zombie, [envelope(auth, 0)])  # a savepoint in the open transaction
+        racing = asyncio.create_task(apply_batch(owner, [envelope(capture, 1)]))
+        await asyncio.sleep(0.3)
+        assert not racing.done()  # waiting on the zombie's uncommitted intent row
+        await zombie_tx.commit()
+        with pytest.raises(ConcurrentIntentWrite):
+            await racing
+        # The retry sees the committed intent and its order.
+        result = await apply_batch(owner, [envelope(capture, 1)])
+        assert result.claimed == 1 and not result.orders
+    finally:
+        await zombie.close()
+        await owner.close()
+    state = await snapshot(db)
+    assert state.orders == {"pi_1": "placed"}
+    assert state.levels == {"sku-a": 4}
+    assert await db.fetchval("SELECT status FROM payment_intents") == "succeeded"

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit integration demo bench bench-bridge clean
+.PHONY: venv test lint unit demo bench bench-consumer bench-bridge clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,13 +30,19 @@ unit: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m loadtest.demo
 
+# The bridge's part drives it with wrk, a real HTTP load generator (Debian: apt-get).
+WRK := command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+
 bench: $(STAMP)
+	$(WRK)
 	$(BIN)/python -m loadtest.bench
 
-# The bridge's bench drives it with wrk, a real HTTP load generator (Debian: apt-get).
+bench-consumer: $(STAMP)
+	$(BIN)/python -m loadtest.bench consumer
+
 bench-bridge: $(STAMP)
-	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(BIN)/python -m loadtest.bench_bridge
+	$(WRK)
+	$(BIN)/python -m loadtest.bench bridge
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

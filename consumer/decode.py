@@ -24,6 +24,7 @@ class Envelope:
 
     event: StripeEvent
     record: Any  # the aiokafka ConsumerRecord, kept for dead-lettering
+    intent_id: str | None  # the payment intent the event concerns (= the record's key)
 
     @property
     def partition(self) -> int:
@@ -54,4 +55,4 @@ def decode(record: Any) -> Envelope | Poison:
                 "key_mismatch",
                 f"key {key!r} is not the event's payment intent {intent_id!r}",
             )
-    return Envelope(event, record)
+    return Envelope(event, record, intent_id)

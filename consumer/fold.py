@@ -84,7 +84,7 @@ def fold_intent(state: IntentState, events: list[StripeEvent]) -> IntentFold:
     last_event_id: str | None = None
     for event in events:
         intent = event.data.object
-        if not isinstance(intent, PaymentIntent) or intent.status not in STATUS_RANK:
+        if type(intent) is not PaymentIntent or intent.status not in STATUS_RANK:
             outcomes.append((event.id, Outcome.IGNORED))
             continue
         if not moves_forward(status, intent.status):

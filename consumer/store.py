@@ -83,7 +83,7 @@ async def apply_batch(conn: Connection, envelopes: list[Envelope]) -> BatchResul
             return result
         by_intent: dict[str, list[StripeEvent]] = defaultdict(list)
         for envelope in claimed:
-            intent_id = envelope.event.payment_intent_id
+            intent_id = envelope.intent_id
             if intent_id is None:
                 result.outcomes[Outcome.IGNORED] += 1
                 continue
@@ -115,7 +115,7 @@ async def _claim(conn: Connection, envelopes: list[Envelope]) -> list[Envelope]:
         """,
         ids,
         [first[i].event.type for i in ids],
-        [first[i].event.payment_intent_id for i in ids],
+        [first[i].intent_id for i in ids],
         [first[i].partition for i in ids],
         [first[i].offset for i in ids],
     )
@@ -308,7 +308,7 @@ async def _record_outcomes(
 ) -> None:
     """Count outcomes; store those other than `applied` (the column's default)."""
     not_applied: list[tuple[str, str]] = [
-        (e.event.id, str(Outcome.IGNORED)) for e in claimed if e.event.payment_intent_id is None
+        (e.event.id, str(Outcome.IGNORED)) for e in claimed if e.intent_id is None
     ]
     for fold in folds:
         for event_id, outcome in fold.outcomes:

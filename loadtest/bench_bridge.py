@@ -163,12 +163,12 @@ async def topic_size(bootstrap: str, topic: str) -> int:
         await consumer.stop()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_bridge", description=__doc__)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install -y wrk (make bench-bridge does this)")
 
@@ -198,7 +198,8 @@ def main() -> None:
         )
     print(f"\nfull / baseline throughput: {full.rps / baseline.rps:.2f}")
     print(f"messages in the topic (warm-up + measured run): {landed}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

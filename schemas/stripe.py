@@ -73,9 +73,11 @@ class StripeEvent(_StripeModel):
     def payment_intent_id(self) -> str | None:
         """The payment intent this event concerns, or None when it concerns none."""
         obj = self.data.object
-        if isinstance(obj, PaymentIntent):
+        # `type(...) is`, not isinstance: pydantic's metaclass makes isinstance an
+        # ABC check, and this runs several times per event on the consumer's hot path.
+        if type(obj) is PaymentIntent:
             return obj.id
-        if isinstance(obj, Charge):
+        if type(obj) is Charge:
             return obj.payment_intent
         return None
 

@@ -17,7 +17,8 @@ from tests.support import seed_cart, seed_stock, snapshot
 
 def envelope(payload: dict[str, object], offset: int = 0) -> Envelope:
     record = SimpleNamespace(topic="t", partition=0, offset=offset, key=None, value=None)
-    return Envelope(StripeEvent.model_validate(payload), record)
+    event = StripeEvent.model_validate(payload)
+    return Envelope(event, record, event.payment_intent_id)
 
 
 async def test_an_intent_created_concurrently_is_retried_not_ordered_twice(

@@ -40,7 +40,7 @@ async def run_command(argv: list[str], env: dict[str, str], log: Path) -> str:
     return stdout.decode()
 
 
-async def demo(intents: int, consumers: int) -> None:
+async def demo(intents: int, consumers: int, keep_database: bool) -> None:
     with services() as infra:
         print(f"kafka:      {infra.kafka_origin} at {infra.kafka_bootstrap_servers}")
         print(f"postgresql: {infra.postgres_origin}")
@@ -92,7 +92,13 @@ async def demo(intents: int, consumers: int) -> None:
             await report(conn, summaries, stock_before, work)
         finally:
             await conn.close()
+            if not keep_database:
+                admin = await asyncpg.connect(infra.database_url)
+                await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                await admin.close()
         print(f"consumer logs: {log}")
+        if keep_database:
+            print(f"database kept: {database_url}")
 
 
 async def report(
@@ -149,8 +155,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.demo", description=__doc__)
     parser.add_argument("--intents", type=int, default=300)
     parser.add_argument("--consumers", type=int, default=2)
+    parser.add_argument(
+        "--keep-database", action="store_true", help="keep the demo's database (a given server)"
+    )
     args = parser.parse_args()
-    asyncio.run(demo(args.intents, args.consumers))
+    asyncio.run(demo(args.intents, args.consumers, args.keep_database))
 
 
 if __name__ == "__main__":

@@ -140,3 +140,28 @@ async def test_stock_changed_outside_the_consumer_still_gets_a_movement(
     assert [tuple(r) for r in rows] == [(10, "restock"), (-3, "adjustment")]
     state = await snapshot(db)
     state.assert_movements_explain_levels()
+
+
+async def test_an_event_the_database_rejects_is_isolated_and_dead_lettered(
+    infra: Services, database_url: str, db: asyncpg.Connection, topic: str
+) -> None:
+    """Bisection: the rest of the batch applies; the one event goes to the DLQ with the reason."""
+    await seed_stock(db, {"sku-a": 10})
+    good = []
+    for i in range(6):
+        total = await seed_cart(db, f"cart-{i}", [("sku-a", 1, 100)])
+        good.append(events.intent_event(f"pi_{i}", amount=total, cart_id=f"cart-{i}"))
+    # Valid JSON and a valid event, but PostgreSQL text cannot hold a NUL character.
+    bad = events.intent_event("pi_bad", amount=100, cart_id="cart-\x00")
+    await publish(infra, topic, [*good[:3], bad, *good[3:]], partition=0)
+    async with Worker(consumer_settings(infra, database_url, topic), exit_when_idle_s=2) as w:
+        stats = await w.run()
+    assert stats.dead_lettered == 1
+    state = await snapshot(db)
+    assert state.orders == {f"pi_{i}": "placed" for i in range(6)}
+    assert state.levels == {"sku-a": 4}
+    (dead,) = await read_all(infra, dlq_topic(topic), expected=1)
+    headers = dict(dead.headers)
+    assert headers["error"] == b"rejected_by_database"
+    assert headers["original-offset"] == b"3"
+    assert dead.key == b"pi_bad"

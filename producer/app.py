@@ -18,6 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from producer.logs import EventLog
 from producer.metrics import CONTENT_TYPE, BridgeMetrics
 from producer.publisher import Publisher
 from producer.settings import BridgeSettings
@@ -57,7 +58,8 @@ def create_app(settings: BridgeSettings) -> BridgeApp:
     metrics = BridgeMetrics()
     verifier = SignatureVerifier(settings.secrets(), settings.stripe_webhook_tolerance_s)
     publisher = Publisher(settings) if settings.bridge_publish else None
-    endpoint = WebhookEndpoint(verifier, publisher, metrics, settings.max_body_bytes)
+    event_log = EventLog("bridge", settings.log_level, settings.log_format)
+    endpoint = WebhookEndpoint(verifier, publisher, metrics, settings.max_body_bytes, event_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

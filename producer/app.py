@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -50,7 +51,7 @@ class BridgeApp:
             await self._rest(scope, receive, send)
 
     def lifespan(self) -> AbstractAsyncContextManager[None]:
-        """Start and stop the producer (for running the app without an ASGI server)."""
+        """Connect (in the background) and stop the producer, without an ASGI server."""
         return self._lifespan(self._rest)
 
 
@@ -63,8 +64,9 @@ def create_app(settings: BridgeSettings) -> BridgeApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if publisher is not None:
-            await publisher.start()
+        # Serve at once and connect in the background: until the producer is
+        # up, webhooks get 503 and /readyz is not ready (no crash loop at boot).
+        connecting = None if publisher is None else asyncio.create_task(publisher.keep_connecting())
         log.info(
             "bridge started",
             topic=settings.kafka_topic,
@@ -74,6 +76,10 @@ def create_app(settings: BridgeSettings) -> BridgeApp:
         try:
             yield
         finally:
+            if connecting is not None:
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connecting
             if publisher is not None:
                 await publisher.stop()
             log.info("bridge stopped")

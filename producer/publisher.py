@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from producer.settings import BridgeSettings
 from schemas.partitioner import partition
+
+log = structlog.get_logger("bridge")
 
 
 class PublishError(Exception):
@@ -65,6 +68,7 @@ class Publisher:
         return self._producer is not None
 
     async def start(self) -> None:
+        """Connect to the broker now; BrokerUnavailable if it does not answer."""
         settings = self._settings
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -82,7 +86,28 @@ class Publisher:
         except KafkaError as exc:
             await producer.stop()
             raise BrokerUnavailable(f"cannot reach {settings.kafka_bootstrap_servers}") from exc
+        except asyncio.CancelledError:
+            await producer.stop()
+            raise
         self._producer = producer
+
+    async def keep_connecting(self, backoff_s: float = 0.5, max_backoff_s: float = 5.0) -> None:
+        """`start()` until the broker answers, backing off between attempts; cancel to give up.
+
+        The bridge serves meanwhile: webhooks get 503 (Stripe retries) and
+        /readyz says not ready, instead of the process exiting at boot and its
+        pod crash-looping while the broker comes up.
+        """
+        delay_s = backoff_s
+        while True:
+            try:
+                await self.start()
+            except BrokerUnavailable as exc:
+                log.warning("broker unreachable, retrying", error=str(exc), retry_in_s=delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, max_backoff_s)
+            else:
+                return
 
     async def stop(self) -> None:
         """Flush what is buffered and close the connections."""

@@ -66,7 +66,6 @@ end
 
 @dataclass(frozen=True)
 class Result:
-    name: str
     requests: int
     rps: float
     p50_ms: float
@@ -118,7 +117,7 @@ def start_bridge(
 
 
 def run_wrk(
-    name: str, port: int, script: Path, data: Path, args: argparse.Namespace, duration_s: int
+    port: int, script: Path, data: Path, args: argparse.Namespace, duration_s: int
 ) -> Result:
     out = subprocess.run(
         ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration_s}s",
@@ -128,7 +127,6 @@ def run_wrk(
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     seconds = summary["duration_us"] / 1e6
     return Result(
-        name=name,
         requests=summary["requests"],
         rps=summary["requests"] / seconds,
         p50_ms=summary["p50_us"] / 1000,
@@ -145,8 +143,8 @@ def bench_one(
     port = free_port()
     process = start_bridge(port, broker.bootstrap_servers, topic, publish, workdir / f"{name}.log")
     try:
-        run_wrk(name, port, script, data, args, duration_s=2)  # warm-up
-        return run_wrk(name, port, script, data, args, duration_s=args.duration)
+        run_wrk(port, script, data, args, duration_s=2)  # warm-up
+        return run_wrk(port, script, data, args, duration_s=args.duration)
     finally:
         process.terminate()
         process.wait(20)
@@ -191,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| run | requests | req/s | p50 ms | p99 ms | non-2xx | socket errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in (baseline, full):
+    for name, r in (("verify only", baseline), ("full bridge", full)):
         print(
-            f"| {r.name} | {r.requests} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+            f"| {name} | {r.requests} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
             f"| {r.non2xx} | {r.socket_errors} |"
         )
     print(f"\nfull / baseline throughput: {full.rps / baseline.rps:.2f}")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -18,6 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from producer.logs import EventLog
 from producer.metrics import CONTENT_TYPE, BridgeMetrics
 from producer.publisher import Publisher
 from producer.settings import BridgeSettings
@@ -49,7 +51,7 @@ class BridgeApp:
             await self._rest(scope, receive, send)
 
     def lifespan(self) -> AbstractAsyncContextManager[None]:
-        """Start and stop the producer (for running the app without an ASGI server)."""
+        """Connect (in the background) and stop the producer, without an ASGI server."""
         return self._lifespan(self._rest)
 
 
@@ -57,12 +59,14 @@ def create_app(settings: BridgeSettings) -> BridgeApp:
     metrics = BridgeMetrics()
     verifier = SignatureVerifier(settings.secrets(), settings.stripe_webhook_tolerance_s)
     publisher = Publisher(settings) if settings.bridge_publish else None
-    endpoint = WebhookEndpoint(verifier, publisher, metrics, settings.max_body_bytes)
+    event_log = EventLog("bridge", settings.log_level, settings.log_format)
+    endpoint = WebhookEndpoint(verifier, publisher, metrics, settings.max_body_bytes, event_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if publisher is not None:
-            await publisher.start()
+        # Serve at once and connect in the background: until the producer is
+        # up, webhooks get 503 and /readyz is not ready (no crash loop at boot).
+        connecting = None if publisher is None else asyncio.create_task(publisher.keep_connecting())
         log.info(
             "bridge started",
             topic=settings.kafka_topic,
@@ -72,6 +76,10 @@ def create_app(settings: BridgeSettings) -> BridgeApp:
         try:
             yield
         finally:
+            if connecting is not None:
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connecting
             if publisher is not None:
                 await publisher.stop()
             log.info("bridge stopped")

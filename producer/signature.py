@@ -54,7 +54,9 @@ class SignatureVerifier:
         """Return if `header` signs `payload` with any secret; raise SignatureError otherwise."""
         if not header:
             raise SignatureError("missing")
-        if not _well_formed(header):
+        # Stripe's header is ASCII; the library would raise TypeError (not its own
+        # error) comparing a non-ASCII signature, which would answer 500.
+        if not header.isascii() or not _well_formed(header):
             raise SignatureError("malformed")
         try:
             text = payload.decode("utf-8")

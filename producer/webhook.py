@@ -17,15 +17,13 @@ import time
 from typing import Any
 
 import orjson
-import structlog
 from starlette.types import Receive, Scope, Send
 
+from producer.logs import EventLog
 from producer.metrics import BridgeMetrics
 from producer.publisher import Publisher, PublishError
 from producer.signature import SignatureError, SignatureVerifier
 from schemas import contract_headers, encode_key, payment_intent_key
-
-log = structlog.get_logger("bridge")
 
 SIGNATURE_HEADER = b"stripe-signature"
 
@@ -39,6 +37,17 @@ class ClientGone(Exception):
 
 
 Answer = tuple[int, dict[str, Any]]
+
+OUTCOMES = (
+    "published",
+    "ignored",
+    "verified",
+    "unavailable",
+    "bad_signature",
+    "bad_body",
+    "too_large",
+    "disconnected",
+)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -96,15 +105,19 @@ class WebhookEndpoint:
         publisher: Publisher | None,
         metrics: BridgeMetrics,
         max_body_bytes: int,
+        log: EventLog,
     ) -> None:
         self._verifier = verifier
         # None only in the bench's baseline: verify and answer, publish nothing.
         self._publisher = publisher
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
+        self._log = log
+        # Label lookups resolved once: `labels()` hashes and locks on every call.
+        self._outcomes = {outcome: metrics.webhooks.labels(outcome) for outcome in OUTCOMES}
 
     def _count(self, outcome: str) -> None:
-        self._metrics.webhooks.labels(outcome).inc()
+        self._outcomes[outcome].inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         status, fields = await self.handle(scope, receive)
@@ -127,7 +140,7 @@ class WebhookEndpoint:
             body = await read_body(scope, receive, self._max_body_bytes)
         except BodyTooLarge:
             self._count("too_large")
-            log.info("webhook", outcome="too_large")
+            self._log.info("webhook", outcome="too_large")
             reason = f"body over {self._max_body_bytes} bytes"
             return 413, {"outcome": "too_large", "reason": reason}
         except ClientGone:
@@ -139,13 +152,13 @@ class WebhookEndpoint:
         except SignatureError as exc:
             self._count("bad_signature")
             self._metrics.signature_failures.labels(exc.reason).inc()
-            log.info("webhook", outcome="bad_signature", reason=exc.reason)
+            self._log.info("webhook", outcome="bad_signature", reason=exc.reason)
             return 400, {"outcome": "bad_signature", "reason": exc.reason}
 
         event = parse_event(body)
         if event is None:
             self._count("bad_body")
-            log.info("webhook", outcome="bad_body")
+            self._log.info("webhook", outcome="bad_body")
             return 400, {"outcome": "bad_body", "reason": "not a Stripe event"}
         event_id: str = event["id"]
         event_type: str = event["type"]
@@ -153,7 +166,7 @@ class WebhookEndpoint:
         intent_id = payment_intent_key(event)
         if intent_id is None:
             self._count("ignored")
-            log.info("webhook", outcome="ignored", event_id=event_id, event_type=event_type)
+            self._log.info("webhook", outcome="ignored", event_id=event_id, event_type=event_type)
             return 200, {"outcome": "ignored"}
 
         if self._publisher is None:
@@ -169,7 +182,7 @@ class WebhookEndpoint:
             )
         except PublishError as exc:
             self._count("unavailable")
-            log.warning(
+            self._log.warning(
                 "webhook",
                 outcome="unavailable",
                 event_id=event_id,
@@ -180,7 +193,7 @@ class WebhookEndpoint:
             return 503, {"outcome": "unavailable", "reason": "event store unavailable, retry later"}
         self._metrics.publish_seconds.observe(time.perf_counter() - started)
         self._count("published")
-        log.info(
+        self._log.info(
             "webhook",
             outcome="published",
             event_id=event_id,

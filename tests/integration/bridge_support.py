@@ -32,9 +32,22 @@ def bridge_settings(
     return BridgeSettings(**values)
 
 
+async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 10.0) -> None:
+    """Until /readyz answers 200, as a load balancer would before sending traffic."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (await client.get("/readyz")).status_code != 200:
+        assert asyncio.get_running_loop().time() < deadline, "the bridge did not become ready"
+        await asyncio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
-async def running_bridge(settings: BridgeSettings) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its lifespan (producer start/stop) run, behind an in-process client."""
+async def running_bridge(
+    settings: BridgeSettings, ready: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan (producer start/stop) run, behind an in-process client.
+
+    The producer connects in the background; with `ready` this waits for it.
+    """
     app = create_app(settings)
     async with (
         app.lifespan(),
@@ -42,6 +55,8 @@ async def running_bridge(settings: BridgeSettings) -> AsyncIterator[httpx.AsyncC
             transport=httpx.ASGITransport(app=app), base_url="http://bridge", timeout=10
         ) as client,
     ):
+        if ready:
+            await wait_ready(client)
         yield client
 
 

@@ -24,6 +24,7 @@ from tests.integration.bridge_support import (
     read_topic,
     running_bridge,
     topic_size,
+    wait_ready,
 )
 
 
@@ -235,6 +236,31 @@ async def test_with_the_broker_down_the_bridge_answers_503_and_a_retry_lands_onc
 
         # Longer than the publish timeout: a late copy of a 503'd attempt would show by now.
         await asyncio.sleep(1.5)
+        records = await read_topic(broker.bootstrap_servers, topic, expected=1)
+        assert [r.value for r in records] == [body]
+    finally:
+        broker.stop()
+
+
+async def test_with_the_broker_down_at_boot_the_bridge_serves_503_until_it_connects() -> None:
+    port = free_port()  # nothing listens here yet
+    topic = f"stripe.events.{new_id('t')}"
+    settings = bridge_settings(f"127.0.0.1:{port}", topic, False, kafka_publish_timeout_s=1.0)
+    body = encode(intent_event(new_id("pi"), amount=900, cart_id="c"))
+    broker = EmbeddedKafka()
+    try:
+        async with running_bridge(settings, ready=False) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 503
+            refused = await post_webhook(client, body)
+            assert (refused.status_code, refused.json()["outcome"]) == (503, "unavailable")
+
+            broker.start(port=port)
+            await create_topics(broker.bootstrap_servers, topic)
+            await wait_ready(client, timeout_s=15)
+            accepted = await post_webhook(client, body)
+            assert (accepted.status_code, accepted.json()["outcome"]) == (200, "published")
+
         records = await read_topic(broker.bootstrap_servers, topic, expected=1)
         assert [r.value for r in records] == [body]
     finally:

@@ -67,6 +67,11 @@ def test_a_header_not_shaped_like_stripes_is_malformed(header: str) -> None:
     assert reason_of(SignatureVerifier([NEW], 300), BODY, header) == "malformed"
 
 
+def test_a_non_ascii_header_is_malformed_not_an_error() -> None:
+    header = f"t={int(time.time())},v1=\u00e9{'0' * 63}"
+    assert reason_of(SignatureVerifier([NEW], 300), BODY, header) == "malformed"
+
+
 def test_a_body_that_is_not_utf8_is_refused() -> None:
     body = b"\xff\xfe"
     assert reason_of(SignatureVerifier([NEW], 300), body, stripe_signature(body, NEW)) == (

@@ -6,9 +6,9 @@ does not know instead of rejecting it. Models are frozen value types.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Tag
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _StripeModel(BaseModel):
@@ -44,18 +44,19 @@ class OtherObject(_StripeModel):
     object: str
     id: str | None = None
 
+    @field_validator("object")
+    @classmethod
+    def _not_a_kind_we_read(cls, value: str) -> str:
+        # A payment intent or charge that failed its own model must not pass as "other".
+        if value in ("payment_intent", "charge"):
+            raise ValueError(f"an invalid {value} object")
+        return value
 
-def _object_kind(value: Any) -> str:
-    kind = value.get("object") if isinstance(value, dict) else getattr(value, "object", None)
-    return kind if kind in ("payment_intent", "charge") else "other"
 
-
-StripeObject = Annotated[
-    Annotated[PaymentIntent, Tag("payment_intent")]
-    | Annotated[Charge, Tag("charge")]
-    | Annotated[OtherObject, Tag("other")],
-    Discriminator(_object_kind),
-]
+# Tried in order; each model's `object` literal rejects the wrong kind at once.
+# (A callable discriminator would make pydantic build the whole object as Python
+# data first, which doubled the consumer's decoding time.)
+StripeObject = Annotated[PaymentIntent | Charge | OtherObject, Field(union_mode="left_to_right")]
 
 
 class EventData(_StripeModel):

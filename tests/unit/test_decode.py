@@ -72,3 +72,11 @@ def test_key_must_be_the_events_intent() -> None:
 def test_tombstone_is_poison() -> None:
     result = decode(Record(None, b"pi_1"))
     assert isinstance(result, Poison) and result.error == "empty_value"
+
+
+def test_a_malformed_charge_is_poison_not_an_other_object() -> None:
+    payload = events.charge_event("pi_1", amount=100)
+    payload["data"]["object"]["payment_intent"] = {"not": "a string"}
+    result = decode(Record(events.encode(payload), b"pi_1"))
+    assert isinstance(result, Poison) and result.error == "invalid_event"
+    assert "payment_intent" in result.detail

@@ -16,6 +16,7 @@ import asyncpg
 
 from consumer.settings import ConsumerSettings
 from devservices import Services
+from loadtest import events
 from loadtest.publish import publish as publish_events
 
 
@@ -93,6 +94,17 @@ async def seed_cart(
         [(cart_id, sku, qty, unit) for sku, qty, unit in lines],
     )
     return sum(qty * unit for _, qty, unit in lines)
+
+
+async def paid_carts(
+    db: asyncpg.Connection, count: int, lines: list[tuple[str, int, int]]
+) -> list[dict[str, Any]]:
+    """`count` carts of `lines` (cart-0 …) and the authorization that pays each (pi_0 …)."""
+    authorizations = []
+    for i in range(count):
+        total = await seed_cart(db, f"cart-{i}", lines)
+        authorizations.append(events.intent_event(f"pi_{i}", amount=total, cart_id=f"cart-{i}"))
+    return authorizations
 
 
 @dataclass

@@ -10,13 +10,12 @@ import sys
 import asyncpg
 
 from devservices import Services
-from loadtest import events
 from tests.support import (
     ConsumerProcess,
     consumer_settings,
     eventually,
+    paid_carts,
     publish,
-    seed_cart,
     seed_stock,
     snapshot,
 )
@@ -26,10 +25,7 @@ async def test_sigterm_drains_commits_and_leaves_so_a_successor_repeats_nothing(
     infra: Services, database_url: str, db: asyncpg.Connection, topic: str
 ) -> None:
     await seed_stock(db, {"sku-a": 10_000})
-    batch = []
-    for i in range(400):
-        total = await seed_cart(db, f"cart-{i}", [("sku-a", 1, 100)])
-        batch.append(events.intent_event(f"pi_{i}", amount=total, cart_id=f"cart-{i}"))
+    batch = await paid_carts(db, 400, [("sku-a", 1, 100)])
     # Small batches, so that SIGTERM lands while there is still work left.
     settings = consumer_settings(infra, database_url, topic, batch_max_records=10)
     first = await ConsumerProcess(settings, exit_when_idle_s=60).start()

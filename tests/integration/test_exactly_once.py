@@ -17,6 +17,7 @@ from tests.support import (
     ConsumerProcess,
     consumer_settings,
     eventually,
+    paid_carts,
     publish,
     seed_cart,
     seed_stock,
@@ -63,11 +64,7 @@ async def test_crash_after_database_commit_replays_with_no_second_effect(
 ) -> None:
     """Offsets after the database commit (invariant 5), replay absorbed by the inbox."""
     await seed_stock(db, {"sku-a": 100})
-    batch = []
-    for i in range(20):
-        total = await seed_cart(db, f"cart-{i}", [("sku-a", 2, 100)])
-        batch.append(events.intent_event(f"pi_{i}", amount=total, cart_id=f"cart-{i}"))
-    await publish(infra, topic, batch)
+    await publish(infra, topic, await paid_carts(db, 20, [("sku-a", 2, 100)]))
     settings = consumer_settings(infra, database_url, topic)
 
     crashing = CrashBeforeOffsetCommit(settings, exit_when_idle_s=3)

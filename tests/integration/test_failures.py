@@ -15,7 +15,15 @@ from devservices import Services
 from loadtest import events
 from schemas import dlq_topic
 from tests.proxy import Proxy
-from tests.support import consumer_settings, eventually, publish, seed_cart, seed_stock, snapshot
+from tests.support import (
+    consumer_settings,
+    eventually,
+    paid_carts,
+    publish,
+    seed_cart,
+    seed_stock,
+    snapshot,
+)
 
 
 async def read_all(infra: Services, topic: str, expected: int, timeout_s: float = 15) -> list[Any]:
@@ -72,10 +80,7 @@ async def test_database_outage_is_waited_out_and_nothing_is_skipped(
     infra: Services, database_url: str, db: asyncpg.Connection, topic: str
 ) -> None:
     await seed_stock(db, {"sku-a": 100})
-    batch = []
-    for i in range(30):
-        total = await seed_cart(db, f"cart-{i}", [("sku-a", 1, 100)])
-        batch.append(events.intent_event(f"pi_{i}", amount=total, cart_id=f"cart-{i}"))
+    batch = await paid_carts(db, 30, [("sku-a", 1, 100)])
     url = urlsplit(database_url)
     proxy = await Proxy(url.hostname or "127.0.0.1", url.port or 5432).start()
     through_proxy = urlunsplit(url._replace(netloc=f"{url.username}@127.0.0.1:{proxy.port}"))
@@ -147,10 +152,7 @@ async def test_an_event_the_database_rejects_is_isolated_and_dead_lettered(
 ) -> None:
     """Bisection: the rest of the batch applies; the one event goes to the DLQ with the reason."""
     await seed_stock(db, {"sku-a": 10})
-    good = []
-    for i in range(6):
-        total = await seed_cart(db, f"cart-{i}", [("sku-a", 1, 100)])
-        good.append(events.intent_event(f"pi_{i}", amount=total, cart_id=f"cart-{i}"))
+    good = await paid_carts(db, 6, [("sku-a", 1, 100)])
     # Valid JSON and a valid event, but PostgreSQL text cannot hold a NUL character.
     bad = events.intent_event("pi_bad", amount=100, cart_id="cart-\x00")
     await publish(infra, topic, [*good[:3], bad, *good[3:]], partition=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -72,6 +73,7 @@ class Result:
     p99_ms: float
     non2xx: int
     socket_errors: int
+    cpu_us_per_request: float | None = None
 
 
 def write_requests(path: Path, count: int, timestamp: int) -> None:
@@ -136,6 +138,15 @@ def run_wrk(
     )
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a process, all its threads (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_one(
     name: str, publish: bool, broker: EmbeddedKafka, topic: str, workdir: Path,
     script: Path, data: Path, args: argparse.Namespace,
@@ -144,7 +155,13 @@ def bench_one(
     process = start_bridge(port, broker.bootstrap_servers, topic, publish, workdir / f"{name}.log")
     try:
         run_wrk(port, script, data, args, duration_s=2)  # warm-up
-        return run_wrk(port, script, data, args, duration_s=args.duration)
+        cpu_before = cpu_seconds(process.pid)
+        result = run_wrk(port, script, data, args, duration_s=args.duration)
+        cpu_after = cpu_seconds(process.pid)
+        if cpu_before is None or cpu_after is None or not result.requests:
+            return result
+        cpu_us = (cpu_after - cpu_before) * 1e6 / result.requests
+        return dataclasses.replace(result, cpu_us_per_request=cpu_us)
     finally:
         process.terminate()
         process.wait(20)
@@ -187,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nwrk -t{args.threads} -c{args.connections} -d{args.duration}s, {os.cpu_count()} CPUs\n"
     )
-    print("| run | requests | req/s | p50 ms | p99 ms | non-2xx | socket errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| run | requests | req/s | p50 ms | p99 ms | non-2xx | socket errors | CPU µs/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in (("verify only", baseline), ("full bridge", full)):
+        cpu = "" if r.cpu_us_per_request is None else f"{r.cpu_us_per_request:.0f}"
         print(
             f"| {name} | {r.requests} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
-            f"| {r.non2xx} | {r.socket_errors} |"
+            f"| {r.non2xx} | {r.socket_errors} | {cpu} |"
         )
     print(f"\nfull / baseline throughput: {full.rps / baseline.rps:.2f}")
     print(f"messages in the topic (warm-up + measured run): {landed}")

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer import logs
@@ -43,23 +42,16 @@ from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 from devservices import Services, services
 from devservices.topics import create_topics
-from loadtest import events
 from loadtest.baseline import BaselineConsumer
+from loadtest.publish import publish
 from loadtest.workload import Workload, generate, seed_database
-from schemas import contract_headers, dlq_topic, encode_key, payment_intent_key
+from schemas import dlq_topic, payment_intent_key
 
 INTENTFLOW = "intentflow"
 INTENTFLOW_2 = "intentflow-x2"  # two processes in one group, one per core
 BASELINE = "baseline"
 _POLL_S = 0.002  # how often the clock checks progress; well below any batch
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Message:
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
 
 
 @dataclass
@@ -114,21 +106,6 @@ def slice_workload(workload: Workload, intents: int) -> Workload:
     )
 
 
-def encode_messages(workload: Workload) -> list[Message]:
-    """What the bridge would publish for each delivery: raw JSON, intent key, contract headers."""
-    messages = []
-    for delivery in workload.deliveries:
-        intent = payment_intent_key(delivery)
-        messages.append(
-            Message(
-                encode_key(intent) if intent else None,
-                events.encode(delivery),
-                contract_headers(delivery["id"], delivery["type"], int(time.time() * 1000)),
-            )
-        )
-    return messages
-
-
 # -- per-run setup ------------------------------------------------------------
 
 
@@ -162,24 +139,15 @@ async def drop_database(infra: Services, name: str) -> None:
         await admin.close()
 
 
-async def fresh_topic(infra: Services, name: str, messages: list[Message]) -> None:
+async def fresh_topic(infra: Services, name: str, workload: Workload) -> None:
     await create_topics(infra.kafka_bootstrap_servers, name, dlq_topic(name))
     await asyncio.sleep(0.1)  # the broker may answer metadata for a new topic a moment later
-    producer = AIOKafkaProducer(
-        bootstrap_servers=infra.kafka_bootstrap_servers,
-        acks="all",
+    await publish(
+        infra.kafka_bootstrap_servers,
+        name,
+        workload.deliveries,
         enable_idempotence=infra.kafka_enable_idempotence,
-        linger_ms=5,
-        max_batch_size=256 * 1024,
     )
-    await producer.start()
-    try:
-        futures = [
-            await producer.send(name, m.value, key=m.key, headers=m.headers) for m in messages
-        ]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 async def drop_topic(infra: Services, name: str) -> None:
@@ -382,14 +350,13 @@ async def run_once(
     contender: str,
     run: int,
     workload: Workload,
-    messages: list[Message],
     args: argparse.Namespace,
 ) -> RunResult:
     token = secrets.token_hex(4)
     name = f"bench_{contender}_{token}"
     topic = f"bench.{contender}.{token}"
     url = await fresh_database(infra, workload, name)
-    await fresh_topic(infra, topic, messages)
+    await fresh_topic(infra, topic, workload)
     try:
         join_s, elapsed_s, latencies = await CONTENDERS[contender](
             infra, url, topic, workload, args
@@ -493,8 +460,6 @@ async def bench(args: argparse.Namespace) -> int:
         INTENTFLOW_2: workload,
         BASELINE: slice_workload(workload, args.baseline_intents),
     }
-    encoded = encode_messages(workload)
-    messages = {c: encoded if w is workload else encode_messages(w) for c, w in slices.items()}
     contenders = [c for c in args.contenders.split(",") if c]
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
@@ -511,11 +476,7 @@ async def bench(args: argparse.Namespace) -> int:
         results = []
         for run in range(1, args.runs + 1):
             for contender in contenders:  # interleaved, so noise hits both alike
-                results.append(
-                    await run_once(
-                        infra, contender, run, slices[contender], messages[contender], args
-                    )
-                )
+                results.append(await run_once(infra, contender, run, slices[contender], args))
                 print(
                     f"  {contender} run {run}: {results[-1].events_per_s:,.0f} events/s",
                     file=sys.stderr,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from consumer.settings import ConsumerSettings
 from devservices import Services
@@ -140,6 +142,38 @@ async def snapshot(db: asyncpg.Connection) -> Snapshot:
     )
     processed = await db.fetchval("SELECT count(*) FROM processed_events")
     return Snapshot(orders, levels, movements, order_movements, processed)
+
+
+async def read_topic(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 5.0, settle_s: float = 0.0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of `topic`, waiting up to `timeout_s` until at least `expected` arrived.
+
+    With `settle_s`, it reads on that long after reaching `expected`, so that a
+    record beyond the expected ones is caught too.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        await consumer._client._wait_on_metadata(topic)
+        parts = consumer.partitions_for_topic(topic) or set()
+        partitions = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=100)
+            for part in batch.values():
+                records.extend(part)
+            if len(records) >= expected and expected > 0:
+                deadline = min(deadline, asyncio.get_running_loop().time() + settle_s)
+                expected = 0  # from here on, read until the (settled) deadline
+        return records
+    finally:
+        await consumer.stop()
 
 
 class ConsumerProcess:

@@ -13,7 +13,7 @@ from devservices import Services
 from devservices.embedded import free_port
 from loadtest.events import encode, intent_event, new_id
 from loadtest.signing import stripe_signature
-from tests.integration.bridge_support import read_topic
+from tests.support import read_topic
 
 SECRET = "whsec_e2e"
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.structs import ConsumerRecord
 
 from loadtest.signing import stripe_signature
 from producer.app import WEBHOOK_PATH, create_app
@@ -66,33 +65,6 @@ async def post_webhook(
     sent = {"stripe-signature": stripe_signature(body, secret), "content-type": "application/json"}
     sent.update(headers)
     return await client.post(WEBHOOK_PATH, content=body, headers=sent)
-
-
-async def read_topic(
-    bootstrap: str, topic: str, expected: int, timeout_s: float = 5.0
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of `topic`, waiting up to `timeout_s` until at least `expected` arrived."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        await consumer._client._wait_on_metadata(topic)
-        parts = consumer.partitions_for_topic(topic) or set()
-        partitions = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        records: list[ConsumerRecord[bytes, bytes]] = []
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            batch = await consumer.getmany(timeout_ms=100)
-            for part in batch.values():
-                records.extend(part)
-            if len(records) >= expected and expected > 0:
-                break
-        return records
-    finally:
-        await consumer.stop()
 
 
 async def topic_size(bootstrap: str, topic: str) -> int:

@@ -21,11 +21,11 @@ from tests.integration.bridge_support import (
     SECRET,
     bridge_settings,
     post_webhook,
-    read_topic,
     running_bridge,
     topic_size,
     wait_ready,
 )
+from tests.support import read_topic
 
 
 def java_partition(key: bytes, partitions: int = 12) -> int:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer
 
 from consumer.migrate import migrate
 from consumer.worker import Worker
@@ -20,29 +18,11 @@ from tests.support import (
     eventually,
     paid_carts,
     publish,
+    read_topic,
     seed_cart,
     seed_stock,
     snapshot,
 )
-
-
-async def read_all(infra: Services, topic: str, expected: int, timeout_s: float = 15) -> list[Any]:
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=infra.kafka_bootstrap_servers, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    found: list[Any] = []
-    try:
-        async with asyncio.timeout(timeout_s):
-            while len(found) < expected:
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    found.extend(records)
-        # Anything beyond what was expected would be a defect too.
-        for records in (await consumer.getmany(timeout_ms=500)).values():
-            found.extend(records)
-    finally:
-        await consumer.stop()
-    return found
 
 
 async def test_poison_goes_to_the_dead_letter_topic_with_its_reason_and_the_rest_applies(
@@ -62,7 +42,9 @@ async def test_poison_goes_to_the_dead_letter_topic_with_its_reason_and_the_rest
     assert stats.dead_lettered == 2
     assert (await snapshot(db)).orders == {"pi_good": "placed"}
 
-    dead = await read_all(infra, dlq_topic(topic), expected=2)
+    dead = await read_topic(
+        infra.kafka_bootstrap_servers, dlq_topic(topic), 2, timeout_s=15, settle_s=0.5
+    )
     assert dead[0].value == b"{not json"
     headers = [dict(r.headers) for r in dead]
     assert [h["error"] for h in headers] == [b"invalid_json", b"key_mismatch"]
@@ -162,7 +144,9 @@ async def test_an_event_the_database_rejects_is_isolated_and_dead_lettered(
     state = await snapshot(db)
     assert state.orders == {f"pi_{i}": "placed" for i in range(6)}
     assert state.levels == {"sku-a": 4}
-    (dead,) = await read_all(infra, dlq_topic(topic), expected=1)
+    (dead,) = await read_topic(
+        infra.kafka_bootstrap_servers, dlq_topic(topic), 1, timeout_s=15, settle_s=0.5
+    )
     headers = dict(dead.headers)
     assert headers["error"] == b"rejected_by_database"
     assert headers["original-offset"] == b"3"

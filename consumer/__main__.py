@@ -1,6 +1,11 @@
 """`order-consumer` (also `python -m consumer`): migrate the database, or run a group member.
 
-Settings are read from the environment once, here, and passed down.
+Settings are read from the environment once, here, and passed down. What an
+operator can fix (a setting, a database or broker that is not there, a missing
+topic or migration) ends the process with one line and exit status 2; a record
+the dead-letter topic refuses, with one line and 3; a bug, with a traceback
+and 1. SIGTERM or SIGINT: `run` returns within SHUTDOWN_TIMEOUT_S and exits 0;
+a second signal exits at once with 128 + its number.
 """
 
 from __future__ import annotations
@@ -8,23 +13,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 import asyncpg
 import structlog
+from pydantic import ValidationError
 
 from consumer import logs
+from consumer.backoff import StopRequested
+from consumer.deadletter import DeadLetterRefused
 from consumer.migrate import migrate
+from consumer.preflight import StartupError, redact
 from consumer.runtime import tune_gc
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 
 log = structlog.get_logger("consumer")
 
+EXIT_CANNOT_START = 2
+EXIT_REFUSED = 3
+
+
+def _version() -> str:
+    try:
+        return version("intentflow")
+    except PackageNotFoundError:  # pragma: no cover - run from a checkout without installing
+        return "unknown"
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="order-consumer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="order-consumer", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="apply pending database migrations (safe to repeat)")
     run = commands.add_parser("run", help="join the consumer group and apply events")
@@ -37,8 +59,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_error(exc: ValidationError) -> str:
+    """One line naming each variable, without its value (it may be a secret)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+        problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
 async def _migrate(settings: ConsumerSettings) -> int:
-    conn = await asyncpg.connect(settings.database_url)
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout_s)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.error(
+            "cannot_migrate",
+            error=f"PostgreSQL at {redact(settings.database_url)} is not usable ({exc}): "
+            "check DATABASE_URL and that the server is up",
+        )
+        return EXIT_CANNOT_START
     try:
         applied = await migrate(conn)
     finally:
@@ -49,17 +88,28 @@ async def _migrate(settings: ConsumerSettings) -> int:
 
 async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> int:
     worker = Worker(settings, exit_when_idle_s=exit_when_idle_s)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_stop)
-    async with worker:
-        tune_gc()
-        stats = await worker.run()
+    _handle_stop_signals(worker, settings.shutdown_timeout_s)
+    try:
+        async with worker:
+            tune_gc()
+            stats = await worker.run()
+    except StopRequested:
+        log.info("consumer_stopped", before="joining the group")
+        return 0
+    except StartupError as exc:
+        log.error("cannot_start", error=str(exc))
+        return EXIT_CANNOT_START
+    except DeadLetterRefused as exc:
+        log.error("stopped", error=str(exc))
+        return EXIT_REFUSED
     summary = {
         "batches": stats.batches,
         "events": stats.events,
         "duplicates": stats.duplicates,
         "dead_lettered": stats.dead_lettered,
+        "retries": dict(stats.retries_by_cause),
+        "splits": stats.splits,
+        "abandoned": stats.abandoned,
         "outcomes": dict(stats.outcomes),
         "orders": dict(stats.orders),
     }
@@ -68,9 +118,36 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
     return 0
 
 
+def _handle_stop_signals(worker: Worker, shutdown_timeout_s: float) -> None:
+    """First SIGTERM/SIGINT: stop by the deadline. Second, or the deadline missed: exit now."""
+    loop = asyncio.get_running_loop()
+    received: list[signal.Signals] = []
+
+    def overdue() -> None:
+        log.error("exiting_now", reason=f"shutdown took longer than {shutdown_timeout_s:g} s")
+        os._exit(1)
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        if len(received) > 1:
+            log.warning("exiting_now", signal=sig.name, reason="second stop signal")
+            os._exit(128 + sig)
+        log.info("stop_requested", signal=sig.name, deadline_s=shutdown_timeout_s)
+        worker.request_stop()
+        # A backstop beyond the worker's own deadlines, for whatever none of them covers.
+        loop.call_later(shutdown_timeout_s + 2.0, overdue)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = ConsumerSettings()
+    try:
+        settings = ConsumerSettings()
+    except ValidationError as exc:
+        print(f"order-consumer: configuration error: {settings_error(exc)}", file=sys.stderr)
+        return EXIT_CANNOT_START
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))

@@ -2,6 +2,12 @@
 
 Same key and value as the original message, its headers kept, plus `error`,
 `error-detail`, `original-partition` and `original-offset` (DESIGN.md, "Contracts").
+
+Delivery is at least once. A send that fails is retried for the records the
+broker has not acknowledged only, so a retry does not write the acknowledged
+ones again; a copy can still appear when an acknowledgement is lost, or when
+the consumer stops between the dead-letter send and its offset commit. A reader
+deduplicates on (`original-partition`, `original-offset`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from schemas import (
     HEADER_ERROR,
@@ -30,6 +37,23 @@ class Poison:
     detail: str
 
 
+class DeadLetterRefused(Exception):
+    """The broker or the producer refused a dead letter for good (too large, not authorized).
+
+    The record is neither applied nor skipped: the process stops, and its offset
+    stays uncommitted until an operator fixes the cause.
+    """
+
+    def __init__(self, poison: Poison, error: KafkaError) -> None:
+        record = poison.record
+        super().__init__(
+            f"the dead-letter topic refused the record at partition {record.partition} "
+            f"offset {record.offset} ({type(error).__name__}: {error}); fix the cause "
+            "(KAFKA_MAX_REQUEST_BYTES and the topic's max.message.bytes for a large record, "
+            "the ACLs for an authorization error) and restart: nothing was skipped"
+        )
+
+
 def dead_letter_headers(poison: Poison) -> list[tuple[str, bytes]]:
     record = poison.record
     return [
@@ -44,24 +68,51 @@ def dead_letter_headers(poison: Poison) -> list[tuple[str, bytes]]:
 class DeadLetters:
     """An acks=all producer for `<topic>.dlq` (`start()`/`stop()`)."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, *, enable_idempotence: bool) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        *,
+        enable_idempotence: bool,
+        max_request_bytes: int = 1024 * 1024,
+    ) -> None:
         self.topic = dlq_topic(topic)
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=enable_idempotence
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            enable_idempotence=enable_idempotence,
+            max_request_size=max_request_bytes,
         )
 
     async def start(self) -> None:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self._producer.stop()
+            raise
 
     async def stop(self) -> None:
         await self._producer.stop()
 
-    async def send(self, poison: list[Poison]) -> None:
-        """Publish every poisoned record and wait until the broker has them all."""
-        acks = [
-            await self._producer.send(
-                self.topic, p.record.value, key=p.record.key, headers=dead_letter_headers(p)
-            )
-            for p in poison
-        ]
-        await asyncio.gather(*acks)
+    async def send(self, poison: list[Poison]) -> list[tuple[Poison, KafkaError]]:
+        """Publish every poisoned record; return those the broker did not acknowledge, with why."""
+        sent: list[tuple[Poison, asyncio.Future[Any] | KafkaError]] = []
+        for p in poison:
+            try:
+                ack = await self._producer.send(
+                    self.topic, p.record.value, key=p.record.key, headers=dead_letter_headers(p)
+                )
+            except KafkaError as exc:  # refused before sending: too large, no metadata
+                sent.append((p, exc))
+            else:
+                sent.append((p, ack))
+        failed: list[tuple[Poison, KafkaError]] = []
+        for p, outcome in sent:
+            if isinstance(outcome, KafkaError):
+                failed.append((p, outcome))
+                continue
+            try:
+                await outcome
+            except KafkaError as exc:
+                failed.append((p, exc))
+        return failed

@@ -1,4 +1,10 @@
-"""Structured logging for the consumer process: JSON lines on stderr by default."""
+"""Structured logging for the consumer process: JSON lines on stderr by default.
+
+Our own lines go through structlog; the libraries' (aiokafka, asyncpg,
+asyncio) go through the standard `logging` module, whose root handler renders
+them with the same processors, so every line on stderr has one shape. The
+libraries log at WARNING and above, or everything at DEBUG.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,12 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -26,4 +33,21 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                stamp,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

@@ -1,8 +1,16 @@
-"""The consumer's settings, read once from the environment by `__main__`."""
+"""The consumer's settings, read once from the environment by `__main__`.
+
+A value that cannot work is refused here, before anything connects, with a
+message that names the variable (`__main__` prints it as one line).
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import logging
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import DEFAULT_TOPIC
@@ -11,12 +19,16 @@ from schemas import DEFAULT_TOPIC
 class ConsumerSettings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
-    kafka_bootstrap_servers: str = "127.0.0.1:9092"
-    kafka_topic: str = DEFAULT_TOPIC
-    kafka_group_id: str = "order-consumer"
+    kafka_bootstrap_servers: str = Field(default="127.0.0.1:9092", min_length=1)
+    kafka_topic: str = Field(default=DEFAULT_TOPIC, min_length=1)
+    kafka_group_id: str = Field(default="order-consumer", min_length=1)
     # The dead-letter producer. Real Kafka: on. The embedded Tansu broker has no
     # idempotent producer, so it needs this off.
     kafka_enable_idempotence: bool = True
+    # The dead-letter producer's largest request: a poison record bigger than
+    # this stops the process (it is never skipped). Keep it at or above the
+    # events topic's max.message.bytes, and the dead-letter topic's too.
+    kafka_max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
 
     batch_max_records: int = Field(default=2000, ge=1)
@@ -27,12 +39,45 @@ class ConsumerSettings(BaseSettings):
     heartbeat_interval_ms: int = Field(default=2_000, ge=100)
 
     db_pool_size: int = Field(default=2, ge=1)
+    db_connect_timeout_s: float = Field(default=10.0, gt=0)
     db_statement_timeout_ms: int = Field(default=30_000, ge=100)
-    # Back-off while the database (or the broker, for commits) is unreachable.
+    # Back-off while the database (or the broker, for commits) is away.
     retry_initial_s: float = Field(default=0.2, gt=0)
     retry_max_s: float = Field(default=10.0, gt=0)
-    # How long a rebalance waits for the batch in flight before letting go of it.
-    rebalance_drain_timeout_s: float = Field(default=20.0, gt=0)
+    # How long a rebalance waits for the batch in flight to commit before the
+    # partitions move without its offsets. Longer than the statement timeout,
+    # so that a slow but healthy batch is not replayed by the next owner.
+    rebalance_drain_timeout_s: float = Field(default=45.0, gt=0)
+    # `run` checks its database, schema, broker and topics before joining the
+    # group, retrying what time can fix for this long, then exits with one line.
+    startup_timeout_s: float = Field(default=60.0, ge=0)
+    # SIGTERM/SIGINT to exit, whatever the process is doing: below Kubernetes'
+    # default grace period of 30 s.
+    shutdown_timeout_s: float = Field(default=25.0, gt=0)
 
     log_level: str = "INFO"
-    log_format: str = "json"  # json | console
+    log_format: Literal["json", "console"] = "json"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in logging.getLevelNamesMapping() or level == "NOTSET":
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        try:
+            parts.port  # noqa: B018 - urlsplit checks the port only when asked
+        except ValueError:
+            raise ValueError("has a port that is not a number from 0 to 65535") from None
+        return value
+
+    @property
+    def statement_timeout_s(self) -> float:
+        return self.db_statement_timeout_ms / 1000

@@ -11,7 +11,6 @@ The caller commits Kafka offsets only after this transaction has committed.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -25,31 +24,14 @@ from schemas import StripeEvent
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 
-_RETRIABLE_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57")  # connection, rollback, resources,
-# object in use, operator intervention (shutdown, restart)
-
 
 class ConcurrentIntentWrite(Exception):
     """Another transaction created one of the batch's intents first (a consumer that
     lost its partitions in a rebalance and is finishing a batch). The batch is
     rolled back and retried; it then finds the rows and waits for their locks."""
 
-    retriable = True
-
-
-def is_retriable(exc: BaseException) -> bool:
-    """Whether retrying the same batch later can succeed (the database was away or busy)."""
-    if isinstance(exc, ConcurrentIntentWrite):
-        return True
-    if isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.PostgresConnectionError):
-        return True
-    if isinstance(exc, asyncpg.InterfaceError):
-        # The connection broke under us; a fresh one will do.
-        return "connection" in str(exc).lower() or "closed" in str(exc).lower()
-    if isinstance(exc, asyncpg.PostgresError):
-        sqlstate = getattr(exc, "sqlstate", None) or ""
-        return sqlstate[:2] in _RETRIABLE_SQLSTATE_CLASSES
-    return False
+    retriable = True  # consumer.errors: the environment's, not the event's
+    cause = "conflict"
 
 
 @dataclass

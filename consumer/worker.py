@@ -5,35 +5,60 @@ poll a batch → decode → dead-letter poison → apply in one database transac
 decoded while the previous one is in the database; batches are applied one at
 a time, in poll order, so per-intent Kafka order holds.
 
-Failures: retriable errors (database or broker away, a serialization failure,
-a lost race) are waited out with back-off while every partition is paused, so
-the member stays in the group; a batch the database rejects for good is
-bisected until the one event it rejects goes to the dead-letter topic with the
-database's reason. Anything else is a bug and stops the process.
+Failures, by whose fault they are (`consumer.errors`, invariant 7):
+  - the event's data: the batch is bisected until the one event the database
+    rejects goes to the dead-letter topic with the database's reason;
+  - the environment: the batch is retried with back-off and jitter while every
+    partition is paused, so the member stays in the group. A connection that
+    reported read-only is discarded; a batch that keeps hitting the statement
+    timeout is split in halves; a batch whose partitions were revoked while it
+    waited is left to their new owner, uncommitted;
+  - anything else (a bug, a broker refusal that retrying cannot fix) stops
+    the process.
+
+Stopping (`request_stop`, on SIGTERM or SIGINT): no new batch starts, the batch
+in flight may commit until the shutdown deadline or is abandoned uncommitted
+(the next owner replays it and the inbox absorbs whatever had committed), then
+the member leaves the group; `run` and `stop` together take at most
+SHUTDOWN_TIMEOUT_S, whatever the database and the broker are doing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from consumer.deadletter import DeadLetters, Poison
+from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped
+from consumer.connections import create_consumer, create_dead_letters, create_pool
+from consumer.deadletter import DeadLetterRefused, DeadLetters, Poison
 from consumer.decode import Envelope, decode
+from consumer.errors import Fault, cause, classify, describe, is_read_only, is_statement_timeout
+from consumer.errors import sqlstate as sqlstate_of
+from consumer.preflight import check_database, check_topics, until_ready
 from consumer.settings import ConsumerSettings
-from consumer.store import BatchResult, apply_batch, is_retriable
+from consumer.store import BatchResult, apply_batch
+from schemas import dlq_topic
 
 log = structlog.get_logger("consumer")
-T = TypeVar("T")
+
+# A batch that hits the statement timeout this many times in a row is split in
+# halves: a smaller transaction holds fewer locks for less time.
+SPLIT_AFTER_TIMEOUTS = 2
+
+
+class Superseded(Exception):
+    """The batch's partitions were revoked while it waited: their new owner replays it."""
 
 
 @dataclass
@@ -45,6 +70,9 @@ class RunStats:
     duplicates: int = 0
     dead_lettered: int = 0
     retries: int = 0  # waits for the database or broker to come back
+    retries_by_cause: Counter[str] = field(default_factory=Counter)
+    splits: int = 0  # batches split after repeated statement timeouts
+    abandoned: int = 0  # batches left uncommitted (stop, rebalance) for the next owner
     outcomes: Counter[str] = field(default_factory=Counter)
     orders: Counter[str] = field(default_factory=Counter)
     batch_latencies_ms: list[float] = field(default_factory=list)
@@ -67,21 +95,25 @@ class Batch:
 
 
 class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Let the batch in flight finish and commit before its partitions move."""
+    """Let a transaction in flight commit, and its offsets with it, before its partitions move."""
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         worker = self._worker
+        # From now on a batch polled earlier is not started, and one that is
+        # waiting out a failure gives up at once: only a running transaction is
+        # worth waiting for.
+        worker.epoch += 1
         try:
             async with asyncio.timeout(worker.settings.rebalance_drain_timeout_s):
                 async with worker.inflight:
-                    worker.epoch += 1
+                    pass
         except TimeoutError:
-            # The batch goes on and may still commit to the database; its offset
-            # commit will fail and the new owner replays it harmlessly.
-            worker.epoch += 1
+            # The batch goes on and may still commit to the database; its offsets
+            # are then committed only for partitions this member still owns, and
+            # the new owner of the others replays it harmlessly.
             log.warning("rebalance_drain_timeout", revoked=len(revoked))
         log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
@@ -101,7 +133,9 @@ class Worker:
         self.epoch = 0  # bumped on every revocation; older batches are not applied
         self.last_activity = time.monotonic()
         self._stopping = asyncio.Event()
+        self._stop_deadline: float | None = None  # time.monotonic()
         self._poll_lock = asyncio.Lock()
+        self._in_flight: asyncio.Task[None] | None = None
         self._pool: asyncpg.Pool | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._dead_letters: DeadLetters | None = None
@@ -109,45 +143,51 @@ class Worker:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> Self:
+        """Check the database, schema, broker and topics (consumer.preflight), then join."""
         s = self.settings
-        self._pool = await self._retry("database_connect", self._create_pool)
-        self._dead_letters = DeadLetters(
-            s.kafka_bootstrap_servers, s.kafka_topic, enable_idempotence=s.kafka_enable_idempotence
+        deadline = asyncio.get_running_loop().time() + s.startup_timeout_s
+        ready = functools.partial(
+            until_ready, settings=s, stopping=self._stopping, deadline=deadline
         )
-        await self._dead_letters.start()
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
-            group_id=s.kafka_group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_bytes=s.fetch_max_bytes,
-            max_partition_fetch_bytes=s.max_partition_fetch_bytes,
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=s.heartbeat_interval_ms,
-        )
-        await self._consumer.start()
-        self._consumer.subscribe([s.kafka_topic], listener=_DrainOnRevoke(self))
+        topics = [s.kafka_topic, dlq_topic(s.kafka_topic)]
+        try:
+            await ready("database", lambda: check_database(s))
+            await ready("topics", lambda: check_topics(s, topics))
+            self._pool = await create_pool(s)  # connects on demand
+            self._dead_letters = await ready("broker", self._start_dead_letters)
+            self._consumer = consumer = await ready("broker", self._start_consumer)
+        except BaseException:
+            await self.stop()
+            raise
+        consumer.subscribe([s.kafka_topic], listener=_DrainOnRevoke(self))
         log.info("consumer_started", topic=s.kafka_topic, group=s.kafka_group_id)
         return self
 
-    async def _create_pool(self) -> asyncpg.Pool:
-        s = self.settings
-        return await asyncpg.create_pool(
-            s.database_url,
-            min_size=0,  # our retry loop, not the pool, owns reconnecting (and its logs)
-            max_size=s.db_pool_size,
-            server_settings={"statement_timeout": str(s.db_statement_timeout_ms)},
-        )
+    async def _start_dead_letters(self) -> DeadLetters:
+        dead_letters = create_dead_letters(self.settings)
+        await dead_letters.start()
+        return dead_letters
+
+    async def _start_consumer(self) -> AIOKafkaConsumer:
+        consumer = create_consumer(self.settings)
+        try:
+            await consumer.start()
+        except BaseException:
+            await consumer.stop()
+            raise
+        return consumer
 
     async def stop(self) -> None:
-        """Leave the group and release connections; the last batch has committed by now."""
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._dead_letters is not None:
-            await self._dead_letters.stop()
-        if self._pool is not None:
-            await self._pool.close()
+        """Leave the group and release connections, within the shutdown deadline."""
+        self._start_stop_clock()
+        consumer, dead_letters, pool = self._consumer, self._dead_letters, self._pool
         self._consumer = self._dead_letters = self._pool = None
+        if consumer is not None:
+            await self._within_deadline("leave_group", consumer.stop())
+        if dead_letters is not None:
+            await self._within_deadline("stop_dead_letter_producer", dead_letters.stop())
+        if pool is not None and not await self._within_deadline("close_pool", pool.close()):
+            pool.terminate()
 
     async def __aenter__(self) -> Self:
         return await self.start()
@@ -165,34 +205,98 @@ class Worker:
         return frozenset(self._consumer.assignment()) if self._consumer is not None else frozenset()
 
     def request_stop(self) -> None:
-        """Finish the batches polled so far, commit them, then return from `run` (SIGTERM)."""
+        """Return from `start` or `run` soon, and from `stop` by the deadline (SIGTERM)."""
+        self._start_stop_clock()
         self._stopping.set()
+
+    def _start_stop_clock(self) -> None:
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
+
+    def _time_left_s(self) -> float:
+        assert self._stop_deadline is not None
+        return self._stop_deadline - time.monotonic()
+
+    def _leave_reserve_s(self) -> float:
+        """What the deadline keeps back for leaving the group and closing connections."""
+        return min(5.0, self.settings.shutdown_timeout_s / 5)
+
+    async def _within_deadline(self, what: str, step: Awaitable[None]) -> bool:
+        try:
+            async with asyncio.timeout(max(self._time_left_s(), 0.1)):
+                await step
+            return True
+        except TimeoutError:
+            log.warning("shutdown_step_abandoned", step=what, reason="shutdown deadline")
+            return False
 
     # -- the loop ----------------------------------------------------------
 
     async def run(self) -> RunStats:
-        in_flight: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         try:
             while not self._stopping.is_set():
                 records = await self._poll(self.settings.poll_timeout_ms)
-                if in_flight is not None and in_flight.done():
-                    done, in_flight = in_flight, None
-                    done.result()  # its failure stops the loop here
+                if self._in_flight is not None and self._in_flight.done():
+                    self._settle()  # its failure stops the loop here
                 if not records:
-                    if in_flight is None and self._idle_long_enough():
+                    if self._in_flight is None and self._idle_long_enough():
                         break
                     continue
                 self.last_activity = time.monotonic()
                 batch = self._decode(records)  # while the previous batch is in the database
-                if in_flight is not None:
-                    done, in_flight = in_flight, None
-                    await done
-                in_flight = asyncio.create_task(self._apply_and_commit(batch))
+                if self._in_flight is not None and not await self._in_flight_done_or_stop():
+                    break
+                if self._stopping.is_set():
+                    break  # not started, so never committed: the next owner reads it
+                self._in_flight = asyncio.create_task(self._apply_and_commit(batch))
+        except StopRequested:
+            pass
         finally:
-            if in_flight is not None:
-                await in_flight
+            await self._finish_in_flight()
         return self.stats
+
+    async def _in_flight_done_or_stop(self) -> bool:
+        """Wait for the batch in flight and settle it; False if a stop came first."""
+        assert self._in_flight is not None
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([self._in_flight, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not self._in_flight.done():
+            return False
+        self._settle()
+        return True
+
+    def _settle(self) -> None:
+        """Take the finished batch's outcome; re-raise what stops the loop."""
+        task, self._in_flight = self._in_flight, None
+        assert task is not None
+        try:
+            task.result()
+        except StopRequested:
+            self.stats.abandoned += 1
+            log.warning("batch_abandoned", reason="stop requested while waiting out a failure")
+            raise
+
+    async def _finish_in_flight(self) -> None:
+        """Give the batch in flight until the shutdown deadline to commit, else abandon it."""
+        task, self._in_flight = self._in_flight, None
+        if task is None:
+            return
+        self._start_stop_clock()
+        if not task.done():
+            budget_s = self._time_left_s() - self._leave_reserve_s()
+            await asyncio.wait([task], timeout=max(budget_s, 0.0))
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=1.0)  # asyncpg cancels its query
+        try:
+            task.result()
+        except (StopRequested, asyncio.CancelledError, asyncio.InvalidStateError):
+            self.stats.abandoned += 1
+            log.warning("batch_abandoned", reason="shutdown deadline; the next owner replays it")
 
     def _idle_long_enough(self) -> bool:
         idle = time.monotonic() - self.last_activity
@@ -227,10 +331,15 @@ class Worker:
                 log.info("batch_dropped_after_rebalance", records=len(batch.records))
                 return
             started = time.perf_counter()
-            if batch.poison:
-                await self._dead_letter(batch.poison)
-            result = await self._apply(batch.envelopes)
-            await self.commit_offsets(batch.records)
+            try:
+                if batch.poison:
+                    await self._dead_letter(batch.poison, batch.epoch)
+                result = await self._apply(batch.envelopes, batch.epoch)
+                await self.commit_offsets(batch.records, epoch=batch.epoch)
+            except Superseded:
+                self.stats.abandoned += 1
+                log.info("batch_left_to_new_owner", records=len(batch.records))
+                return
             duration_ms = (time.perf_counter() - started) * 1000
         self.stats.batches += 1
         self.stats.add(result)
@@ -245,46 +354,116 @@ class Worker:
             duration_ms=round(duration_ms, 1),
         )
 
-    async def _apply(self, envelopes: list[Envelope]) -> BatchResult:
+    async def _apply(self, envelopes: list[Envelope], epoch: int) -> BatchResult:
+        """Apply `envelopes` in one transaction, by the failure policy (module docstring)."""
         if not envelopes:
             return BatchResult()
-        try:
-            return await self._retry("database_unavailable", lambda: self._apply_once(envelopes))
-        except asyncpg.PostgresError as exc:
-            if len(envelopes) == 1:
-                record = envelopes[0].record
-                await self._dead_letter([Poison(record, "rejected_by_database", str(exc)[:500])])
-                return BatchResult(events=1, claimed=1)
-            log.warning("batch_rejected_bisecting", size=len(envelopes), error=str(exc)[:200])
-            middle = len(envelopes) // 2
-            first = await self._apply(envelopes[:middle])
-            second = await self._apply(envelopes[middle:])
-            return first.merged(second)
+        attempt = timeouts = 0
+        while True:
+            if epoch != self.epoch:
+                raise Superseded
+            try:
+                return await self._apply_once(envelopes)
+            except Exception as exc:
+                fault = classify(exc)
+                if fault is Fault.FATAL:
+                    raise
+                if fault is Fault.DATA:
+                    return await self._isolate(envelopes, exc, epoch)
+                if is_read_only(exc):
+                    await self._discard_connections()
+                if is_statement_timeout(exc) and len(envelopes) > 1:
+                    timeouts += 1
+                    if timeouts >= SPLIT_AFTER_TIMEOUTS:
+                        self.stats.splits += 1
+                        log.warning("batch_split", size=len(envelopes), reason="statement_timeout")
+                        return await self._in_halves(envelopes, epoch)
+                await self._backoff("database_unavailable", exc, attempt, epoch)
+                attempt += 1
 
     async def _apply_once(self, envelopes: list[Envelope]) -> BatchResult:
         assert self._pool is not None
-        async with self._pool.acquire() as conn:
-            return await apply_batch(conn, envelopes)
+        # A backstop on the client's side: a network that drops packets silently
+        # gives no error, and the server's statement timeout cannot reach us.
+        s = self.settings
+        async with asyncio.timeout(2 * s.statement_timeout_s + s.db_connect_timeout_s):
+            async with self._pool.acquire() as conn:
+                return await apply_batch(conn, envelopes)
 
-    async def commit_offsets(self, records: Iterable[Any]) -> None:
-        """Commit the offset after each partition's last record (after the database commit)."""
+    async def _isolate(
+        self, envelopes: list[Envelope], exc: BaseException, epoch: int
+    ) -> BatchResult:
+        """Bisect a batch the database rejects until the one event is dead-lettered."""
+        if len(envelopes) == 1:
+            detail = f"SQLSTATE {sqlstate_of(exc)}: {exc}"[:500]
+            await self._dead_letter([Poison(envelopes[0].record, "rejected_by_database", detail)],
+                                    epoch)  # fmt: skip
+            return BatchResult(events=1, claimed=1)
+        log.warning("batch_rejected_bisecting", size=len(envelopes), error=describe(exc, 200))
+        return await self._in_halves(envelopes, epoch)
+
+    async def _in_halves(self, envelopes: list[Envelope], epoch: int) -> BatchResult:
+        middle = len(envelopes) // 2
+        first = await self._apply(envelopes[:middle], epoch)
+        return first.merged(await self._apply(envelopes[middle:], epoch))
+
+    async def _discard_connections(self) -> None:
+        """A read-only session stays read-only: open fresh ones (after a failover: the primary)."""
+        if self._pool is not None:
+            await self._pool.expire_connections()
+            log.info("database_connections_discarded", reason="read-only session")
+
+    async def commit_offsets(self, records: Iterable[Any], *, epoch: int | None = None) -> None:
+        """Commit the offset after each partition's last record (after the database commit).
+
+        Only for partitions this member still owns: the new owner of the others
+        replays their records, and the inbox makes the replay harmless.
+        """
         assert self._consumer is not None
         consumer = self._consumer
         offsets: dict[TopicPartition, int] = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-        try:
-            await self._retry("offset_commit_failed", lambda: consumer.commit(offsets))
-        except CommitFailedError as exc:
-            # The partitions moved during the batch; the new owner replays it, and
-            # the inbox makes the replay harmless.
-            log.warning("offset_commit_rejected", error=str(exc)[:200])
+        attempt = 0
+        while True:
+            owned = consumer.assignment()
+            mine = {tp: offset for tp, offset in offsets.items() if tp in owned}
+            if len(mine) < len(offsets):
+                moved = sorted(tp.partition for tp in offsets if tp not in owned)
+                log.info("offsets_left_to_new_owner", partitions=moved)
+            if not mine:
+                return
+            try:
+                await consumer.commit(mine)
+                return
+            except (CommitFailedError, IllegalStateError) as exc:
+                log.warning(
+                    "offset_commit_refused",
+                    reason="the partitions moved; their new owner replays the batch",
+                    error=describe(exc),
+                )
+                return
+            except KafkaError as exc:
+                if classify(exc) is Fault.FATAL:
+                    raise
+                await self._backoff("offset_commit_failed", exc, attempt, epoch)
+                attempt += 1
 
-    async def _dead_letter(self, poison: list[Poison]) -> None:
+    async def _dead_letter(self, poison: list[Poison], epoch: int) -> None:
+        """Send to the dead-letter topic; retry only what the broker did not acknowledge."""
         assert self._dead_letters is not None
-        dead_letters = self._dead_letters
-        await self._retry("dead_letter_failed", lambda: dead_letters.send(poison))
+        remaining, attempt = list(poison), 0
+        while remaining:
+            failed = await self._dead_letters.send(remaining)
+            if not failed:
+                break
+            for p, exc in failed:
+                if classify(exc) is Fault.FATAL:
+                    raise DeadLetterRefused(p, exc) from exc
+            remaining = [p for p, _ in failed]
+            await self._backoff("dead_letter_failed", failed[0][1], attempt, epoch)
+            attempt += 1
         self.stats.dead_lettered += len(poison)
         for p in poison:
             log.warning(
@@ -297,32 +476,40 @@ class Worker:
 
     # -- waiting out failures ----------------------------------------------
 
-    async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run `attempt` until it succeeds or fails for good, backing off in between."""
-        delay = self.settings.retry_initial_s
-        while True:
-            try:
-                return await attempt()
-            except Exception as exc:
-                if not _retriable(exc):
-                    raise
-                log.warning(what, error=f"{type(exc).__name__}: {exc}"[:300], retry_in_s=delay)
-                self.stats.retries += 1
-            await self._keep_alive(delay)
-            delay = min(delay * 2, self.settings.retry_max_s)
+    async def _backoff(
+        self, what: str, exc: BaseException, attempt: int, epoch: int | None
+    ) -> None:
+        """Log and count one environment failure, then wait before the next attempt."""
+        s = self.settings
+        wait_s = delay_s(attempt, s.retry_initial_s, s.retry_max_s)
+        label = cause(exc)
+        self.stats.retries += 1
+        self.stats.retries_by_cause[label] += 1
+        log.warning(
+            what, cause=label, error=describe(exc), attempt=attempt + 1, retry_in_s=round(wait_s, 2)
+        )
+        await self._keep_alive(wait_s, epoch)
 
-    async def _keep_alive(self, seconds: float) -> None:
-        """Wait, still polling (every partition paused) so that the group keeps this member."""
-        consumer = self._consumer
-        if consumer is None or not consumer.assignment():
-            await asyncio.sleep(seconds)
-            return
+    async def _keep_alive(self, seconds: float, epoch: int | None) -> None:
+        """Wait, still polling (every partition paused) so that the group keeps this member.
+
+        Raises StopRequested on a stop request, and Superseded once the batch's
+        partitions are being revoked (`epoch` moved on).
+        """
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
+            if self._stopping.is_set():
+                raise StopRequested
+            if epoch is not None and epoch != self.epoch:
+                raise Superseded
+            consumer = self._consumer
+            if consumer is None or not consumer.assignment():
+                await sleep_unless_stopped(self._stopping, min(left, 0.5))
+                continue
             paused = set(consumer.assignment())
             consumer.pause(*paused)
             try:
-                records = await self._poll(max(1, int(min(left, 1.0) * 1000)))
+                records = await self._poll(max(1, int(min(left, 0.5) * 1000)))
             finally:
                 consumer.resume(*(tp for tp in paused if tp in consumer.assignment()))
             # Partitions assigned during the wait were not paused: put back what
@@ -332,11 +519,3 @@ class Worker:
                 firsts.setdefault(TopicPartition(r.topic, r.partition), r.offset)
             for tp, offset in firsts.items():
                 consumer.seek(tp, offset)
-
-
-def _retriable(exc: BaseException) -> bool:
-    if isinstance(exc, CommitFailedError):
-        return False
-    if isinstance(exc, KafkaError):
-        return bool(exc.retriable)
-    return is_retriable(exc)

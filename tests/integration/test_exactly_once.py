@@ -30,7 +30,7 @@ class SimulatedCrash(Exception):
 
 
 class CrashBeforeOffsetCommit(Worker):
-    async def commit_offsets(self, records: Any) -> None:
+    async def commit_offsets(self, records: Any, *, epoch: int | None = None) -> None:
         raise SimulatedCrash
 
 

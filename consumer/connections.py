@@ -1,0 +1,57 @@
+"""The consumer's connections, built from its settings: the database pool and the Kafka clients.
+
+Every new database connection is checked against the schema this code needs
+(`consumer.migrate.check_schema`), so a connection re-established after a
+failover or a restore to an older database fails as the environment's fault,
+waited out, instead of writing to tables that are not what the code expects.
+Sessions get a statement timeout, and an idle-in-transaction timeout so that a
+consumer that vanished mid-batch does not hold its row locks for long.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer
+
+from consumer.deadletter import DeadLetters
+from consumer.migrate import check_schema
+from consumer.settings import ConsumerSettings
+
+
+async def create_pool(settings: ConsumerSettings) -> asyncpg.Pool:
+    """A pool that opens connections on demand (the worker's retries own reconnecting)."""
+    idle_in_transaction_ms = 2 * settings.db_statement_timeout_ms
+    return await asyncpg.create_pool(
+        settings.database_url,
+        min_size=0,
+        max_size=settings.db_pool_size,
+        timeout=settings.db_connect_timeout_s,
+        init=check_schema,
+        server_settings={
+            "statement_timeout": str(settings.db_statement_timeout_ms),
+            "idle_in_transaction_session_timeout": str(idle_in_transaction_ms),
+            "application_name": "order-consumer",
+        },
+    )
+
+
+def create_consumer(settings: ConsumerSettings) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=settings.kafka_group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_bytes=settings.fetch_max_bytes,
+        max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+    )
+
+
+def create_dead_letters(settings: ConsumerSettings) -> DeadLetters:
+    return DeadLetters(
+        settings.kafka_bootstrap_servers,
+        settings.kafka_topic,
+        enable_idempotence=settings.kafka_enable_idempotence,
+        max_request_bytes=settings.kafka_max_request_bytes,
+    )

@@ -23,7 +23,13 @@ from __future__ import annotations
 from enum import StrEnum
 
 import asyncpg
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    BrokerNotAvailableError,
+    KafkaError,
+    KafkaTimeoutError,
+    KafkaUnavailableError,
+    ReplicaNotAvailableError,
+)
 
 
 class Fault(StrEnum):
@@ -59,6 +65,16 @@ _CAUSE_BY_CLASS = {
 }
 
 
+# aiokafka marks these not retriable, yet each says only that the broker did not
+# answer in time or was away: the environment's, and worth waiting out.
+_TRANSIENT_BROKER_ERRORS = (
+    KafkaTimeoutError,
+    KafkaUnavailableError,
+    BrokerNotAvailableError,
+    ReplicaNotAvailableError,
+)
+
+
 def sqlstate(exc: BaseException) -> str:
     return str(getattr(exc, "sqlstate", None) or "")
 
@@ -68,7 +84,8 @@ def classify(exc: BaseException) -> Fault:
     if isinstance(exc, asyncpg.PostgresError):
         return Fault.DATA if sqlstate(exc)[:2] in _DATA_CLASSES else Fault.ENVIRONMENT
     if isinstance(exc, KafkaError):
-        return Fault.ENVIRONMENT if exc.retriable else Fault.FATAL
+        transient = exc.retriable or isinstance(exc, _TRANSIENT_BROKER_ERRORS)
+        return Fault.ENVIRONMENT if transient else Fault.FATAL
     if isinstance(exc, asyncpg.InterfaceError | asyncpg.exceptions.InternalClientError):
         # The connection broke under us (`connection is closed`), or a cached
         # statement went stale after a migration: a fresh connection will do.

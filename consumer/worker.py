@@ -179,7 +179,7 @@ class Worker:
 
     async def stop(self) -> None:
         """Leave the group and release connections, within the shutdown deadline."""
-        self._start_stop_clock()
+        self.request_stop()  # a `run` still going returns
         consumer, dead_letters, pool = self._consumer, self._dead_letters, self._pool
         self._consumer = self._dead_letters = self._pool = None
         if consumer is not None:
@@ -306,8 +306,9 @@ class Worker:
         return False
 
     async def _poll(self, timeout_ms: int, max_records: int | None = None) -> list[Any]:
-        assert self._consumer is not None
         async with self._poll_lock:  # the loop and a back-off wait both poll
+            if self._consumer is None:  # stopped under a running loop
+                raise StopRequested
             fetched = await self._consumer.getmany(
                 timeout_ms=timeout_ms, max_records=max_records or self.settings.batch_max_records
             )

@@ -42,6 +42,7 @@ async def test_sigterm_drains_commits_and_leaves_so_a_successor_repeats_nothing(
     successor = await ConsumerProcess(settings, exit_when_idle_s=4).start()
     finished = await successor.wait()
     assert finished["duplicates"] == 0  # everything the first applied was committed
+    assert 0 < stopped["events"] < 400  # the signal came mid-run: the successor had work
     assert stopped["events"] + finished["events"] == 400
     state = await snapshot(db)
     assert len(state.orders) == 400

@@ -141,7 +141,10 @@ async def test_rebalance_mid_run_loses_nothing_and_doubles_nothing(
 async def test_scarce_sku_from_two_consumer_processes_never_oversells(
     infra: Services, database_url: str, db: asyncpg.Connection, topic: str
 ) -> None:
-    """Row locks in SKU order, CHECK (stocked_quantity >= 0), allocation refusing short orders."""
+    """Row locks, CHECK (stocked_quantity >= 0), allocation refusing short orders.
+
+    Lock order itself is tested in test_lock_order.py: these carts list SKUs ascending.
+    """
     initial = 25
     await seed_stock(db, {"scarce": initial, "plenty": 1_000})
     demand: dict[str, int] = {}

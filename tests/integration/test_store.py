@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import asyncpg
 import pytest
 
-from consumer.decode import Envelope
 from consumer.store import ConcurrentIntentWrite, apply_batch
 from loadtest import events
-from schemas import StripeEvent
-from tests.support import seed_cart, seed_stock, snapshot
+from tests.integration.store_support import envelope
+from tests.support import eventually, seed_cart, seed_stock, snapshot
 
 
-def envelope(payload: dict[str, object], offset: int = 0) -> Envelope:
-    record = SimpleNamespace(topic="t", partition=0, offset=offset, key=None, value=None)
-    event = StripeEvent.model_validate(payload)
-    return Envelope(event, record, event.payment_intent_id)
+async def blocked_by(observer: asyncpg.Connection, waiter: int, holder: int) -> bool:
+    """Whether the session `waiter` is waiting for a lock that the session `holder` holds."""
+    return bool(await observer.fetchval("SELECT $2 = ANY(pg_blocking_pids($1))", waiter, holder))
 
 
 async def test_an_intent_created_concurrently_is_retried_not_ordered_twice(
@@ -38,8 +35,10 @@ async def test_an_intent_created_concurrently_is_retried_not_ordered_twice(
         await zombie_tx.start()
         await apply_batch(zombie, [envelope(auth, 0)])  # a savepoint in the open transaction
         racing = asyncio.create_task(apply_batch(owner, [envelope(capture, 1)]))
-        await asyncio.sleep(0.3)
-        assert not racing.done()  # waiting on the zombie's uncommitted intent row
+        # Waiting on the zombie's uncommitted intent row (not merely not scheduled yet).
+        pids = owner.get_server_pid(), zombie.get_server_pid()
+        await eventually(lambda: blocked_by(db, *pids), timeout_s=15)
+        assert not racing.done()
         await zombie_tx.commit()
         with pytest.raises(ConcurrentIntentWrite):
             await racing

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class StopRequested(Exception):
@@ -33,4 +37,25 @@ async def sleep_unless_stopped(stopping: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stopping.wait(), seconds)
     except TimeoutError:
         return
+    raise StopRequested
+
+
+async def unless_stopped(stopping: asyncio.Event, step: Awaitable[T]) -> T:
+    """Await `step`; cancel it and raise StopRequested as soon as `stopping` is set.
+
+    For steps that bound themselves only loosely (a connection attempt, a
+    broker bootstrap): a stop request need not wait for their own timeouts.
+    """
+    if stopping.is_set():
+        raise StopRequested
+    task = asyncio.ensure_future(step)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait([task], timeout=1.0)
     raise StopRequested

@@ -26,7 +26,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError, for_code
 from aiokafka.protocol.metadata import MetadataRequest
 
-from consumer.backoff import delay_s, sleep_unless_stopped
+from consumer.backoff import delay_s, sleep_unless_stopped, unless_stopped
 from consumer.errors import Fault, classify, describe
 from consumer.migrate import SchemaBehind, check_schema
 from consumer.settings import ConsumerSettings
@@ -116,7 +116,7 @@ async def until_ready(
     tries = 0
     while True:
         try:
-            return await attempt()
+            return await unless_stopped(stopping, attempt())
         except StartupError:
             raise
         except Exception as exc:

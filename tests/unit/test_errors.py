@@ -15,7 +15,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped
+from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
 from consumer.errors import Fault, cause, classify, is_read_only, is_statement_timeout
 from consumer.migrate import SchemaBehind
 from consumer.preflight import TopicsMissing, redact
@@ -141,3 +141,22 @@ def test_a_database_url_is_logged_without_its_password() -> None:
         == "postgresql://app:***@db.internal:5432/shop"
     )
     assert redact("postgresql://app@db/shop") == "postgresql://app@db/shop"
+
+
+async def test_a_step_in_progress_is_cancelled_by_a_stop_request() -> None:
+    stopping = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow_connect() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    asyncio.get_running_loop().call_later(0.05, stopping.set)
+    with pytest.raises(StopRequested):
+        async with asyncio.timeout(5):
+            await unless_stopped(stopping, slow_connect())
+    assert cancelled.is_set()
+    assert await unless_stopped(asyncio.Event(), asyncio.sleep(0, "done")) == "done"

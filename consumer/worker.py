@@ -161,6 +161,12 @@ class Worker:
             raise
         consumer.subscribe([s.kafka_topic], listener=_DrainOnRevoke(self))
         log.info("consumer_started", topic=s.kafka_topic, group=s.kafka_group_id)
+        if s.rebalance_drain_timeout_s <= s.statement_timeout_s:
+            log.warning(
+                "drain_shorter_than_statement_timeout",
+                hint="a slow but healthy batch will be replayed by the next owner after a "
+                "rebalance: make REBALANCE_DRAIN_TIMEOUT_S longer than DB_STATEMENT_TIMEOUT_MS",
+            )
         return self
 
     async def _start_dead_letters(self) -> DeadLetters:

@@ -300,7 +300,10 @@ class Worker:
             await asyncio.wait([task], timeout=1.0)  # asyncpg cancels its query
         try:
             task.result()
-        except (StopRequested, asyncio.CancelledError, asyncio.InvalidStateError):
+        except StopRequested:
+            self.stats.abandoned += 1
+            log.warning("batch_abandoned", reason="stop requested while waiting out a failure")
+        except (asyncio.CancelledError, asyncio.InvalidStateError):
             self.stats.abandoned += 1
             log.warning("batch_abandoned", reason="shutdown deadline; the next owner replays it")
 

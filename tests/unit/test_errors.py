@@ -141,6 +141,10 @@ def test_a_database_url_is_logged_without_its_password() -> None:
         == "postgresql://app:***@db.internal:5432/shop"
     )
     assert redact("postgresql://app@db/shop") == "postgresql://app@db/shop"
+    assert (
+        redact("postgresql://app@db/shop?sslmode=require&password=hunter2")
+        == "postgresql://app@db/shop?sslmode=require&password=***"
+    )
 
 
 async def test_a_step_in_progress_is_cancelled_by_a_stop_request() -> None:

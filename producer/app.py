@@ -39,7 +39,9 @@ class BridgeApp:
         webhook: WebhookEndpoint,
         rest: Starlette,
         lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
+        metrics: BridgeMetrics,
     ) -> None:
+        self.metrics = metrics
         self._webhook = webhook
         self._rest = rest
         self._lifespan = lifespan
@@ -81,7 +83,8 @@ def create_app(settings: BridgeSettings) -> BridgeApp:
                 with contextlib.suppress(asyncio.CancelledError):
                     await connecting
             if publisher is not None:
-                await publisher.stop()
+                # What is left of the shutdown deadline after draining requests.
+                await publisher.stop(timeout_s=settings.producer_stop_timeout_s)
             log.info("bridge stopped")
 
     async def healthz(request: Request) -> Response:
@@ -104,4 +107,4 @@ def create_app(settings: BridgeSettings) -> BridgeApp:
         ],
         lifespan=lifespan,
     )
-    return BridgeApp(endpoint, rest, lifespan)
+    return BridgeApp(endpoint, rest, lifespan, metrics)

@@ -1,4 +1,11 @@
-"""Structured logging for the bridge process: JSON lines on stderr by default."""
+"""Structured logging for the bridge process: JSON lines on stderr by default.
+
+Our own lines go through structlog (or `EventLog`, the per-webhook line); the
+libraries' (aiokafka, asyncio, uvicorn) go through the standard `logging`
+module, whose root handler renders them with the same processors, so every line
+on stderr has one shape. The libraries log at WARNING and above, or everything
+at DEBUG.
+"""
 
 from __future__ import annotations
 
@@ -20,14 +27,19 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
         factory: structlog.types.WrappedLogger = structlog.BytesLoggerFactory(
             file=sys.stderr.buffer
         )
+        # The stdlib handler needs text: the same JSON, as str.
+        foreign: structlog.types.Processor = structlog.processors.JSONRenderer(
+            serializer=_json_text
+        )
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        renderer = foreign = structlog.dev.ConsoleRenderer(colors=False)
         factory = structlog.PrintLoggerFactory(file=sys.stderr)
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -35,7 +47,33 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                stamp,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                foreign,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(library_level(level))
+
+
+def _json_text(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def library_level(level: str) -> int:
+    """The libraries' threshold: WARNING, or everything when we log at DEBUG."""
+    return logging.DEBUG if level == "DEBUG" else logging.WARNING
 
 
 class _UtcStamp:
@@ -76,6 +114,10 @@ class EventLog:
     def warning(self, event: str, **fields: Any) -> None:
         if self._min_level <= logging.WARNING:
             self._emit("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        if self._min_level <= logging.ERROR:
+            self._emit("error", event, fields)
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         out = self._out

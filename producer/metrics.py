@@ -23,12 +23,21 @@ class BridgeMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.connections_refused = Counter(
+            "bridge_connections_refused",
+            "Connections answered and closed before authentication, by the limit they hit.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.publish_seconds = Histogram(
             "bridge_publish_seconds",
             "Time from send to broker acknowledgement.",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
             registry=self.registry,
         )
+
+    def refused(self, reason: str) -> None:
+        self.connections_refused.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,23 @@ client's murmur2 (`(murmur2(key) & 0x7fffffff) % partitions`, what aiokafka's
 default partitioner computes too), so every Kafka client with a murmur2
 partitioner puts an intent's events in the same partition. The bridge computes
 it (`schemas.partitioner`) and passes it explicitly: cheaper per message.
+
+Failures come in two kinds, told apart by aiokafka's exception class, never by
+its message: `BrokerUnavailable` (away, slow, no leader; time fixes it, the
+request is answered 503) and `BrokerRefused` (the event or the configuration is
+refused for good: too large, not authorized, an invalid topic; an operator must
+act, the request is answered 500 and Stripe keeps retrying meanwhile).
+
+Late copies. With `enable_idempotence` (the default for real Kafka) aiokafka
+never expires a batch it has begun sending: a retriable error re-enqueues it
+until the broker takes it, however long (`Sender._can_retry` ignores the batch's
+age when a transaction manager exists, and an idempotent producer has one). The
+publish timeout therefore bounds the answer (503), not the record: a batch
+answered 503 can still land after the broker returns, beside the copy that
+Stripe's retry publishes. Dropping it is not possible without breaking the
+producer's sequence numbers. Both copies carry the same bytes and the same
+`stripe-event-id`; the consumer's inbox (keyed by event id) applies one. Without
+idempotence a request already on the wire when the timeout fires can land too.
 """
 
 from __future__ import annotations
@@ -16,7 +33,22 @@ from typing import Any, Self
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    InvalidRequiredAcksError,
+    InvalidTimestampError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    PolicyViolationError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnsupportedCodecError,
+    UnsupportedForMessageFormatError,
+    UnsupportedVersionError,
+)
 
 from producer.settings import BridgeSettings
 from schemas.partitioner import partition
@@ -32,6 +64,41 @@ class PublishError(Exception):
 
 class BrokerUnavailable(PublishError):
     """The broker could not be reached, or did not answer within the publish timeout."""
+
+
+class BrokerRefused(PublishError):
+    """The broker, or the producer before sending, refused the event for good.
+
+    Retrying the same event cannot succeed until an operator changes something
+    (the topic's max.message.bytes or KAFKA_MAX_REQUEST_BYTES, the ACLs, the
+    topic name); `kafka_error` names aiokafka's class for the log line.
+    """
+
+    retriable = False
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.kafka_error = type(error).__name__
+
+
+# Refusals that no retry fixes: each is not `retriable` in aiokafka. Not every
+# non-retriable class is here: aiokafka marks timeouts and a closed producer not
+# retriable too, and those are the environment's (503).
+_REFUSALS: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,  # over max_request_size (client) or max.message.bytes (broker)
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    InvalidTopicError,
+    InvalidRequiredAcksError,
+    InvalidTimestampError,
+    PolicyViolationError,
+    UnsupportedVersionError,
+    UnsupportedForMessageFormatError,
+    UnsupportedCodecError,
+)
 
 
 class _AckTimeout(Exception):
@@ -76,9 +143,10 @@ class Publisher:
             enable_idempotence=settings.kafka_enable_idempotence,
             linger_ms=settings.kafka_linger_ms,
             max_batch_size=settings.kafka_max_batch_bytes,
-            # A batch the broker has not taken within the publish timeout fails
-            # instead of lingering: the request was answered 503 and Stripe will
-            # send it again, so a late copy would only be a duplicate.
+            max_request_size=settings.kafka_max_request_bytes,
+            # Without idempotence, a batch the broker has not taken within the
+            # publish timeout expires instead of lingering (with it, see the
+            # module docstring: it is retried until it lands).
             request_timeout_ms=int(self._timeout_s * 1000),
         )
         try:
@@ -109,11 +177,25 @@ class Publisher:
             else:
                 return
 
-    async def stop(self) -> None:
-        """Flush what is buffered and close the connections."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Flush what is buffered and close the connections, for at most `timeout_s`.
+
+        aiokafka's `stop()` waits for every buffered batch, which with an
+        unreachable broker (and idempotence) is forever. What is dropped when
+        the time is up was answered 503 already: Stripe sends it again.
+        """
         producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
+        if producer is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await producer.stop()
+        except TimeoutError:
+            log.warning(
+                "producer stop abandoned",
+                timeout_s=timeout_s,
+                reason="batches still unacknowledged are dropped; their requests got 503",
+            )
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -156,6 +238,8 @@ class Publisher:
                 timer.cancel()
         except _AckTimeout as exc:
             raise BrokerUnavailable(f"no acknowledgement within {self._timeout_s}s") from exc
+        except _REFUSALS as exc:
+            raise BrokerRefused(exc) from exc
         except KafkaError as exc:
             raise BrokerUnavailable(type(exc).__name__) from exc
         return Published(partition=metadata.partition, offset=metadata.offset)

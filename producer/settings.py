@@ -1,13 +1,22 @@
-"""The bridge's settings, read once from the environment by `__main__`."""
+"""The bridge's settings, read once from the environment by `__main__`.
+
+A value that cannot work is refused here, before anything connects, with a
+message that names the variable and never echoes its value (`describe` turns
+pydantic's error into the one line `__main__` prints).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import logging
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas import DEFAULT_TOPIC
+
+# Every webhook signing secret Stripe issues (dashboard or `stripe listen`) starts so.
+SECRET_PREFIX = "whsec_"
 
 
 class BridgeSettings(BaseSettings):
@@ -18,8 +27,8 @@ class BridgeSettings(BaseSettings):
     stripe_webhook_secret: Annotated[tuple[SecretStr, ...], NoDecode] = Field(min_length=1)
     stripe_webhook_tolerance_s: int = Field(default=300, ge=1)
 
-    kafka_bootstrap_servers: str = "127.0.0.1:9092"
-    kafka_topic: str = DEFAULT_TOPIC
+    kafka_bootstrap_servers: str = Field(default="127.0.0.1:9092", min_length=1)
+    kafka_topic: str = Field(default=DEFAULT_TOPIC, min_length=1)
     # Real Kafka: on. The embedded Tansu broker has no idempotent producer.
     kafka_enable_idempotence: bool = True
     # How long a request waits for the broker's acknowledgement before answering 503.
@@ -29,22 +38,76 @@ class BridgeSettings(BaseSettings):
     # linger_ms=1 halved throughput and doubled p50 (README-bridge.md).
     kafka_linger_ms: int = Field(default=0, ge=0)
     kafka_max_batch_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # The producer's largest request (aiokafka checks each record against it before
+    # sending). A bigger event is refused for good: 500, `rejected_by_broker`.
+    # Keep it at or below the topic's max.message.bytes and above MAX_BODY_BYTES.
+    kafka_max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
 
-    bridge_host: str = "127.0.0.1"
+    bridge_host: str = Field(default="127.0.0.1", min_length=1)
     bridge_port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=512 * 1024, ge=1)
+    # Limits enforced before anyone is authenticated (producer/guard.py). Stripe's
+    # own requests have about ten headers in well under 2 KiB, and arrive at once.
+    # Memory held by clients is at most about MAX_CONNECTIONS x (MAX_HEADER_BYTES +
+    # MAX_BODY_BYTES): 132 MiB with the defaults, under a 256 MiB container limit.
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    max_headers: int = Field(default=64, ge=8)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=256, ge=1)
+    # SIGTERM/SIGINT to exit, whatever the broker does: below Kubernetes' default
+    # grace period of 30 s.
+    shutdown_timeout_s: float = Field(default=25.0, gt=0)
     # Bench only: verify and answer without publishing, to measure the cost of durability.
     bridge_publish: bool = True
 
     log_level: str = "INFO"
-    log_format: str = "json"  # json | console
+    log_format: Literal["json", "console"] = "json"
 
     @field_validator("stripe_webhook_secret", mode="before")
     @classmethod
     def _split_secrets(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+            if not value:
+                raise ValueError("is empty: set the endpoint's signing secret (whsec_…)")
         return value
+
+    @field_validator("stripe_webhook_secret")
+    @classmethod
+    def _signing_secrets(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        # The usual mistake is pasting the API key (sk_live_…) here: refuse it
+        # without repeating it.
+        if not all(s.get_secret_value().startswith(SECRET_PREFIX) for s in value):
+            raise ValueError(f"every secret must be an endpoint signing secret ({SECRET_PREFIX}…)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in logging.getLevelNamesMapping() or level == "NOTSET":
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
 
     def secrets(self) -> tuple[str, ...]:
         return tuple(secret.get_secret_value() for secret in self.stripe_webhook_secret)
+
+    @property
+    def drain_timeout_s(self) -> float:
+        """How long shutdown waits for requests in flight: they end by the publish timeout."""
+        return min(self.kafka_publish_timeout_s + 2.0, self.shutdown_timeout_s / 2)
+
+    @property
+    def producer_stop_timeout_s(self) -> float:
+        """How long shutdown lets the producer flush: the rest, less a second to exit."""
+        return max(0.5, self.shutdown_timeout_s - self.drain_timeout_s - 1.0)
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming each variable, without its value (it may be a secret)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+        problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)

@@ -52,12 +52,23 @@ class SignatureVerifier:
 
     def verify(self, payload: bytes, header: str | None) -> None:
         """Return if `header` signs `payload` with any secret; raise SignatureError otherwise."""
+        self.verify_signed(payload, self.check_shape(header))
+
+    def check_shape(self, header: str | None) -> str:
+        """The header, if it has Stripe's shape; SignatureError (missing, malformed) if not.
+
+        Needs no body: the endpoint calls it before reading one.
+        """
         if not header:
             raise SignatureError("missing")
         # Stripe's header is ASCII; the library would raise TypeError (not its own
         # error) comparing a non-ASCII signature, which would answer 500.
         if not header.isascii() or not _well_formed(header):
             raise SignatureError("malformed")
+        return header
+
+    def verify_signed(self, payload: bytes, header: str) -> None:
+        """`verify` for a header `check_shape` accepted."""
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:

@@ -1,10 +1,18 @@
 """`POST /webhooks/stripe`: one Stripe delivery, from raw bytes to a broker acknowledgement.
 
-The promise: a 2xx means the event is in Kafka. The steps, in order: refuse an
-oversized body (413), verify the signature over the raw bytes (400), check the
-body is a Stripe event (400), pick the key (no payment intent: 200, not
-published), publish the raw bytes unchanged and wait for the ack (200), or
-answer 503 so Stripe retries.
+The promise: a 2xx means the event is in Kafka. The steps, in order, the first
+two before any of the body is read: refuse a request without a well-formed
+Stripe-Signature header (400) or that declares an oversized body (413); read the
+body (413 once it grows past the limit); verify the signature over the raw bytes
+(400); check the body is a Stripe event (400); pick the key (no payment intent:
+200, not published); publish the raw bytes unchanged and wait for the ack (200),
+or answer 503 so Stripe retries (the broker away or slow), or 500 when the broker
+refuses the event for good (Stripe retries too, while an operator fixes it).
+
+An answer given before the body was read keeps the connection open only when
+the rest is a declared length within the limit: uvicorn then reads and drops it
+(within BODY_TIMEOUT_S), and the next request on the connection parses cleanly.
+Otherwise (chunked, or larger) the answer says `connection: close`.
 
 It is a plain ASGI app rather than a Starlette endpoint: it is the hot path,
 and the framework's request, response and middleware layers cost a measurable
@@ -21,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from producer.logs import EventLog
 from producer.metrics import BridgeMetrics
-from producer.publisher import Publisher, PublishError
+from producer.publisher import BrokerRefused, Publisher, PublishError
 from producer.signature import SignatureError, SignatureVerifier
 from schemas import contract_headers, encode_key, payment_intent_key
 
@@ -36,13 +44,15 @@ class ClientGone(Exception):
     pass
 
 
-Answer = tuple[int, dict[str, Any]]
+# Status, body, and whether to close the connection after it.
+Answer = tuple[int, dict[str, Any], bool]
 
 OUTCOMES = (
     "published",
     "ignored",
     "verified",
     "unavailable",
+    "rejected_by_broker",
     "bad_signature",
     "bad_body",
     "too_large",
@@ -57,11 +67,24 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def declares_too_much(scope: Scope, limit: int) -> bool:
+    declared = _header(scope, b"content-length")
+    return declared is not None and declared.isdigit() and int(declared) > limit
+
+
+def close_unread(scope: Scope, limit: int) -> bool:
+    """Whether to close the connection after answering before reading the body.
+
+    Yes unless the rest is a declared Content-Length within `limit` (or no body at all).
+    """
+    declared = _header(scope, b"content-length")
+    if declared is not None:
+        return not declared.isdigit() or int(declared) > limit
+    return _header(scope, b"transfer-encoding") is not None
+
+
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole body, refusing more than `limit` bytes before reading them all."""
-    declared = _header(scope, b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -120,46 +143,55 @@ class WebhookEndpoint:
         self._outcomes[outcome].inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        status, fields = await self.handle(scope, receive)
+        status, fields, close = await self.handle(scope, receive)
         payload = orjson.dumps(fields)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+    def _bad_signature(self, exc: SignatureError, close: bool) -> Answer:
+        self._count("bad_signature")
+        self._metrics.signature_failures.labels(exc.reason).inc()
+        self._log.info("webhook", outcome="bad_signature", reason=exc.reason)
+        return 400, {"outcome": "bad_signature", "reason": exc.reason}, close
+
+    def _too_large(self, close: bool) -> Answer:
+        self._count("too_large")
+        self._log.info("webhook", outcome="too_large")
+        reason = f"body over {self._max_body_bytes} bytes"
+        return 413, {"outcome": "too_large", "reason": reason}, close
 
     async def handle(self, scope: Scope, receive: Receive) -> Answer:
         received_at_ms = time.time_ns() // 1_000_000
         try:
+            header = self._verifier.check_shape(_header(scope, SIGNATURE_HEADER))
+        except SignatureError as exc:
+            return self._bad_signature(exc, close_unread(scope, self._max_body_bytes))
+        if declares_too_much(scope, self._max_body_bytes):
+            return self._too_large(close=True)
+        try:
             body = await read_body(scope, receive, self._max_body_bytes)
         except BodyTooLarge:
-            self._count("too_large")
-            self._log.info("webhook", outcome="too_large")
-            reason = f"body over {self._max_body_bytes} bytes"
-            return 413, {"outcome": "too_large", "reason": reason}
+            return self._too_large(close=True)
         except ClientGone:
             self._count("disconnected")
-            return 400, {"outcome": "disconnected"}
+            return 400, {"outcome": "disconnected"}, True
 
         try:
-            self._verifier.verify(body, _header(scope, SIGNATURE_HEADER))
+            self._verifier.verify_signed(body, header)
         except SignatureError as exc:
-            self._count("bad_signature")
-            self._metrics.signature_failures.labels(exc.reason).inc()
-            self._log.info("webhook", outcome="bad_signature", reason=exc.reason)
-            return 400, {"outcome": "bad_signature", "reason": exc.reason}
+            return self._bad_signature(exc, close=False)
 
         event = parse_event(body)
         if event is None:
             self._count("bad_body")
             self._log.info("webhook", outcome="bad_body")
-            return 400, {"outcome": "bad_body", "reason": "not a Stripe event"}
+            return 400, {"outcome": "bad_body", "reason": "not a Stripe event"}, False
         event_id: str = event["id"]
         event_type: str = event["type"]
 
@@ -167,11 +199,11 @@ class WebhookEndpoint:
         if intent_id is None:
             self._count("ignored")
             self._log.info("webhook", outcome="ignored", event_id=event_id, event_type=event_type)
-            return 200, {"outcome": "ignored"}
+            return 200, {"outcome": "ignored"}, False
 
         if self._publisher is None:
             self._count("verified")
-            return 200, {"outcome": "verified"}
+            return 200, {"outcome": "verified"}, False
 
         started = time.perf_counter()
         try:
@@ -180,6 +212,23 @@ class WebhookEndpoint:
                 body,
                 contract_headers(event_id, event_type, received_at_ms),
             )
+        except BrokerRefused as exc:
+            self._count("rejected_by_broker")
+            self._log.error(
+                "webhook",
+                outcome="rejected_by_broker",
+                event_id=event_id,
+                event_type=event_type,
+                payment_intent_id=intent_id,
+                kafka_error=exc.kafka_error,
+                body_bytes=len(body),
+                error=str(exc),
+            )
+            # 500, not 503: nothing will change until an operator acts, and 503
+            # says "busy, try elsewhere or later" to ingresses and dashboards.
+            # Stripe retries any 5xx for days, which is the time to fix it.
+            reason = f"the event store refused this event ({exc.kafka_error})"
+            return 500, {"outcome": "rejected_by_broker", "reason": reason}, False
         except PublishError as exc:
             self._count("unavailable")
             self._log.warning(
@@ -190,7 +239,8 @@ class WebhookEndpoint:
                 payment_intent_id=intent_id,
                 error=str(exc),
             )
-            return 503, {"outcome": "unavailable", "reason": "event store unavailable, retry later"}
+            reason = "event store unavailable, retry later"
+            return 503, {"outcome": "unavailable", "reason": reason}, False
         self._metrics.publish_seconds.observe(time.perf_counter() - started)
         self._count("published")
         self._log.info(
@@ -202,8 +252,9 @@ class WebhookEndpoint:
             partition=published.partition,
             offset=published.offset,
         )
-        return 200, {
+        published_fields = {
             "outcome": "published",
             "partition": published.partition,
             "offset": published.offset,
         }
+        return 200, published_fields, False

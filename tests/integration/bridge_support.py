@@ -1,15 +1,19 @@
-"""Helpers for the bridge tests: run the app in-process, sign, and read the topic back."""
+"""Helpers for the bridge tests: run the app in-process or as a process, sign, read back."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from devservices.embedded import free_port
 from loadtest.signing import stripe_signature
 from producer.app import WEBHOOK_PATH, create_app
 from producer.settings import BridgeSettings
@@ -78,3 +82,103 @@ async def topic_size(bootstrap: str, topic: str) -> int:
         return sum(ends.values())
     finally:
         await consumer.stop()
+
+
+def bridge_env(bootstrap: str, topic: str, idempotence: bool, **overrides: str) -> dict[str, str]:
+    """The environment an operator would give `python -m producer` (port chosen later)."""
+    return {
+        **os.environ,
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "KAFKA_TOPIC": topic,
+        "KAFKA_ENABLE_IDEMPOTENCE": str(idempotence).lower(),
+        **overrides,
+    }
+
+
+@dataclass
+class BridgeProcess:
+    """A running `python -m producer`, its port, and its stderr lines so far."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def logs(self) -> str:
+        return "\n".join(self.lines)
+
+    def rss_bytes(self) -> int:
+        """VmRSS of the process, from /proc."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+
+    async def metric(self, line_prefix: str) -> float:
+        async with self.client() as client:
+            text = (await client.get("/metrics")).text
+        for line in text.splitlines():
+            if line.startswith(line_prefix):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    async def wait_exit(self, timeout_s: float) -> int:
+        async with asyncio.timeout(timeout_s):
+            return await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def bridge_process(env: dict[str, str], ready: bool = True) -> AsyncIterator[BridgeProcess]:
+    """`python -m producer` on a free port; SIGKILLed at the end if it is still running."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "producer",
+        env={**env, "BRIDGE_PORT": str(port)},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    bridge = BridgeProcess(process, port)
+
+    async def collect() -> None:
+        assert process.stderr is not None
+        async for line in process.stderr:
+            bridge.lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    collecting = asyncio.create_task(collect())
+    try:
+        if ready:
+            async with bridge.client() as client:
+                for _ in range(150):
+                    assert process.returncode is None, f"the bridge exited: {bridge.logs[-2000:]}"
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await client.get("/readyz")).status_code == 200:
+                            break
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError(f"the bridge did not become ready: {bridge.logs[-2000:]}")
+        yield bridge
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        async with asyncio.timeout(5):
+            await collecting
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length, read off a raw connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body

@@ -1,8 +1,9 @@
-"""The bridge's per-webhook log line: the same JSON as structlog's chain, filtered by level."""
+"""The bridge's log lines: the per-webhook line and the libraries' share structlog's JSON."""
 
 from __future__ import annotations
 
 import io
+import logging
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -31,10 +32,13 @@ def stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], io.BytesIO]
         return buffer
 
     saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     try:
         yield redirect
     finally:
         structlog.configure(**saved)
+        root.handlers, root.level = handlers, level
         for text in texts:
             text.detach()
 
@@ -65,3 +69,34 @@ def test_lines_below_the_level_are_not_written(stderr: Callable[[], io.BytesIO])
 
     [line] = lines(out)
     assert (line["outcome"], line["level"]) == ("unavailable", "warning")
+
+
+def test_the_libraries_lines_are_json_like_ours_at_warning_and_up(
+    stderr: Callable[[], io.BytesIO],
+) -> None:
+    out = stderr()
+    logs.configure("INFO", "json")
+    logging.getLogger("aiokafka").info("below the libraries' level")
+    logging.getLogger("aiokafka").warning("Got error produce response: %s", "KafkaTimeoutError")
+    logging.getLogger("uvicorn.error").error("Exception in ASGI application")
+    sys.stderr.flush()
+
+    aiokafka, uvicorn = lines(out)
+    assert (aiokafka["logger"], aiokafka["level"]) == ("aiokafka", "warning")
+    assert aiokafka["event"] == "Got error produce response: KafkaTimeoutError"
+    assert (uvicorn["logger"], uvicorn["level"]) == ("uvicorn.error", "error")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", str(uvicorn["timestamp"]))
+
+
+def test_at_debug_the_libraries_log_everything(stderr: Callable[[], io.BytesIO]) -> None:
+    out = stderr()
+    logs.configure("DEBUG", "json")
+    logging.getLogger("aiokafka").debug("Sending request")
+    sys.stderr.flush()
+
+    [line] = lines(out)
+    assert (line["logger"], line["level"], line["event"]) == (
+        "aiokafka",
+        "debug",
+        "Sending request",
+    )

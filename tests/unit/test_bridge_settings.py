@@ -1,0 +1,46 @@
+"""The bridge's settings: what is refused, what is normalised, and the shutdown budget."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from producer.settings import BridgeSettings, describe
+
+SECRET = "whsec_unit"
+
+
+@pytest.mark.parametrize("given", ["debug", "Warning", " ERROR "])
+def test_log_level_is_accepted_in_any_case(given: str) -> None:
+    assert BridgeSettings(stripe_webhook_secret=SECRET, log_level=given).log_level == (
+        given.strip().upper()
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("log_format", "text", "LOG_FORMAT"),
+        ("log_level", "NOTSET", "LOG_LEVEL"),
+        ("stripe_webhook_secret", "", "STRIPE_WEBHOOK_SECRET: is empty"),
+        ("max_header_bytes", 10, "MAX_HEADER_BYTES"),
+        ("header_timeout_s", 0, "HEADER_TIMEOUT_S"),
+    ],
+)
+def test_a_value_that_cannot_work_is_refused_naming_the_variable(
+    field: str, value: object, named: str
+) -> None:
+    values: dict[str, object] = {"stripe_webhook_secret": SECRET, field: value}
+    with pytest.raises(ValidationError) as refused:
+        BridgeSettings(**values)  # type: ignore[arg-type]
+    assert named in describe(refused.value)
+
+
+@pytest.mark.parametrize("shutdown_timeout_s", [1.0, 6.0, 25.0, 120.0])
+def test_draining_and_stopping_the_producer_fit_in_the_shutdown_deadline(
+    shutdown_timeout_s: float,
+) -> None:
+    settings = BridgeSettings(stripe_webhook_secret=SECRET, shutdown_timeout_s=shutdown_timeout_s)
+    budget = settings.drain_timeout_s + settings.producer_stop_timeout_s
+    assert budget < shutdown_timeout_s or settings.producer_stop_timeout_s == 0.5
+    assert settings.drain_timeout_s >= min(settings.kafka_publish_timeout_s, shutdown_timeout_s / 2)

@@ -10,6 +10,9 @@ consumer that vanished mid-batch does not hold its row locks for long.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
@@ -55,3 +58,32 @@ def create_dead_letters(settings: ConsumerSettings) -> DeadLetters:
         enable_idempotence=settings.kafka_enable_idempotence,
         max_request_bytes=settings.kafka_max_request_bytes,
     )
+
+
+async def abandon_group(consumer: AIOKafkaConsumer) -> None:
+    """Close a consumer whose `stop()` ran out of time, without leaving its group.
+
+    `stop()` leaves the group only once a rebalance in progress has finished,
+    which the other members can hold up for as long as their drains take; the
+    group then drops this member after its session timeout. These are the steps
+    of `stop()` after leaving, on aiokafka 0.14.0's internals (pinned; recheck
+    on upgrade): the coordinator's tasks cancelled, the fetcher and the
+    connections closed, so that nothing reconnects afterwards.
+    """
+    coordinator = consumer._coordinator
+    tasks = [
+        task
+        for task in (
+            getattr(coordinator, "_coordination_task", None),
+            getattr(coordinator, "_heartbeat_task", None),
+            getattr(coordinator, "_commit_refresh_task", None),
+        )
+        if task is not None and not task.done()
+    ]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if consumer._fetcher is not None:
+        with contextlib.suppress(Exception):
+            await consumer._fetcher.close()
+    await consumer._client.close()

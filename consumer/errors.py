@@ -4,7 +4,8 @@ One place decides, from the exception's class (asyncpg's class per SQLSTATE,
 aiokafka's `retriable` flag, our own classes' `retriable` attribute), never from
 the text of its message:
 
-- DATA, the event's data (SQLSTATE classes 22 and 23): the loop isolates the
+- DATA, the event's data (SQLSTATE classes 22 and 23, and 54000, a value too
+  large for an index entry): the loop isolates the
   event by bisection and dead-letters it. (Undecodable records never get this
   far: `decode` makes them poison.)
 - ENVIRONMENT, every other PostgreSQL error, the network, a lost race, a schema
@@ -38,8 +39,10 @@ class Fault(StrEnum):
     FATAL = "fatal"
 
 
-# SQLSTATE classes whose errors are about the values sent, not the database.
+# SQLSTATE classes whose errors are about the values sent, not the database,
+# and one code of class 54 that only a value can cause: an index entry too large.
 _DATA_CLASSES = frozenset({"22", "23"})
+_DATA_CODES = frozenset({"54000"})  # program_limit_exceeded
 
 # Causes of environment failures, by SQLSTATE (exact code first, then class).
 _CAUSE_BY_SQLSTATE = {
@@ -82,7 +85,9 @@ def sqlstate(exc: BaseException) -> str:
 def classify(exc: BaseException) -> Fault:
     """Whose fault `exc` is: the event's data, the environment's, or nobody's we can fix."""
     if isinstance(exc, asyncpg.PostgresError):
-        return Fault.DATA if sqlstate(exc)[:2] in _DATA_CLASSES else Fault.ENVIRONMENT
+        code = sqlstate(exc)
+        data = code[:2] in _DATA_CLASSES or code in _DATA_CODES
+        return Fault.DATA if data else Fault.ENVIRONMENT
     if isinstance(exc, KafkaError):
         transient = exc.retriable or isinstance(exc, _TRANSIENT_BROKER_ERRORS)
         return Fault.ENVIRONMENT if transient else Fault.FATAL

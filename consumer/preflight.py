@@ -26,7 +26,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError, for_code
 from aiokafka.protocol.metadata import MetadataRequest
 
-from consumer.backoff import delay_s, sleep_unless_stopped, unless_stopped
+from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
 from consumer.errors import Fault, classify, describe
 from consumer.migrate import SchemaBehind, check_schema
 from consumer.settings import ConsumerSettings
@@ -127,7 +127,7 @@ async def until_ready(
     while True:
         try:
             return await unless_stopped(stopping, attempt())
-        except StartupError:
+        except (StartupError, StopRequested):
             raise
         except Exception as exc:
             retriable = classify(exc) is Fault.ENVIRONMENT

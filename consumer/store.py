@@ -38,17 +38,19 @@ class ConcurrentIntentWrite(Exception):
 class BatchResult:
     events: int = 0
     claimed: int = 0
+    rejected: int = 0  # refused by the database for their data, and dead-lettered
     outcomes: Counter[str] = field(default_factory=Counter)
     orders: Counter[str] = field(default_factory=Counter)
 
     @property
     def duplicates(self) -> int:
-        return self.events - self.claimed
+        return self.events - self.claimed - self.rejected
 
     def merged(self, other: BatchResult) -> BatchResult:
         return BatchResult(
             events=self.events + other.events,
             claimed=self.claimed + other.claimed,
+            rejected=self.rejected + other.rejected,
             outcomes=self.outcomes + other.outcomes,
             orders=self.orders + other.orders,
         )

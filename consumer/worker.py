@@ -40,7 +40,12 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped
-from consumer.connections import create_consumer, create_dead_letters, create_pool
+from consumer.connections import (
+    abandon_group,
+    create_consumer,
+    create_dead_letters,
+    create_pool,
+)
 from consumer.deadletter import DeadLetterRefused, DeadLetters, Poison
 from consumer.decode import Envelope, decode
 from consumer.errors import Fault, cause, classify, describe, is_read_only, is_statement_timeout
@@ -55,6 +60,8 @@ log = structlog.get_logger("consumer")
 # A batch that hits the statement timeout this many times in a row is split in
 # halves: a smaller transaction holds fewer locks for less time.
 SPLIT_AFTER_TIMEOUTS = 2
+# How much longer than its own timeout a poll may take before it is cut short.
+POLL_MARGIN_S = 1.0
 
 
 class Superseded(Exception):
@@ -102,23 +109,34 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         worker = self._worker
+        worker.in_group = False  # rebalancing is not idleness either
         # From now on a batch polled earlier is not started, and one that is
         # waiting out a failure gives up at once: only a running transaction is
-        # worth waiting for.
+        # worth waiting for, and not by a member that is stopping.
         worker.epoch += 1
+        drained = asyncio.ensure_future(worker.inflight.acquire())
         try:
-            async with asyncio.timeout(worker.settings.rebalance_drain_timeout_s):
-                async with worker.inflight:
-                    pass
-        except TimeoutError:
+            await asyncio.wait(
+                [drained, worker._stop_waiter()],
+                timeout=worker.settings.rebalance_drain_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if drained.done() and not drained.cancelled():
+                worker.inflight.release()
+            else:
+                drained.cancel()
+        if not drained.done() or drained.cancelled():
             # The batch goes on and may still commit to the database; its offsets
             # are then committed only for partitions this member still owns, and
             # the new owner of the others replays it harmlessly.
-            log.warning("rebalance_drain_timeout", revoked=len(revoked))
+            why = "stopping" if worker._stopping.is_set() else "drain timeout"
+            log.warning("rebalance_without_drain", reason=why, revoked=len(revoked))
         log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._worker.last_activity = time.monotonic()  # joining is not idleness
+        self._worker.in_group = True
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
@@ -132,10 +150,12 @@ class Worker:
         self.inflight = asyncio.Lock()  # held while a batch is applied and committed
         self.epoch = 0  # bumped on every revocation; older batches are not applied
         self.last_activity = time.monotonic()
+        self.in_group = False  # between an assignment and the next revocation
         self._stopping = asyncio.Event()
         self._stop_deadline: float | None = None  # time.monotonic()
         self._poll_lock = asyncio.Lock()
         self._in_flight: asyncio.Task[None] | None = None
+        self._stop_future: asyncio.Future[Any] | None = None
         self._pool: asyncpg.Pool | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._dead_letters: DeadLetters | None = None
@@ -188,8 +208,10 @@ class Worker:
         self.request_stop()  # a `run` still going returns
         consumer, dead_letters, pool = self._consumer, self._dead_letters, self._pool
         self._consumer = self._dead_letters = self._pool = None
-        if consumer is not None:
-            await self._within_deadline("leave_group", consumer.stop())
+        if consumer is not None and not await self._within_deadline("leave_group", consumer.stop()):
+            # Leaving waits for a rebalance in progress to finish, which other
+            # members may hold up: close the connections without it.
+            await self._within_deadline("close_broker_connections", abandon_group(consumer))
         if dead_letters is not None:
             await self._within_deadline("stop_dead_letter_producer", dead_letters.stop())
         if pool is not None and not await self._within_deadline("close_pool", pool.close()):
@@ -229,7 +251,7 @@ class Worker:
 
     async def _within_deadline(self, what: str, step: Awaitable[None]) -> bool:
         try:
-            async with asyncio.timeout(max(self._time_left_s(), 0.1)):
+            async with asyncio.timeout(max(self._time_left_s(), 0.5)):
                 await step
             return True
         except TimeoutError:
@@ -265,11 +287,9 @@ class Worker:
     async def _in_flight_done_or_stop(self) -> bool:
         """Wait for the batch in flight and settle it; False if a stop came first."""
         assert self._in_flight is not None
-        stop = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait([self._in_flight, stop], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
+        await asyncio.wait(
+            [self._in_flight, self._stop_waiter()], return_when=asyncio.FIRST_COMPLETED
+        )
         if not self._in_flight.done():
             return False
         self._settle()
@@ -308,6 +328,9 @@ class Worker:
             log.warning("batch_abandoned", reason="shutdown deadline; the next owner replays it")
 
     def _idle_long_enough(self) -> bool:
+        if not self.in_group:  # idleness counts only once the group has settled
+            self.last_activity = time.monotonic()
+            return False
         idle = time.monotonic() - self.last_activity
         if self.exit_when_idle_s is not None and idle >= self.exit_when_idle_s:
             log.info("idle_exit", idle_s=round(idle, 1))
@@ -315,13 +338,39 @@ class Worker:
         return False
 
     async def _poll(self, timeout_ms: int, max_records: int | None = None) -> list[Any]:
+        """One fetch, bounded in time even while the group rebalances; StopRequested on stop.
+
+        aiokafka's `getmany` ignores its timeout while a reassignment is in
+        progress (it waits for the next assignment): a stop request, or a
+        revocation that a waiting batch must notice, would wait with it.
+        Cancelling it is safe: nothing was handed out, so nothing was consumed.
+        """
         async with self._poll_lock:  # the loop and a back-off wait both poll
-            if self._consumer is None:  # stopped under a running loop
+            if self._consumer is None or self._stopping.is_set():
                 raise StopRequested
-            fetched = await self._consumer.getmany(
-                timeout_ms=timeout_ms, max_records=max_records or self.settings.batch_max_records
+            fetch = asyncio.ensure_future(
+                self._consumer.getmany(
+                    timeout_ms=timeout_ms,
+                    max_records=max_records or self.settings.batch_max_records,
+                )
             )
+            stop = self._stop_waiter()
+            await asyncio.wait([fetch, stop], timeout=timeout_ms / 1000 + POLL_MARGIN_S,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.wait([fetch])
+                if self._stopping.is_set():
+                    raise StopRequested
+                return []
+            fetched = fetch.result()
         return [r for tp in sorted(fetched) for r in fetched[tp]]
+
+    def _stop_waiter(self) -> asyncio.Future[Any]:
+        """One future for the whole run that completes on a stop request."""
+        if self._stop_future is None:
+            self._stop_future = asyncio.ensure_future(self._stopping.wait())
+        return self._stop_future
 
     def _decode(self, records: list[Any]) -> Batch:
         batch = Batch(records, [], [], self.epoch)
@@ -359,7 +408,7 @@ class Worker:
             records=len(batch.records),
             claimed=result.claimed,
             duplicates=result.duplicates,
-            dead_lettered=len(batch.poison),
+            dead_lettered=len(batch.poison) + result.rejected,
             orders={str(k): v for k, v in result.orders.items()},
             duration_ms=round(duration_ms, 1),
         )
@@ -408,7 +457,7 @@ class Worker:
             detail = f"SQLSTATE {sqlstate_of(exc)}: {exc}"[:500]
             await self._dead_letter([Poison(envelopes[0].record, "rejected_by_database", detail)],
                                     epoch)  # fmt: skip
-            return BatchResult(events=1, claimed=1)
+            return BatchResult(events=1, rejected=1)
         log.warning("batch_rejected_bisecting", size=len(envelopes), error=describe(exc, 200))
         return await self._in_halves(envelopes, epoch)
 

@@ -15,12 +15,20 @@ class _StripeModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 
+# Bounds on what the consumer stores in indexed columns and bigints: an event
+# outside them is not one Stripe sends, and PostgreSQL would refuse it (an index
+# entry over 2,704 bytes, a bigint overflow) only after a round trip. Stripe's
+# ids are a prefix and about 24 characters; its amounts fit in eight digits.
+StripeId = Annotated[str, Field(min_length=1, max_length=255)]
+Amount = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
 class PaymentIntent(_StripeModel):
     object: Literal["payment_intent"]
-    id: str
+    id: StripeId
     status: str
-    amount: int
-    currency: str
+    amount: Amount
+    currency: Annotated[str, Field(max_length=16)]
     metadata: dict[str, str] = {}
 
     @property
@@ -30,11 +38,11 @@ class PaymentIntent(_StripeModel):
 
 class Charge(_StripeModel):
     object: Literal["charge"]
-    id: str
-    payment_intent: str | None = None
-    amount: int = 0
-    amount_refunded: int = 0
-    currency: str = ""
+    id: StripeId
+    payment_intent: StripeId | None = None
+    amount: Amount = 0
+    amount_refunded: Amount = 0
+    currency: Annotated[str, Field(max_length=16)] = ""
     refunded: bool = False
 
 
@@ -64,8 +72,8 @@ class EventData(_StripeModel):
 
 
 class StripeEvent(_StripeModel):
-    id: str
-    type: str
+    id: StripeId
+    type: Annotated[str, Field(min_length=1, max_length=255)]
     created: int
     livemode: bool = False
     data: EventData

@@ -351,3 +351,116 @@ async def test_a_dead_letter_too_large_for_the_producer_stops_the_worker_and_ski
     assert stats.dead_lettered == 1
     [dead] = await read_topic(infra.kafka_bootstrap_servers, dlq_topic(topic), 1, timeout_s=10)
     assert dead.value == poison
+
+
+async def test_a_stop_during_a_rebalance_is_obeyed_by_the_deadline(
+    infra: Services, database_url: str, db: asyncpg.Connection, topic: str
+) -> None:
+    """aiokafka's poll waits out a reassignment whatever its timeout; the stop does not wait.
+
+    The member's batch is stuck on a row lock, so the rebalance a second member
+    starts waits in the revoke listener for the (long) drain; meanwhile the
+    member is asked to stop, as a rolling update does.
+    """
+    await seed_stock(db, {"sku-a": 100})
+    carts = await paid_carts(db, 12, [("sku-a", 1, 100)])
+    slow_drain = consumer_settings(
+        infra, database_url, topic, rebalance_drain_timeout_s=60, shutdown_timeout_s=4
+    )
+    blocker = await asyncpg.connect(database_url)
+    held = blocker.transaction()
+    await held.start()
+    await blocker.execute("SELECT 1 FROM inventory_levels WHERE sku = 'sku-a' FOR UPDATE")
+    loop = asyncio.get_running_loop()
+    try:
+        leaving = Worker(slow_drain)
+        await leaving.start()
+        leaving_run = asyncio.create_task(leaving.run())
+        await eventually(lambda: bool(leaving.assignment()))
+        await publish(infra, topic, carts)
+        await eventually(lambda: _waits_on_a_lock(db))
+        joining = Worker(consumer_settings(infra, database_url, topic))
+        await joining.start()
+        joining_run = asyncio.create_task(joining.run())
+        await asyncio.sleep(1.5)  # the group is rebalancing, held up by the drain
+        asked = loop.time()
+        leaving.request_stop()
+        stats = await asyncio.wait_for(leaving_run, 4 + 5)
+        await asyncio.wait_for(leaving.stop(), 5)
+        assert loop.time() - asked < 4 + 5
+        assert stats.abandoned == 1 and stats.events == 0
+        await held.rollback()  # the lock goes; the remaining member takes everything
+        await eventually(lambda: joining.stats.events >= 12, timeout_s=40)
+        joining.request_stop()
+        await joining_run
+        await joining.stop()
+    finally:
+        await blocker.close()
+    state = await snapshot(db)
+    assert len(state.orders) == 12 and state.levels == {"sku-a": 88}
+    assert state.processed == 12
+
+
+async def _waits_on_a_lock(db: asyncpg.Connection) -> bool:
+    return bool(
+        await db.fetchval(
+            """
+            SELECT count(*) FROM pg_stat_activity WHERE application_name = 'order-consumer'
+            AND datname = current_database() AND wait_event_type = 'Lock'
+            """
+        )
+    )
+
+
+async def test_a_stop_while_another_member_holds_up_the_rebalance_is_obeyed_by_the_deadline(
+    infra: Services, database_url: str, db: asyncpg.Connection, topic: str
+) -> None:
+    """An idle member asked to stop while another one drains a slow batch (a rolling update).
+
+    Its poll is stuck in aiokafka's wait for the new assignment, which only the
+    other member can end; the stop cuts it short, and the member closes its
+    connections without waiting to leave.
+    """
+    await seed_stock(db, {"sku-a": 100})
+    carts = await paid_carts(db, 12, [("sku-a", 1, 100)])
+    settings = consumer_settings(
+        infra, database_url, topic, rebalance_drain_timeout_s=60, shutdown_timeout_s=4
+    )
+    blocker = await asyncpg.connect(database_url)
+    held = blocker.transaction()
+    await held.start()
+    await blocker.execute("SELECT 1 FROM inventory_levels WHERE sku = 'sku-a' FOR UPDATE")
+    loop = asyncio.get_running_loop()
+    workers: list[Worker] = []
+    runs: list[asyncio.Task[Any]] = []
+
+    async def join() -> Worker:
+        worker = await Worker(settings).start()
+        workers.append(worker)
+        runs.append(asyncio.create_task(worker.run()))
+        return worker
+
+    try:
+        draining = await join()
+        await eventually(lambda: bool(draining.assignment()))
+        await publish(infra, topic, carts)
+        await eventually(lambda: _waits_on_a_lock(db))  # its batch holds the next rebalance
+        idle = await join()  # joins: the group waits for `draining` to give its partitions back
+        await asyncio.sleep(1.5)
+        asked = loop.time()
+        idle.request_stop()
+        await asyncio.wait_for(runs[1], 4 + 5)
+        await asyncio.wait_for(idle.stop(), 5)
+        assert loop.time() - asked < 4 + 5
+        assert idle.stats.events == 0
+        await held.rollback()
+        await eventually(lambda: draining.stats.events >= 12, timeout_s=60)
+    finally:
+        for worker in workers:
+            worker.request_stop()
+        await asyncio.gather(*runs, return_exceptions=True)
+        for worker in workers:
+            await worker.stop()
+        await blocker.close()
+    state = await snapshot(db)
+    assert len(state.orders) == 12 and state.levels == {"sku-a": 88}

@@ -80,3 +80,16 @@ def test_a_malformed_charge_is_poison_not_an_other_object() -> None:
     result = decode(Record(events.encode(payload), b"pi_1"))
     assert isinstance(result, Poison) and result.error == "invalid_event"
     assert "payment_intent" in result.detail
+
+
+def test_ids_and_amounts_beyond_what_stripe_sends_are_poison_not_database_errors() -> None:
+    """An event id over 2,704 bytes would fail the inbox's index, an amount the bigint."""
+    long_id = events.intent_event("pi_1", amount=100, cart_id="c")
+    long_id["id"] = "evt_" + "x" * 6000
+    huge = events.intent_event("pi_1", amount=2**63, cart_id="c")
+    long_intent = events.intent_event("pi_" + "y" * 300, amount=100, cart_id="c")
+    for payload, where in [(long_id, "id"), (huge, "amount"), (long_intent, "id")]:
+        key = payload["data"]["object"]["id"].encode()
+        poison = decode(Record(events.encode(payload), key))
+        assert isinstance(poison, Poison), where
+        assert poison.error == "invalid_event" and where in poison.detail

@@ -18,7 +18,8 @@ from aiokafka.errors import (
 from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
 from consumer.errors import Fault, cause, classify, is_read_only, is_statement_timeout
 from consumer.migrate import SchemaBehind
-from consumer.preflight import TopicsMissing, redact
+from consumer.preflight import TopicsMissing, redact, until_ready
+from consumer.settings import ConsumerSettings
 from consumer.store import ConcurrentIntentWrite
 
 
@@ -164,3 +165,23 @@ async def test_a_step_in_progress_is_cancelled_by_a_stop_request() -> None:
             await unless_stopped(stopping, slow_connect())
     assert cancelled.is_set()
     assert await unless_stopped(asyncio.Event(), asyncio.sleep(0, "done")) == "done"
+
+
+async def test_a_stop_during_a_start_up_check_is_a_stop_not_a_start_up_error() -> None:
+    stopping = asyncio.Event()
+
+    async def hanging_connect() -> None:
+        await asyncio.sleep(60)  # a server that accepts and never answers
+
+    asyncio.get_running_loop().call_later(0.05, stopping.set)
+    settings = ConsumerSettings(retry_initial_s=0.01)
+    with pytest.raises(StopRequested):
+        async with asyncio.timeout(5):
+            await until_ready(
+                "database", hanging_connect, settings=settings, stopping=stopping,
+                deadline=asyncio.get_running_loop().time() + 60,
+            )  # fmt: skip
+
+
+def test_a_value_too_large_for_an_index_entry_is_the_events_data() -> None:
+    assert classify(pg("54000")) is Fault.DATA  # program_limit_exceeded

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import DEFAULT_TOPIC
+from schemas.addresses import check_bootstrap_servers, port_ok
 
 
 class ConsumerSettings(BaseSettings):
@@ -75,27 +76,15 @@ class ConsumerSettings(BaseSettings):
         hosts = parts.netloc.rpartition("@")[2]
         # Several hosts (`h1:5432,h2:5432`) are libpq's way to list a primary and
         # its standbys; each port is checked on its own.
-        if not all(_port_ok(host) for host in hosts.split(",")):
+        if not all(port_ok(host) for host in hosts.split(",")):
             raise ValueError("has a port that is not a number from 1 to 65535")
         return value
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _broker_addresses(cls, value: str) -> str:
-        addresses = [a.strip() for a in value.split(",")]
-        if not all(a and _port_ok(a) for a in addresses):
-            raise ValueError("must be host[:port][,host[:port]…] with ports from 1 to 65535")
-        return value
+        return check_bootstrap_servers(value)
 
     @property
     def statement_timeout_s(self) -> float:
         return self.db_statement_timeout_ms / 1000
-
-
-def _port_ok(address: str) -> bool:
-    """Whether `host[:port]` (an IPv6 host in brackets) has no port or a valid one."""
-    after_host = address.rpartition("]")[2] if address.startswith("[") else address
-    _, colon, port = after_host.rpartition(":")
-    if not colon:
-        return True
-    return port.isascii() and port.isdigit() and 0 < int(port) < 65536

@@ -142,7 +142,11 @@ class Publisher:
             acks="all",
             enable_idempotence=settings.kafka_enable_idempotence,
             linger_ms=settings.kafka_linger_ms,
-            max_batch_size=settings.kafka_max_batch_bytes,
+            # A batch is what the broker checks against max.message.bytes, and
+            # aiokafka does not split one it refuses: no batch larger than the
+            # largest request, or two large events together could be refused
+            # although each alone fits.
+            max_batch_size=min(settings.kafka_max_batch_bytes, settings.kafka_max_request_bytes),
             max_request_size=settings.kafka_max_request_bytes,
             # Without idempotence, a batch the broker has not taken within the
             # publish timeout expires instead of lingering (with it, see the
@@ -174,6 +178,11 @@ class Publisher:
                 log.warning("broker unreachable, retrying", error=str(exc), retry_in_s=delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, max_backoff_s)
+            except Exception as exc:
+                # Not the broker being away: a bug, or a setting aiokafka refuses.
+                # Said once, loudly: the bridge answers 503 until it is fixed.
+                log.error("producer cannot start", error=f"{type(exc).__name__}: {exc}")
+                raise
             else:
                 return
 

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas import DEFAULT_TOPIC
+from schemas.addresses import check_bootstrap_servers
 
 # Every webhook signing secret Stripe issues (dashboard or `stripe listen`) starts so.
 SECRET_PREFIX = "whsec_"
@@ -81,6 +82,11 @@ class BridgeSettings(BaseSettings):
         if not all(s.get_secret_value().startswith(SECRET_PREFIX) for s in value):
             raise ValueError(f"every secret must be an endpoint signing secret ({SECRET_PREFIX}…)")
         return value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _broker_addresses(cls, value: str) -> str:
+        return check_bootstrap_servers(value)
 
     @field_validator("log_level")
     @classmethod

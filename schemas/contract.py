@@ -27,12 +27,17 @@ def dlq_topic(topic: str) -> str:
     return f"{topic}.dlq"
 
 
+# Objects that name the payment intent they belong to in `payment_intent`.
+_NAME_THEIR_INTENT = frozenset({"charge", "dispute", "refund"})
+
+
 def payment_intent_key(event: dict[str, Any]) -> str | None:
     """The message key of a Stripe event given as parsed JSON: its payment intent id.
 
-    `payment_intent.*` events carry the intent as `data.object`; `charge.*` events
-    name it in `data.object.payment_intent`. Events that concern no payment
-    intent return None.
+    `payment_intent.*` events carry the intent as `data.object`; `charge.*`
+    events name it in `data.object.payment_intent`, on the charge, or on the
+    dispute (`charge.dispute.*`) or the refund (`charge.refund.updated`). Events
+    that concern no payment intent return None.
     """
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
@@ -41,7 +46,7 @@ def payment_intent_key(event: dict[str, Any]) -> str | None:
     kind = obj.get("object")
     if kind == "payment_intent":
         value = obj.get("id")
-    elif kind == "charge":
+    elif kind in _NAME_THEIR_INTENT:
         value = obj.get("payment_intent")
     else:
         return None

@@ -25,6 +25,8 @@ def test_log_level_is_accepted_in_any_case(given: str) -> None:
         ("stripe_webhook_secret", "", "STRIPE_WEBHOOK_SECRET: is empty"),
         ("max_header_bytes", 10, "MAX_HEADER_BYTES"),
         ("header_timeout_s", 0, "HEADER_TIMEOUT_S"),
+        # aiokafka would fail on it in the background, leaving a bridge that answers 503.
+        ("kafka_bootstrap_servers", "127.0.0.1:notaport", "KAFKA_BOOTSTRAP_SERVERS"),
     ],
 )
 def test_a_value_that_cannot_work_is_refused_naming_the_variable(

@@ -93,3 +93,21 @@ def test_ids_and_amounts_beyond_what_stripe_sends_are_poison_not_database_errors
         poison = decode(Record(events.encode(payload), key))
         assert isinstance(poison, Poison), where
         assert poison.error == "invalid_event" and where in poison.detail
+
+
+def test_disputes_and_refunds_are_keyed_by_the_intent_they_name() -> None:
+    """DESIGN: every charge.* event, disputes and refunds included, belongs on its intent's
+    partition; an `ignored` 200 for them would tell Stripe never to send them again."""
+    dispute = events.event(
+        {"object": "dispute", "id": "dp_1", "charge": "ch_1", "payment_intent": "pi_7"},
+        "charge.dispute.created",
+    )
+    refund = events.event(
+        {"object": "refund", "id": "re_1", "charge": "ch_1", "payment_intent": "pi_7"},
+        "charge.refund.updated",
+    )
+    assert payment_intent_key(dispute) == "pi_7"
+    assert payment_intent_key(refund) == "pi_7"
+    # The consumer reads them (as objects it does not act on yet), keyed by the intent.
+    for payload in (dispute, refund):
+        assert isinstance(decode(Record(events.encode(payload), b"pi_7")), Envelope)

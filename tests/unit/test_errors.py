@@ -21,6 +21,7 @@ from consumer.migrate import SchemaBehind
 from consumer.preflight import TopicsMissing, redact, until_ready
 from consumer.settings import ConsumerSettings
 from consumer.store import ConcurrentIntentWrite
+from schemas.addresses import check_bootstrap_servers
 
 
 def pg(code: str) -> asyncpg.PostgresError:
@@ -185,3 +186,26 @@ async def test_a_stop_during_a_start_up_check_is_a_stop_not_a_start_up_error() -
 
 def test_a_value_too_large_for_an_index_entry_is_the_events_data() -> None:
     assert classify(pg("54000")) is Fault.DATA  # program_limit_exceeded
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("127.0.0.1:9092", True),
+        ("kafka-0:9092,kafka-1:9093", True),
+        ("kafka", True),  # aiokafka's default port
+        ("[::1]:9092", True),
+        ("127.0.0.1:notaport", False),
+        ("[::1", False),
+        ("kafka:0", False),
+        ("kafka:70000", False),
+        ("a:9092,,b:9092", False),
+        (":9092", False),
+    ],
+)
+def test_a_kafka_bootstrap_list_is_checked_before_anything_connects(value: str, ok: bool) -> None:
+    if ok:
+        assert check_bootstrap_servers(value) == value
+    else:
+        with pytest.raises(ValueError, match="host"):
+            check_bootstrap_servers(value)

@@ -63,6 +63,18 @@ async def run_until(worker: Worker, done: Any, timeout_s: float = 40) -> Any:
     return await running
 
 
+async def hold_stock_row(database_url: str, sku: str) -> tuple[asyncpg.Connection, Any]:
+    """Another session's open transaction holding `sku`'s stock row: batches wait on it.
+
+    Returns the connection (close it) and the transaction (roll it back to let go).
+    """
+    blocker = await asyncpg.connect(database_url)
+    held = blocker.transaction()
+    await held.start()
+    await blocker.execute("SELECT 1 FROM inventory_levels WHERE sku = $1 FOR UPDATE", sku)
+    return blocker, held
+
+
 @pytest.fixture
 async def empty_database_url(infra: Services) -> AsyncIterator[str]:
     """A database of this test's own with no schema at all: never migrated."""
@@ -278,20 +290,7 @@ async def test_a_batch_slower_than_the_rebalance_drain_neither_crashes_nor_doubl
     await seed_stock(db, {"sku-a": 1000})
     carts = await paid_carts(db, 24, [("sku-a", 1, 100)])
     settings = consumer_settings(infra, database_url, topic, rebalance_drain_timeout_s=1.0)
-    blocker = await asyncpg.connect(database_url)
-    held = blocker.transaction()
-    await held.start()
-    await blocker.execute("SELECT 1 FROM inventory_levels WHERE sku = 'sku-a' FOR UPDATE")
-
-    async def consumer_waits_on_the_lock() -> bool:
-        return bool(
-            await db.fetchval(
-                """
-                SELECT count(*) FROM pg_stat_activity WHERE application_name = 'order-consumer'
-                AND datname = current_database() AND wait_event_type = 'Lock'
-                """
-            )
-        )
+    blocker, held = await hold_stock_row(database_url, "sku-a")
 
     async def all_orders_placed(count: int) -> bool:
         return await order_count(db) == count
@@ -301,7 +300,7 @@ async def test_a_batch_slower_than_the_rebalance_drain_neither_crashes_nor_doubl
             first_run = asyncio.create_task(first.run())
             await eventually(lambda: bool(first.assignment()))
             await publish(infra, topic, carts)  # over many partitions
-            await eventually(consumer_waits_on_the_lock)
+            await eventually(lambda: _waits_on_a_lock(db))
             async with Worker(settings) as second:
                 second_run = asyncio.create_task(second.run())
                 # The rebalance goes on without the slow batch, after the drain timeout.
@@ -367,10 +366,7 @@ async def test_a_stop_during_a_rebalance_is_obeyed_by_the_deadline(
     slow_drain = consumer_settings(
         infra, database_url, topic, rebalance_drain_timeout_s=60, shutdown_timeout_s=4
     )
-    blocker = await asyncpg.connect(database_url)
-    held = blocker.transaction()
-    await held.start()
-    await blocker.execute("SELECT 1 FROM inventory_levels WHERE sku = 'sku-a' FOR UPDATE")
+    blocker, held = await hold_stock_row(database_url, "sku-a")
     loop = asyncio.get_running_loop()
     try:
         leaving = Worker(slow_drain)
@@ -426,10 +422,7 @@ async def test_a_stop_while_another_member_holds_up_the_rebalance_is_obeyed_by_t
     settings = consumer_settings(
         infra, database_url, topic, rebalance_drain_timeout_s=60, shutdown_timeout_s=4
     )
-    blocker = await asyncpg.connect(database_url)
-    held = blocker.transaction()
-    await held.start()
-    await blocker.execute("SELECT 1 FROM inventory_levels WHERE sku = 'sku-a' FOR UPDATE")
+    blocker, held = await hold_stock_row(database_url, "sku-a")
     loop = asyncio.get_running_loop()
     workers: list[Worker] = []
     runs: list[asyncio.Task[Any]] = []

@@ -12,7 +12,8 @@ refuses the event for good (Stripe retries too, while an operator fixes it).
 An answer given before the body was read keeps the connection open only when
 the rest is a declared length within the limit: uvicorn then reads and drops it
 (within BODY_TIMEOUT_S), and the next request on the connection parses cleanly.
-Otherwise (chunked, or larger) the answer says `connection: close`.
+Otherwise (chunked, larger, or announced by `Expect: 100-continue`, whose
+client may never send it) the answer says `connection: close`.
 
 It is a plain ASGI app rather than a Starlette endpoint: it is the hot path,
 and the framework's request, response and middleware layers cost a measurable
@@ -75,12 +76,19 @@ def declares_too_much(scope: Scope, limit: int) -> bool:
 def close_unread(scope: Scope, limit: int) -> bool:
     """Whether to close the connection after answering before reading the body.
 
-    Yes unless the rest is a declared Content-Length within `limit` (or no body at all).
+    Yes unless the rest is a declared Content-Length within `limit` (or no body
+    at all), and yes for any body after `Expect: 100-continue`: such a client
+    waits for a 100 before sending it and, answered without one, need not send
+    it at all; kept open, the connection would wait for it, or take the
+    client's next request for it.
     """
     declared = _header(scope, b"content-length")
-    if declared is not None:
-        return not declared.isdigit() or int(declared) > limit
-    return _header(scope, b"transfer-encoding") is not None
+    if declared is None:
+        return _header(scope, b"transfer-encoding") is not None
+    if not declared.isdigit() or int(declared) > limit:
+        return True
+    expect = _header(scope, b"expect")
+    return int(declared) > 0 and expect is not None and expect.lower() == "100-continue"
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

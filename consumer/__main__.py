@@ -30,6 +30,7 @@ from consumer.preflight import StartupError, redact
 from consumer.runtime import tune_gc
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
+from schemas.config import describe
 
 log = structlog.get_logger("consumer")
 
@@ -57,15 +58,6 @@ def _parser() -> argparse.ArgumentParser:
         help="return 0 once no message has arrived for this long",
     )
     return parser
-
-
-def settings_error(exc: ValidationError) -> str:
-    """One line naming each variable, without its value (it may be a secret)."""
-    problems = []
-    for error in exc.errors(include_url=False, include_input=False):
-        name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
-        problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
-    return "; ".join(problems)
 
 
 async def _migrate(settings: ConsumerSettings) -> int:
@@ -146,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = ConsumerSettings()
     except ValidationError as exc:
-        print(f"order-consumer: configuration error: {settings_error(exc)}", file=sys.stderr)
+        print(f"order-consumer: configuration error: {describe(exc)}", file=sys.stderr)
         return EXIT_CANNOT_START
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "migrate":

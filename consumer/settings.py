@@ -6,7 +6,6 @@ message that names the variable (`__main__` prints it as one line).
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -14,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import DEFAULT_TOPIC
-from schemas.addresses import check_bootstrap_servers, port_ok
+from schemas.config import check_bootstrap_servers, check_log_level, port_ok
 
 
 class ConsumerSettings(BaseSettings):
@@ -62,10 +61,7 @@ class ConsumerSettings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
-        level = value.strip().upper()
-        if level not in logging.getLevelNamesMapping() or level == "NOTSET":
-            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-        return level
+        return check_log_level(value)
 
     @field_validator("database_url")
     @classmethod

@@ -34,7 +34,8 @@ from pydantic import ValidationError
 from producer import logs
 from producer.app import create_app
 from producer.guard import ConnectionLimits, protocol_class
-from producer.settings import BridgeSettings, describe
+from producer.settings import BridgeSettings
+from schemas.config import describe
 
 log = structlog.get_logger("bridge")
 

@@ -1,20 +1,19 @@
 """The bridge's settings, read once from the environment by `__main__`.
 
 A value that cannot work is refused here, before anything connects, with a
-message that names the variable and never echoes its value (`describe` turns
+message that names the variable and never echoes its value (`schemas.config.describe` turns
 pydantic's error into the one line `__main__` prints).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas import DEFAULT_TOPIC
-from schemas.addresses import check_bootstrap_servers
+from schemas.config import check_bootstrap_servers, check_log_level
 
 # Every webhook signing secret Stripe issues (dashboard or `stripe listen`) starts so.
 SECRET_PREFIX = "whsec_"
@@ -91,10 +90,7 @@ class BridgeSettings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
-        level = value.strip().upper()
-        if level not in logging.getLevelNamesMapping() or level == "NOTSET":
-            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-        return level
+        return check_log_level(value)
 
     def secrets(self) -> tuple[str, ...]:
         return tuple(secret.get_secret_value() for secret in self.stripe_webhook_secret)
@@ -108,12 +104,3 @@ class BridgeSettings(BaseSettings):
     def producer_stop_timeout_s(self) -> float:
         """How long shutdown lets the producer flush: the rest, less a second to exit."""
         return max(0.5, self.shutdown_timeout_s - self.drain_timeout_s - 1.0)
-
-
-def describe(exc: ValidationError) -> str:
-    """One line naming each variable, without its value (it may be a secret)."""
-    problems = []
-    for error in exc.errors(include_url=False, include_input=False):
-        name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
-        problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
-    return "; ".join(problems)

@@ -21,7 +21,7 @@ from consumer.migrate import SchemaBehind
 from consumer.preflight import TopicsMissing, redact, until_ready
 from consumer.settings import ConsumerSettings
 from consumer.store import ConcurrentIntentWrite
-from schemas.addresses import check_bootstrap_servers
+from schemas.config import check_bootstrap_servers
 
 
 def pg(code: str) -> asyncpg.PostgresError:

@@ -187,7 +187,18 @@ class EmbeddedPostgres(_Process):
              "-c", "shared_buffers=256MB"],
             user=user,
         )  # fmt: skip
+        self._wait_until_accepting(bin_dir / "pg_isready")
         return self
+
+    def _wait_until_accepting(self, pg_isready: Path, timeout_s: float = 30) -> None:
+        """The port opens before the server takes logins ("the database system is
+        starting up"); on a busy machine that gap lasts long enough to fail a test."""
+        deadline = time.monotonic() + timeout_s
+        argv = [str(pg_isready), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
+        while subprocess.run(argv, check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise EmbeddedServiceError(f"PostgreSQL took no logins within {timeout_s:g}s")
+            time.sleep(0.05)
 
     @property
     def dsn(self) -> str:

@@ -21,6 +21,10 @@ in flight may commit until the shutdown deadline or is abandoned uncommitted
 (the next owner replays it and the inbox absorbs whatever had committed), then
 the member leaves the group; `run` and `stop` together take at most
 SHUTDOWN_TIMEOUT_S, whatever the database and the broker are doing.
+
+What the worker talks to (the pool, the broker consumer, the dead-letter
+producer, the function that applies a batch) is built by `consumer.bootstrap`
+and passed in, so this policy runs unchanged against fakes in unit tests.
 """
 
 from __future__ import annotations
@@ -34,26 +38,19 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-import asyncpg
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped
-from consumer.connections import (
-    abandon_group,
-    create_consumer,
-    create_dead_letters,
-    create_pool,
-)
-from consumer.deadletter import DeadLetterRefused, DeadLetters, Poison
+from consumer.bootstrap import BrokerConsumer, DeadLetterSink, Dependencies, Pool, bootstrap
+from consumer.deadletter import DeadLetterRefused, Poison
 from consumer.decode import Envelope, decode
 from consumer.errors import Fault, cause, classify, describe, is_read_only, is_statement_timeout
 from consumer.errors import sqlstate as sqlstate_of
-from consumer.preflight import check_database, check_topics, until_ready
+from consumer.preflight import until_ready
 from consumer.settings import ConsumerSettings
-from consumer.store import BatchResult, apply_batch
-from schemas import dlq_topic
+from consumer.store import BatchResult
 
 log = structlog.get_logger("consumer")
 
@@ -141,10 +138,20 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class Worker:
-    """A consumer-group member that applies Stripe events to PostgreSQL."""
+    """A consumer-group member that applies Stripe events to PostgreSQL.
 
-    def __init__(self, settings: ConsumerSettings, *, exit_when_idle_s: float | None = None):
+    `deps` are what it talks to (`consumer.bootstrap`); by default the real ones.
+    """
+
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        *,
+        exit_when_idle_s: float | None = None,
+        deps: Dependencies | None = None,
+    ):
         self.settings = settings
+        self.deps = deps if deps is not None else bootstrap(settings)
         self.exit_when_idle_s = exit_when_idle_s
         self.stats = RunStats()
         self.inflight = asyncio.Lock()  # held while a batch is applied and committed
@@ -156,9 +163,9 @@ class Worker:
         self._poll_lock = asyncio.Lock()
         self._in_flight: asyncio.Task[None] | None = None
         self._stop_future: asyncio.Future[Any] | None = None
-        self._pool: asyncpg.Pool | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-        self._dead_letters: DeadLetters | None = None
+        self._pool: Pool | None = None
+        self._consumer: BrokerConsumer | None = None
+        self._dead_letters: DeadLetterSink | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -169,11 +176,10 @@ class Worker:
         ready = functools.partial(
             until_ready, settings=s, stopping=self._stopping, deadline=deadline
         )
-        topics = [s.kafka_topic, dlq_topic(s.kafka_topic)]
         try:
-            await ready("database", lambda: check_database(s))
-            await ready("topics", lambda: check_topics(s, topics))
-            self._pool = await create_pool(s)  # connects on demand
+            for what, check in self.deps.checks:
+                await ready(what, check)
+            self._pool = await self.deps.open_pool()  # connects on demand
             self._dead_letters = await ready("broker", self._start_dead_letters)
             self._consumer = consumer = await ready("broker", self._start_consumer)
         except BaseException:
@@ -189,13 +195,13 @@ class Worker:
             )
         return self
 
-    async def _start_dead_letters(self) -> DeadLetters:
-        dead_letters = create_dead_letters(self.settings)
+    async def _start_dead_letters(self) -> DeadLetterSink:
+        dead_letters = self.deps.new_dead_letters()
         await dead_letters.start()
         return dead_letters
 
-    async def _start_consumer(self) -> AIOKafkaConsumer:
-        consumer = create_consumer(self.settings)
+    async def _start_consumer(self) -> BrokerConsumer:
+        consumer = self.deps.new_consumer()
         try:
             await consumer.start()
         except BaseException:
@@ -211,7 +217,9 @@ class Worker:
         if consumer is not None and not await self._within_deadline("leave_group", consumer.stop()):
             # Leaving waits for a rebalance in progress to finish, which other
             # members may hold up: close the connections without it.
-            await self._within_deadline("close_broker_connections", abandon_group(consumer))
+            await self._within_deadline(
+                "close_broker_connections", self.deps.abandon_consumer(consumer)
+            )
         if dead_letters is not None:
             await self._within_deadline("stop_dead_letter_producer", dead_letters.stop())
         if pool is not None and not await self._within_deadline("close_pool", pool.close()):
@@ -447,7 +455,7 @@ class Worker:
         s = self.settings
         async with asyncio.timeout(2 * s.statement_timeout_s + s.db_connect_timeout_s):
             async with self._pool.acquire() as conn:
-                return await apply_batch(conn, envelopes)
+                return await self.deps.apply_batch(conn, envelopes)
 
     async def _isolate(
         self, envelopes: list[Envelope], exc: BaseException, epoch: int

@@ -1,0 +1,102 @@
+"""The one place that builds a worker's dependencies from the settings.
+
+`bootstrap(settings)` returns a `Dependencies`: the start-up checks
+(`consumer.preflight`), how to open the database pool and make the broker
+consumer and the dead-letter producer (`consumer.connections`), and the
+function that applies a batch in one transaction (`consumer.store.apply_batch`).
+Nothing connects here: `Worker.start` runs the checks, then opens and starts the
+clients, retrying what time can fix.
+
+The clients are given as factories, not objects, because a client whose
+`start()` failed cannot be started again (aiokafka closes it for good): each
+attempt gets a fresh one. The Protocols below are the whole of what the worker
+uses of each, so a test can hand it ten-line fakes of the same interfaces
+(tests/unit/test_worker_fakes.py) while the real-service tests use these.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from consumer.connections import abandon_group, create_consumer, create_dead_letters, create_pool
+from consumer.deadletter import Poison
+from consumer.decode import Envelope
+from consumer.preflight import check_database, check_topics
+from consumer.settings import ConsumerSettings
+from consumer.store import BatchResult, apply_batch
+from schemas import dlq_topic
+
+
+class Pool(Protocol):
+    """What the worker uses of an asyncpg pool."""
+
+    def acquire(self) -> AbstractAsyncContextManager[Any]: ...
+    async def expire_connections(self) -> None: ...
+    async def close(self) -> None: ...
+    def terminate(self) -> None: ...
+
+
+class BrokerConsumer(Protocol):
+    """What the worker uses of an AIOKafkaConsumer."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def subscribe(self, topics: list[str], *, listener: ConsumerRebalanceListener) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    async def getmany(
+        self, *, timeout_ms: int, max_records: int
+    ) -> Mapping[TopicPartition, Sequence[Any]]: ...
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+    def pause(self, *partitions: TopicPartition) -> None: ...
+    def resume(self, *partitions: TopicPartition) -> None: ...
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+
+
+class DeadLetterSink(Protocol):
+    """What the worker uses of `consumer.deadletter.DeadLetters`."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def send(self, poison: list[Poison]) -> list[tuple[Poison, KafkaError]]: ...
+
+
+# `apply_batch(conn, envelopes)`: one transaction on a connection from the pool.
+ApplyBatch = Callable[[Any, list[Envelope]], Awaitable[BatchResult]]
+# A start-up check, named for the operator's one line (`until_ready`).
+Check = tuple[str, Callable[[], Awaitable[None]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Dependencies:
+    """Everything a worker talks to, built by `bootstrap` or, in tests, by hand."""
+
+    checks: Sequence[Check]  # run in order before anything else is opened
+    open_pool: Callable[[], Awaitable[Pool]]
+    new_consumer: Callable[[], BrokerConsumer]
+    new_dead_letters: Callable[[], DeadLetterSink]
+    apply_batch: ApplyBatch
+    # Closes a consumer whose `stop()` ran out of time, without leaving its group.
+    abandon_consumer: Callable[[BrokerConsumer], Awaitable[None]]
+
+
+def bootstrap(settings: ConsumerSettings) -> Dependencies:
+    """The real dependencies: PostgreSQL through asyncpg, the broker through aiokafka."""
+    topics = [settings.kafka_topic, dlq_topic(settings.kafka_topic)]
+    return Dependencies(
+        checks=(
+            ("database", functools.partial(check_database, settings)),
+            ("topics", functools.partial(check_topics, settings, topics)),
+        ),
+        open_pool=functools.partial(create_pool, settings),
+        new_consumer=functools.partial(create_consumer, settings),
+        new_dead_letters=functools.partial(create_dead_letters, settings),
+        apply_batch=apply_batch,
+        abandon_consumer=abandon_group,
+    )

@@ -1,9 +1,11 @@
 """Decide what each new order becomes: checked against its cart, then given stock.
 
-Pure code: no I/O. Orders are allocated in the order given (Kafka order within a
-batch); an order whose summed demand per SKU does not fit the stock left gets
+Pure code: no I/O. Orders are allocated in the order given (the store gives them
+in the order their payments were authorized: first paid, first served); an
+order whose summed demand per SKU does not fit the stock left gets
 `out_of_stock` and takes nothing (invariant 3). Two lines of one SKU are one
-demand.
+demand. An order is trusted as paid for only when its cart exists, matches the
+intent's amount and currency, and the authorization covers it.
 """
 
 from __future__ import annotations
@@ -11,16 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 
-from consumer.fold import CreateOrder
-
-
-class OrderStatus(StrEnum):
-    PLACED = "placed"
-    OUT_OF_STOCK = "out_of_stock"
-    NEEDS_REVIEW = "needs_review"
-    CANCELED = "canceled"
+from consumer.decisions import Allocation, PlaceOrder
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +44,14 @@ class Cart:
 
 @dataclass(frozen=True, slots=True)
 class OrderPlan:
-    request: CreateOrder
+    request: PlaceOrder
     cart: Cart | None
-    status: OrderStatus
+    status: Allocation
     reason: str | None
     taken: Mapping[str, int]  # units taken from stock per SKU; empty unless placed
 
 
-def review_reason(request: CreateOrder, cart: Cart | None) -> str | None:
+def review_reason(request: PlaceOrder, cart: Cart | None) -> str | None:
     """Why an order cannot be trusted as paid for, or None when it can."""
     if request.cart_id is None:
         return "no_cart_id"
@@ -69,10 +63,12 @@ def review_reason(request: CreateOrder, cart: Cart | None) -> str | None:
         return "currency_mismatch"
     if cart.total != request.amount:
         return "amount_mismatch"
+    if request.amount_authorized < cart.total:
+        return "authorization_short"  # a partial authorization
     return None
 
 
-def skus_wanted(requests: Iterable[CreateOrder], carts: Mapping[str, Cart]) -> list[str]:
+def skus_wanted(requests: Iterable[PlaceOrder], carts: Mapping[str, Cart]) -> list[str]:
     """Every SKU the orders may take stock of, sorted: the global lock order (invariant 8)."""
     skus: set[str] = set()
     for request in requests:
@@ -83,7 +79,7 @@ def skus_wanted(requests: Iterable[CreateOrder], carts: Mapping[str, Cart]) -> l
 
 
 def allocate(
-    requests: Iterable[CreateOrder], carts: Mapping[str, Cart], stock: Mapping[str, int]
+    requests: Iterable[PlaceOrder], carts: Mapping[str, Cart], stock: Mapping[str, int]
 ) -> tuple[list[OrderPlan], dict[str, int]]:
     """Plan every order in the given order; return the plans and the stock left.
 
@@ -95,16 +91,16 @@ def allocate(
         cart = carts.get(request.cart_id) if request.cart_id else None
         reason = review_reason(request, cart)
         if reason is not None:
-            plans.append(OrderPlan(request, cart, OrderStatus.NEEDS_REVIEW, reason, {}))
+            plans.append(OrderPlan(request, cart, Allocation.NEEDS_REVIEW, reason, {}))
             continue
         assert cart is not None
         demand = cart.demand()
         short = sorted(sku for sku, qty in demand.items() if left.get(sku, 0) < qty)
         if short:
             reason = "short:" + ",".join(short)
-            plans.append(OrderPlan(request, cart, OrderStatus.OUT_OF_STOCK, reason, {}))
+            plans.append(OrderPlan(request, cart, Allocation.OUT_OF_STOCK, reason, {}))
             continue
         for sku, qty in demand.items():
             left[sku] -= qty
-        plans.append(OrderPlan(request, cart, OrderStatus.PLACED, None, demand))
+        plans.append(OrderPlan(request, cart, Allocation.PLACED, None, demand))
     return plans, left

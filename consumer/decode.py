@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from consumer.deadletter import Poison
-from schemas import StripeEvent
+from schemas import HEADER_RECEIVED_AT, StripeEvent
 
 __all__ = ["Envelope", "Poison", "decode"]
 
@@ -33,6 +33,16 @@ class Envelope:
     @property
     def offset(self) -> int:
         return int(self.record.offset)
+
+    @property
+    def arrival(self) -> tuple[int, int, int]:
+        """(received-at ms, partition, offset): when and where the bridge put it."""
+        received_at_ms = 0
+        for name, value in self.record.headers or ():
+            if name == HEADER_RECEIVED_AT:
+                received_at_ms = int(value) if value and value.isdigit() else 0
+                break
+        return (received_at_ms, self.partition, self.offset)
 
 
 def decode(record: Any) -> Envelope | Poison:

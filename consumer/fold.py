@@ -1,110 +1,151 @@
-"""Fold one payment intent's new events, in Kafka order, into decisions.
+"""Fold one payment intent's new events, in Kafka order, into its new facts and decisions.
 
-Pure code: no I/O. Stripe does not promise delivery order and `created` has
-whole-second resolution, so the intent's status decides what moves it: a
-status never moves to a lower rank, and `succeeded` and `canceled` are final.
-An event that would move the intent backwards is recorded as `stale` and
-changes nothing (invariant 6).
+Pure code: no I/O. Each event is merged into the intent's `Facts` through the
+meanings table (consumer/lifecycle.py); the decisions then follow from what
+changed between the facts before the batch and after it:
+
+- the intent's first authorization creates its one order (`PlaceOrder`);
+- an existing order whose intent became canceled gives its stock back
+  (`CancelOrder`), once;
+- an existing order whose intent's refunds or dispute changed is brought up to
+  date (`RecordRefund`, `RecordDispute`).
+
+An event that changes no fact is recorded as `stale`; one without a meaning
+here as `ignored`. Because facts merge the same way in any order, the final
+state does not depend on delivery order (invariant 6).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
-from schemas import AUTHORIZATION_EVENTS, PaymentIntent, StripeEvent
-
-# Rank of each PaymentIntent status along its life. `requires_capture` outranks
-# every earlier status; the two final statuses share the top rank.
-STATUS_RANK: dict[str, int] = {
-    "requires_payment_method": 0,
-    "requires_confirmation": 1,
-    "requires_action": 2,
-    "processing": 3,
-    "requires_capture": 4,
-    "succeeded": 5,
-    "canceled": 5,
-}
-FINAL_STATUSES = frozenset({"succeeded", "canceled"})
+from consumer.decisions import (
+    Allocation,
+    CancelOrder,
+    Decision,
+    Facts,
+    PlaceOrder,
+    RecordDispute,
+    RecordRefund,
+)
+from consumer.lifecycle import authorized_amount, meaning_of
+from schemas import PaymentIntent, StripeEvent
 
 
 class Outcome(StrEnum):
-    APPLIED = "applied"  # moved the intent's state (and maybe created an order)
-    STALE = "stale"  # would have moved the intent backwards: recorded, no change
+    APPLIED = "applied"  # changed what is known of the intent (or created its order)
+    STALE = "stale"  # a known meaning, but older or no news: recorded, no change
     IGNORED = "ignored"  # carries nothing this consumer acts on: recorded, no change
+
+
+@dataclass(frozen=True, slots=True)
+class OrderView:
+    """The part of an existing order that the fold and the store need."""
+
+    id: int
+    allocation: Allocation
+    amount: int
+
+
+NOTHING_KNOWN = Facts()  # never mutated: every meaning returns new Facts
 
 
 @dataclass(frozen=True, slots=True)
 class IntentState:
     payment_intent_id: str
-    status: str | None = None
-    has_order: bool = False
-    exists: bool = True  # whether the intent has a row yet (the store's concern, carried along)
+    facts: Facts = NOTHING_KNOWN
+    order: OrderView | None = None
+    exists: bool = True  # whether the intent has a row yet (the store's concern)
 
 
-@dataclass(frozen=True, slots=True)
-class CreateOrder:
-    """Turn the intent's cart into an order (subject to cart checks and stock)."""
+# Where an event arrived: (received-at ms, partition, offset). Ties between
+# authorizations of the same second are broken by it (first paid, first served).
+Arrival = tuple[int, int, int]
+NO_ARRIVAL: Arrival = (0, 0, 0)
 
-    payment_intent_id: str
-    cart_id: str | None
-    amount: int
-    currency: str
-    event_id: str
+
+class Arrivals(Protocol):
+    def __getitem__(self, index: int, /) -> Arrival: ...
 
 
 @dataclass(frozen=True, slots=True)
 class IntentFold:
     state: IntentState
-    create_order: CreateOrder | None
+    decisions: tuple[Decision, ...]
     outcomes: tuple[tuple[str, Outcome], ...]
-    last_event_id: str | None
 
     @property
     def changed(self) -> bool:
-        return self.last_event_id is not None
+        """Whether the intent's facts changed (its row must be written)."""
+        return any(outcome is Outcome.APPLIED for _, outcome in self.outcomes)
 
 
-def moves_forward(current: str | None, new: str) -> bool:
-    """Whether an intent in status `current` may take status `new`."""
-    if new not in STATUS_RANK:
-        return False
-    if current is None:
-        return True
-    if current in FINAL_STATUSES:
-        return False
-    return STATUS_RANK[new] >= STATUS_RANK.get(current, -1)
-
-
-def fold_intent(state: IntentState, events: list[StripeEvent]) -> IntentFold:
-    """Apply `events` (one intent's, in Kafka order) to `state`."""
-    status, has_order = state.status, state.has_order
-    create: CreateOrder | None = None
+def fold_intent(
+    state: IntentState, events: list[StripeEvent], arrivals: Arrivals | None = None
+) -> IntentFold:
+    """Merge `events` (one intent's, in Kafka order) into `state`; decide what follows."""
+    facts = state.facts
     outcomes: list[tuple[str, Outcome]] = []
-    last_event_id: str | None = None
-    for event in events:
-        intent = event.data.object
-        if type(intent) is not PaymentIntent or intent.status not in STATUS_RANK:
+    first_auth: StripeEvent | None = None
+    held_most = 0
+    paid_key: tuple[int, int, int, int] | None = None
+    for i, event in enumerate(events):
+        learn = meaning_of(event.type)
+        held = authorized_amount(event)
+        if learn is None and held is None:
             outcomes.append((event.id, Outcome.IGNORED))
             continue
-        if not moves_forward(status, intent.status):
-            outcomes.append((event.id, Outcome.STALE))
-            continue
-        status = intent.status
-        last_event_id = event.id
-        outcomes.append((event.id, Outcome.APPLIED))
-        if event.type in AUTHORIZATION_EVENTS and not has_order:
-            has_order = True
-            create = CreateOrder(
-                payment_intent_id=intent.id,
-                cart_id=intent.cart_id,
-                amount=intent.amount,
-                currency=intent.currency.lower(),
-                event_id=event.id,
-            )
-    return IntentFold(
-        state=IntentState(state.payment_intent_id, status, has_order, state.exists),
-        create_order=create,
-        outcomes=tuple(outcomes),
-        last_event_id=last_event_id,
-    )
+        before = facts
+        if learn is not None:
+            facts = learn(facts, event)
+        creates_order = held is not None and state.order is None and first_auth is None
+        if held is not None and state.order is None:
+            arrival = arrivals[i] if arrivals is not None else NO_ARRIVAL
+            key = (event.created, *arrival)
+            paid_key = key if paid_key is None else min(paid_key, key)
+            held_most = max(held_most, held)
+            first_auth = first_auth or event
+        applied = creates_order or facts is not before
+        outcomes.append((event.id, Outcome.APPLIED if applied else Outcome.STALE))
+    decisions = _decide(state, facts, first_auth, held_most, paid_key)
+    new_state = IntentState(state.payment_intent_id, facts, state.order, state.exists)
+    return IntentFold(new_state, decisions, tuple(outcomes))
+
+
+def _decide(
+    state: IntentState,
+    facts: Facts,
+    first_auth: StripeEvent | None,
+    held_most: int,
+    paid_key: tuple[int, int, int, int] | None,
+) -> tuple[Decision, ...]:
+    pid = state.payment_intent_id
+    if state.order is None:
+        if first_auth is None or paid_key is None:
+            return ()
+        intent = first_auth.data.object
+        assert type(intent) is PaymentIntent  # authorized_amount checked it
+        place = PlaceOrder(
+            payment_intent_id=pid,
+            cart_id=intent.cart_id,
+            amount=intent.amount,
+            currency=intent.currency.lower(),
+            amount_authorized=held_most,
+            event_id=first_auth.id,
+            paid_key=paid_key,
+        )
+        return (place,)
+    before = state.facts
+    decisions: list[Decision] = []
+    if facts.canceled and not before.canceled:
+        decisions.append(CancelOrder(pid, facts.status_event_id or ""))
+    if (facts.amount_refunded, facts.charge_refunded) != (
+        before.amount_refunded,
+        before.charge_refunded,
+    ):
+        decisions.append(RecordRefund(pid))
+    if facts.dispute != before.dispute:
+        decisions.append(RecordDispute(pid))
+    return tuple(decisions)

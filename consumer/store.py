@@ -2,10 +2,13 @@
 
 The unit of work (DESIGN.md, "The path of one event"):
   1. claim the events in the inbox; only claimed events are applied (invariant 2);
-  2. lock the intents' rows and read their state;
-  3. fold each intent's claimed events, in Kafka order, into decisions;
-  4. lock the stock rows touched, in SKU order (invariant 8), allocate stock to
-     new orders in Kafka order, and write orders, items, movements and levels.
+  2. lock the intents' rows and read their facts and orders;
+  3. fold each intent's claimed events, in Kafka order, into new facts and
+     decisions (consumer/fold.py), and write the facts;
+  4. lock the stock rows touched, in SKU order (invariant 8); give back what
+     canceled orders took; allocate stock to new orders in the order their
+     payments were authorized; write orders, items, movements and levels;
+  5. bring existing orders up to date (status, refunds, dispute).
 The caller commits Kafka offsets only after this transaction has committed.
 """
 
@@ -13,14 +16,24 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from consumer.allocation import Cart, CartLine, OrderPlan, OrderStatus, allocate, skus_wanted
+from consumer.decisions import Allocation, Dispute, Facts, RefundSnapshot
 from consumer.decode import Envelope
-from consumer.fold import IntentFold, IntentState, Outcome, fold_intent
-from schemas import StripeEvent
+from consumer.fold import (
+    NOTHING_KNOWN,
+    Arrival,
+    IntentFold,
+    IntentState,
+    OrderView,
+    Outcome,
+    fold_intent,
+)
+from consumer.orders import write_orders
+from schemas import Refund
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 
@@ -65,23 +78,45 @@ async def apply_batch(conn: Connection, envelopes: list[Envelope]) -> BatchResul
         result.claimed = len(claimed)
         if not claimed:
             return result
-        by_intent: dict[str, list[StripeEvent]] = defaultdict(list)
+        by_intent: dict[str, list[Envelope]] = defaultdict(list)
         for envelope in claimed:
             intent_id = envelope.intent_id
             if intent_id is None:
                 result.outcomes[Outcome.IGNORED] += 1
                 continue
-            by_intent[intent_id].append(envelope.event)
-        states = await _lock_intents(conn, sorted(by_intent))
-        folds = [fold_intent(states[pid], events) for pid, events in by_intent.items()]
+            by_intent[intent_id].append(envelope)
+        states = await _lock_intents(conn, sorted(by_intent), _with_refund_objects(by_intent))
+        folds = [
+            fold_intent(states[pid], [e.event for e in group], _Arrivals(group))
+            for pid, group in by_intent.items()
+        ]
         # Before any order: from here on this transaction holds every intent's row.
         await _write_intents(conn, folds)
-        plans = await _place_orders(conn, folds)
-        await _write_orders(conn, plans)
+        await _write_refunds(conn, folds, states)
+        orders = await write_orders(conn, folds)
         await _record_outcomes(conn, claimed, folds, result)
-        for plan in plans:
-            result.orders[plan.status] += 1
+        result.orders.update(orders)
     return result
+
+
+class _Arrivals:
+    """Each envelope's arrival, read from its headers only when the fold asks (authorizations)."""
+
+    __slots__ = ("_envelopes",)
+
+    def __init__(self, envelopes: list[Envelope]) -> None:
+        self._envelopes = envelopes
+
+    def __getitem__(self, index: int) -> Arrival:
+        return self._envelopes[index].arrival
+
+
+def _with_refund_objects(by_intent: dict[str, list[Envelope]]) -> list[str]:
+    return sorted(
+        pid
+        for pid, group in by_intent.items()
+        if any(type(e.event.data.object) is Refund for e in group)
+    )
 
 
 async def _claim(conn: Connection, envelopes: list[Envelope]) -> list[Envelope]:
@@ -107,181 +142,171 @@ async def _claim(conn: Connection, envelopes: list[Envelope]) -> list[Envelope]:
     return [e for e in first.values() if e.event.id in won]
 
 
-async def _lock_intents(conn: Connection, intent_ids: list[str]) -> dict[str, IntentState]:
-    """Lock the intents that have a row and read every intent's state.
+_INTENT_COLUMNS = """
+    id, status, status_created, status_step, last_event_id, cancellation_reason,
+    charge_amount_refunded, charge_refunded,
+    dispute_id, dispute_status, dispute_amount, dispute_reason, dispute_created
+"""
+
+
+async def _lock_intents(
+    conn: Connection, intent_ids: list[str], with_refunds: list[str]
+) -> dict[str, IntentState]:
+    """Lock the intents that have a row and read every intent's facts and order.
 
     Intents with no row yet are inserted by `_write_intents`; a concurrent
     insert of the same intent is detected there and the batch retried.
     """
     rows = await conn.fetch(
-        """
-        SELECT id, status FROM payment_intents
-        WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE
-        """,
+        f"SELECT {_INTENT_COLUMNS} FROM payment_intents"
+        " WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
         intent_ids,
     )
-    with_orders = {
-        r["payment_intent_id"]
+    orders = {
+        r["payment_intent_id"]: OrderView(r["id"], Allocation(r["allocation"]), r["amount"])
         for r in await conn.fetch(
-            "SELECT payment_intent_id FROM orders WHERE payment_intent_id = ANY($1::text[])",
+            "SELECT id, payment_intent_id, allocation, amount FROM orders"
+            " WHERE payment_intent_id = ANY($1::text[])",
             intent_ids,
         )
     }
-    states = {pid: IntentState(pid, None, pid in with_orders, exists=False) for pid in intent_ids}
+    refunds: dict[str, dict[str, RefundSnapshot]] = defaultdict(dict)
+    if with_refunds:
+        for r in await conn.fetch(
+            "SELECT id, payment_intent_id, amount, status, status_created FROM refunds"
+            " WHERE payment_intent_id = ANY($1::text[])",
+            with_refunds,
+        ):
+            snapshot = RefundSnapshot(r["amount"], r["status"], r["status_created"])
+            refunds[r["payment_intent_id"]][r["id"]] = snapshot
+    states = {
+        pid: IntentState(pid, NOTHING_KNOWN, orders.get(pid), exists=False) for pid in intent_ids
+    }
     for r in rows:
-        states[r["id"]] = IntentState(r["id"], r["status"], r["id"] in with_orders, exists=True)
+        pid = r["id"]
+        states[pid] = IntentState(pid, _facts(r, refunds.get(pid, {})), orders.get(pid))
     return states
 
 
-async def _place_orders(conn: Connection, folds: list[IntentFold]) -> list[OrderPlan]:
-    requests = [f.create_order for f in folds if f.create_order is not None]
-    if not requests:
-        return []
-    carts = await _load_carts(conn, sorted({r.cart_id for r in requests if r.cart_id}))
-    skus = skus_wanted(requests, carts)
-    stock: dict[str, int] = {}
-    if skus:
-        rows = await conn.fetch(
-            """
-            SELECT sku, stocked_quantity FROM inventory_levels
-            WHERE sku = ANY($1::text[]) ORDER BY sku FOR UPDATE
-            """,
-            skus,
+def _facts(row: asyncpg.Record, refunds: dict[str, RefundSnapshot]) -> Facts:
+    dispute = None
+    if row["dispute_id"] is not None:
+        dispute = Dispute(
+            row["dispute_id"],
+            row["dispute_status"],
+            row["dispute_amount"],
+            row["dispute_reason"],
+            row["dispute_created"],
         )
-        stock = {r["sku"]: r["stocked_quantity"] for r in rows}
-    plans, _left = allocate(requests, carts, stock)
-    return plans
-
-
-async def _load_carts(conn: Connection, cart_ids: list[str]) -> dict[str, Cart]:
-    if not cart_ids:
-        return {}
-    rows = await conn.fetch(
-        """
-        SELECT c.id, c.currency, i.sku, i.quantity, i.unit_amount
-        FROM carts c LEFT JOIN cart_items i ON i.cart_id = c.id
-        WHERE c.id = ANY($1::text[]) ORDER BY c.id, i.id
-        """,
-        cart_ids,
+    return Facts(
+        status=row["status"],
+        status_created=row["status_created"],
+        status_step=row["status_step"],
+        status_event_id=row["last_event_id"],
+        cancellation_reason=row["cancellation_reason"],
+        charge_amount_refunded=row["charge_amount_refunded"],
+        charge_refunded=row["charge_refunded"],
+        refunds=refunds,
+        dispute=dispute,
     )
-    lines: dict[str, list[CartLine]] = defaultdict(list)
-    currency: dict[str, str] = {}
-    for r in rows:
-        currency[r["id"]] = r["currency"]
-        if r["sku"] is not None:
-            lines[r["id"]].append(CartLine(r["sku"], r["quantity"], r["unit_amount"]))
-    return {cid: Cart(cid, cur, tuple(lines[cid])) for cid, cur in currency.items()}
 
 
-async def _write_orders(conn: Connection, plans: list[OrderPlan]) -> None:
-    """Insert the planned orders with their items and stock effects."""
-    if not plans:
-        return
-    rows = await conn.fetch(
-        """
-        INSERT INTO orders
-            (payment_intent_id, cart_id, status, status_reason, amount, currency, source_event_id)
-        SELECT * FROM unnest(
-            $1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[])
-        RETURNING id, payment_intent_id
-        """,
-        [p.request.payment_intent_id for p in plans],
-        [p.request.cart_id for p in plans],
-        [str(p.status) for p in plans],
-        [p.reason for p in plans],
-        [p.request.amount for p in plans],
-        [p.request.currency for p in plans],
-        [p.request.event_id for p in plans],
-    )
-    order_ids: dict[str, int] = {r["payment_intent_id"]: r["id"] for r in rows}
-    items = [
-        (order_ids[p.request.payment_intent_id], line)
-        for p in plans
-        if p.cart is not None
-        for line in p.cart.lines
-    ]
-    if items:
-        await conn.execute(
-            """
-            INSERT INTO order_items (order_id, sku, quantity, unit_amount)
-            SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[])
-            """,
-            [oid for oid, _ in items],
-            [line.sku for _, line in items],
-            [line.quantity for _, line in items],
-            [line.unit_amount for _, line in items],
+def _intent_columns(folds: list[IntentFold]) -> list[list[Any]]:
+    """One array per column of `_INTENT_COLUMNS`, for unnest."""
+    columns: list[list[Any]] = [[] for _ in range(13)]
+    for fold in folds:
+        f = fold.state.facts
+        d = f.dispute
+        values = (
+            fold.state.payment_intent_id,
+            f.status,
+            f.status_created,
+            f.status_step,
+            f.status_event_id,
+            f.cancellation_reason,
+            f.charge_amount_refunded,
+            f.charge_refunded,
+            d and d.id,
+            d and d.status,
+            d and d.amount,
+            d and d.reason,
+            d and d.created,
         )
-    placed = [p for p in plans if p.status is OrderStatus.PLACED]
-    await _take_stock(conn, placed, order_ids)
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
 
 
-async def _take_stock(conn: Connection, placed: list[OrderPlan], order_ids: dict[str, int]) -> None:
-    movements = [
-        (sku, -qty, order_ids[p.request.payment_intent_id], p.request.event_id)
-        for p in placed
-        for sku, qty in sorted(p.taken.items())
-    ]
-    if not movements:
-        return
-    await conn.execute(
-        """
-        INSERT INTO inventory_movements (sku, quantity_delta, reason, order_id, event_id)
-        SELECT sku, delta, 'order', order_id, event_id
-        FROM unnest($1::text[], $2::int[], $3::bigint[], $4::text[])
-            AS m(sku, delta, order_id, event_id)
-        """,
-        [m[0] for m in movements],
-        [m[1] for m in movements],
-        [m[2] for m in movements],
-        [m[3] for m in movements],
-    )
-    taken: Counter[str] = Counter()
-    for sku, delta, _, _ in movements:
-        taken[sku] -= delta
-    skus = sorted(taken)
-    await conn.execute(
-        """
-        UPDATE inventory_levels l
-        SET stocked_quantity = l.stocked_quantity - t.qty, updated_at = now()
-        FROM unnest($1::text[], $2::int[]) AS t(sku, qty)
-        WHERE l.sku = t.sku
-        """,
-        skus,
-        [taken[s] for s in skus],
-    )
+_UNNEST_INTENTS = """
+    unnest($1::text[], $2::text[], $3::bigint[], $4::smallint[], $5::text[], $6::text[],
+           $7::bigint[], $8::bool[], $9::text[], $10::text[], $11::bigint[], $12::text[],
+           $13::bigint[])
+"""
 
 
 async def _write_intents(conn: Connection, folds: list[IntentFold]) -> None:
-    """Store each changed intent's new state; fail retriably if another writer raced us."""
+    """Store each changed intent's facts; fail retriably if another writer raced us."""
     changed = sorted((f for f in folds if f.changed), key=lambda f: f.state.payment_intent_id)
     known = [f for f in changed if f.state.exists]
     new = [f for f in changed if not f.state.exists]
     if known:
         await conn.execute(
-            """
+            f"""
             UPDATE payment_intents p
-            SET status = v.status, last_event_id = v.event_id, updated_at = now()
-            FROM unnest($1::text[], $2::text[], $3::text[]) AS v(id, status, event_id)
+            SET status = v.status, status_created = v.status_created,
+                status_step = v.status_step, last_event_id = v.last_event_id,
+                cancellation_reason = v.cancellation_reason,
+                charge_amount_refunded = v.charge_amount_refunded,
+                charge_refunded = v.charge_refunded, dispute_id = v.dispute_id,
+                dispute_status = v.dispute_status, dispute_amount = v.dispute_amount,
+                dispute_reason = v.dispute_reason, dispute_created = v.dispute_created,
+                updated_at = now()
+            FROM {_UNNEST_INTENTS} AS v({_INTENT_COLUMNS})
             WHERE p.id = v.id
             """,
-            [f.state.payment_intent_id for f in known],
-            [f.state.status for f in known],
-            [f.last_event_id for f in known],
+            *_intent_columns(known),
         )
     if new:
         inserted = await conn.fetch(
-            """
-            INSERT INTO payment_intents (id, status, last_event_id)
-            SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+            f"""
+            INSERT INTO payment_intents ({_INTENT_COLUMNS})
+            SELECT * FROM {_UNNEST_INTENTS}
             ON CONFLICT (id) DO NOTHING
             RETURNING id
             """,
-            [f.state.payment_intent_id for f in new],
-            [f.state.status for f in new],
-            [f.last_event_id for f in new],
+            *_intent_columns(new),
         )
         if len(inserted) != len(new):
             raise ConcurrentIntentWrite(f"{len(new) - len(inserted)} intents written concurrently")
+
+
+async def _write_refunds(
+    conn: Connection, folds: list[IntentFold], states: dict[str, IntentState]
+) -> None:
+    """Upsert the refund snapshots the batch made newer."""
+    rows = []
+    for fold in folds:
+        pid = fold.state.payment_intent_id
+        before = states[pid].facts.refunds
+        for refund_id, snapshot in fold.state.facts.refunds.items():
+            if before.get(refund_id) != snapshot:
+                rows.append((refund_id, pid, snapshot))
+    if not rows:
+        return
+    rows.sort(key=lambda row: row[0])
+    await conn.execute(
+        """
+        INSERT INTO refunds (id, payment_intent_id, amount, status, status_created)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[])
+        ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, status = excluded.status,
+            status_created = excluded.status_created, updated_at = now()
+        """,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2].amount for r in rows],
+        [r[2].status for r in rows],
+        [r[2].created for r in rows],
+    )
 
 
 async def _record_outcomes(

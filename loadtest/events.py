@@ -156,6 +156,14 @@ def charge_event(
     return event(charge, event_type)
 
 
+def refund_event(intent_id: str, *, amount: int, refunded: int | None = None) -> dict[str, Any]:
+    """`charge.refunded`: the intent's charge with `refunded` of its `amount` given back."""
+    evt = charge_event(intent_id, amount=amount, event_type="charge.refunded")
+    back = amount if refunded is None else refunded
+    evt["data"]["object"].update(amount_refunded=back, refunded=back >= amount)
+    return evt
+
+
 def encode(evt: dict[str, Any]) -> bytes:
     """The bytes Stripe would send: compact-ish JSON."""
     return json.dumps(evt, separators=(",", ":")).encode()

@@ -1,9 +1,11 @@
 """Generated storefront workloads: stock, carts, and the Stripe events that pay for them.
 
 Each intent has a cart of `lines_per_cart` lines, an authorization event, and
-(for `capture_ratio` of intents) a later capture; every event is delivered 1 to
-`max_copies` times, the extra copies at random later positions, as Stripe's
-retries arrive.
+(for `capture_ratio` of intents) a later capture, of which `refund_ratio` are
+then refunded in full; `cancel_ratio` of the intents that are not captured are
+canceled, a third of those with the cancellation published before the
+authorization. Every event is delivered 1 to `max_copies` times, the extra
+copies at random later positions, as Stripe's retries arrive.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def generate(
     lines_per_cart: int = 3,
     max_copies: int = 3,
     capture_ratio: float = 0.5,
+    cancel_ratio: float = 0.0,
+    refund_ratio: float = 0.0,
     stock_per_sku: int | None = None,
     seed: int = 7,
     prefix: str = "",
@@ -65,13 +69,21 @@ def generate(
         carts.append(cart)
         intent_id = f"pi_{prefix}{i:07d}"
         intent_ids.append(intent_id)
-        firsts.append(events.intent_event(intent_id, amount=cart.total, cart_id=cart_id))
+        auth = events.intent_event(intent_id, amount=cart.total, cart_id=cart_id)
+        firsts.append(auth)
         if rng.random() < capture_ratio:
             firsts.append(
                 events.intent_event(
                     intent_id, amount=cart.total, cart_id=cart_id, status="succeeded"
                 )
             )
+            if refund_ratio and rng.random() < refund_ratio:
+                firsts.append(events.refund_event(intent_id, amount=cart.total))
+        elif cancel_ratio and rng.random() < cancel_ratio:
+            cancel = events.intent_event(
+                intent_id, amount=cart.total, cart_id=cart_id, status="canceled"
+            )
+            firsts.insert(len(firsts) - 1 if rng.random() < 1 / 3 else len(firsts), cancel)
     # A retry arrives after the first delivery, anywhere later in the stream.
     keyed = [(float(i), evt) for i, evt in enumerate(firsts)]
     for i, evt in enumerate(firsts):

@@ -20,6 +20,8 @@ HEADER_ERROR = "error"
 HEADER_ERROR_DETAIL = "error-detail"
 HEADER_ORIGINAL_PARTITION = "original-partition"
 HEADER_ORIGINAL_OFFSET = "original-offset"
+# Added by `order-consumer dlq replay`: the dead letter (`<partition>:<offset>`) it came from.
+HEADER_REPLAYED_FROM = "replayed-from"
 
 
 def dlq_topic(topic: str) -> str:
@@ -29,6 +31,8 @@ def dlq_topic(topic: str) -> str:
 
 # Objects that name the payment intent they belong to in `payment_intent`.
 _NAME_THEIR_INTENT = frozenset({"charge", "dispute", "refund"})
+# Objects that name the charge they belong to in `charge`.
+_NAME_THEIR_CHARGE = frozenset({"dispute", "refund"})
 
 
 def payment_intent_key(event: dict[str, Any]) -> str | None:
@@ -37,7 +41,8 @@ def payment_intent_key(event: dict[str, Any]) -> str | None:
     `payment_intent.*` events carry the intent as `data.object`; `charge.*`
     events name it in `data.object.payment_intent`, on the charge, or on the
     dispute (`charge.dispute.*`) or the refund (`charge.refund.updated`). Events
-    that concern no payment intent return None.
+    that concern no payment intent return None (see `charge_key` for the charge
+    events among them).
     """
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
@@ -48,6 +53,30 @@ def payment_intent_key(event: dict[str, Any]) -> str | None:
         value = obj.get("id")
     elif kind in _NAME_THEIR_INTENT:
         value = obj.get("payment_intent")
+    else:
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def charge_key(event: dict[str, Any]) -> str | None:
+    """The fallback key of a charge, dispute or refund event that names no payment intent.
+
+    A charge made without a PaymentIntent (the legacy Charges API, a charge
+    created from a Source) has `payment_intent: null`, and so do its disputes
+    and refunds. Such an event is still published, keyed by the charge id, so
+    every event of one charge shares a partition and stays findable: the
+    charge's own `id`, or the `charge` a dispute or refund names. Events that
+    name no charge either return None.
+    """
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    kind = obj.get("object")
+    if kind == "charge":
+        value = obj.get("id")
+    elif kind in _NAME_THEIR_CHARGE:
+        value = obj.get("charge")
     else:
         return None
     return value if isinstance(value, str) and value else None

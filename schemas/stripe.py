@@ -6,7 +6,7 @@ does not know instead of rejecting it. Models are frozen value types.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -30,6 +30,11 @@ class PaymentIntent(_StripeModel):
     amount: Amount
     currency: Annotated[str, Field(max_length=16)]
     metadata: dict[str, str] = {}
+    # What the card issuer holds for a manual capture, and what was captured.
+    # Stripe always sends both; None (an event built by hand) authorizes nothing.
+    amount_capturable: Amount | None = None
+    amount_received: Amount | None = None
+    cancellation_reason: Annotated[str, Field(max_length=64)] | None = None
 
     @property
     def cart_id(self) -> str | None:
@@ -46,6 +51,42 @@ class Charge(_StripeModel):
     refunded: bool = False
 
 
+class Dispute(_StripeModel):
+    """A chargeback (`charge.dispute.*`): it names its intent since API 2020-03-02."""
+
+    object: Literal["dispute"]
+    id: StripeId
+    charge: StripeId | None = None
+    payment_intent: StripeId | None = None
+    amount: Amount = 0
+    currency: Annotated[str, Field(max_length=16)] = ""
+    reason: Annotated[str, Field(max_length=64)] = ""
+    status: Annotated[str, Field(max_length=64)] = ""
+
+
+class Refund(_StripeModel):
+    """A refund (`charge.refund.updated`): money going back on one charge."""
+
+    object: Literal["refund"]
+    id: StripeId
+    charge: StripeId | None = None
+    payment_intent: StripeId | None = None
+    amount: Amount = 0
+    currency: Annotated[str, Field(max_length=16)] = ""
+    status: Annotated[str, Field(max_length=64)] = ""
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _status_may_be_null(cls, value: Any) -> Any:
+        # Stripe's spec has the refund's status nullable (stripe-python types it
+        # Optional[str]): a null one is a refund of no known state, not poison.
+        return "" if value is None else value
+
+
+# The object kinds that have a model of their own.
+MODELLED_OBJECTS = frozenset({"payment_intent", "charge", "dispute", "refund"})
+
+
 class OtherObject(_StripeModel):
     """Any other Stripe object (customer, invoice, …): only its kind and id are read."""
 
@@ -55,8 +96,8 @@ class OtherObject(_StripeModel):
     @field_validator("object")
     @classmethod
     def _not_a_kind_we_read(cls, value: str) -> str:
-        # A payment intent or charge that failed its own model must not pass as "other".
-        if value in ("payment_intent", "charge"):
+        # An object of a modelled kind that failed its own model must not pass as "other".
+        if value in MODELLED_OBJECTS:
             raise ValueError(f"an invalid {value} object")
         return value
 
@@ -64,7 +105,9 @@ class OtherObject(_StripeModel):
 # Tried in order; each model's `object` literal rejects the wrong kind at once.
 # (A callable discriminator would make pydantic build the whole object as Python
 # data first, which doubled the consumer's decoding time.)
-StripeObject = Annotated[PaymentIntent | Charge | OtherObject, Field(union_mode="left_to_right")]
+StripeObject = Annotated[
+    PaymentIntent | Charge | Dispute | Refund | OtherObject, Field(union_mode="left_to_right")
+]
 
 
 class EventData(_StripeModel):
@@ -86,17 +129,6 @@ class StripeEvent(_StripeModel):
         # ABC check, and this runs several times per event on the consumer's hot path.
         if type(obj) is PaymentIntent:
             return obj.id
-        if type(obj) is Charge:
+        if type(obj) is Charge or type(obj) is Dispute or type(obj) is Refund:
             return obj.payment_intent
         return None
-
-
-# Event types intentflow gives meaning to. Stripe has no `payment_intent.authorized`;
-# some teams use that name internally, so it is accepted as a synonym.
-AUTHORIZATION_EVENTS = frozenset(
-    {
-        "payment_intent.amount_capturable_updated",
-        "payment_intent.authorized",
-        "payment_intent.succeeded",
-    }
-)

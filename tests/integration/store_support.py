@@ -12,7 +12,9 @@ from schemas import StripeEvent
 
 def envelope(payload: dict[str, object], offset: int = 0) -> Envelope:
     """A decoded event as the worker hands it to `apply_batch`."""
-    record = SimpleNamespace(topic="t", partition=0, offset=offset, key=None, value=None)
+    record = SimpleNamespace(
+        topic="t", partition=0, offset=offset, key=None, value=None, headers=[]
+    )
     event = StripeEvent.model_validate(payload)
     return Envelope(event, record, event.payment_intent_id)
 

@@ -13,9 +13,10 @@ from aiokafka.partitioner import murmur2
 from devservices import Services
 from devservices.embedded import EmbeddedKafka, free_port
 from devservices.topics import create_topics
-from loadtest.events import charge_event, encode, intent_event, new_id
+from loadtest.events import charge_event, encode, event, intent_event, new_id
 from loadtest.signing import stripe_signature
 from producer.app import WEBHOOK_PATH
+from producer.webhook import THIN_EVENT_REASON
 from schemas import HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_RECEIVED_AT
 from tests.integration.bridge_support import (
     SECRET,
@@ -116,8 +117,93 @@ async def test_an_event_about_no_payment_intent_is_acknowledged_and_not_publishe
     assert await topic_size(infra.kafka_bootstrap_servers, topic) == 0
 
 
+async def test_a_dispute_and_a_refund_land_on_their_intents_partition_keyed_by_the_intent(
+    infra: Services, topic: str
+) -> None:
+    """DESIGN: every event of an intent, its disputes and refunds too, shares its partition."""
+    settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
+    intent, charge = new_id("pi"), new_id("ch")
+    dispute = {
+        "id": new_id("dp"),
+        "object": "dispute",
+        "amount": 500,
+        "charge": charge,
+        "currency": "usd",
+        "evidence": {"customer_name": None},
+        "payment_intent": intent,
+        "reason": "fraudulent",
+        "status": "needs_response",
+    }
+    refund = {
+        "id": new_id("re"),
+        "object": "refund",
+        "amount": 200,
+        "charge": charge,
+        "currency": "usd",
+        "payment_intent": intent,
+        "status": "succeeded",
+    }
+    bodies = [
+        encode(intent_event(intent, amount=500, cart_id="c", status="succeeded")),
+        encode(event(dispute, "charge.dispute.created")),
+        encode(event(refund, "charge.refund.updated")),
+    ]
+
+    async with running_bridge(settings) as client:
+        answers = [await post_webhook(client, body) for body in bodies]
+
+    assert [(a.status_code, a.json()["outcome"]) for a in answers] == [(200, "published")] * 3
+    records = await read_topic(infra.kafka_bootstrap_servers, topic, expected=3)
+    assert [r.value for r in records] == bodies
+    assert {r.key for r in records} == {intent.encode()}
+    assert {r.partition for r in records} == {java_partition(intent.encode())}
+    assert [dict(r.headers)[HEADER_EVENT_TYPE] for r in records] == [
+        b"payment_intent.succeeded",
+        b"charge.dispute.created",
+        b"charge.refund.updated",
+    ]
+
+
+async def test_a_charge_without_an_intent_lands_keyed_by_its_charge_id_and_counted_apart(
+    infra: Services, topic: str
+) -> None:
+    """A legacy Charges API charge (`payment_intent: null`) and its dispute stay findable."""
+    settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
+    charge = new_id("ch")
+    charge_payload = charge_event("pi_unused", amount=900, event_type="charge.succeeded")
+    charge_payload["data"]["object"].update(id=charge, payment_intent=None)
+    dispute = {"id": new_id("dp"), "object": "dispute", "charge": charge, "payment_intent": None}
+    bodies = [encode(charge_payload), encode(event(dispute, "charge.dispute.created"))]
+
+    async with running_bridge(settings) as client:
+        answers = [await post_webhook(client, body) for body in bodies]
+        metrics = (await client.get("/metrics")).text
+
+    assert [a.json()["outcome"] for a in answers] == ["published_without_intent"] * 2
+    assert 'bridge_webhooks_total{outcome="published_without_intent"} 2.0' in metrics
+    records = await read_topic(infra.kafka_bootstrap_servers, topic, expected=2)
+    assert [r.value for r in records] == bodies
+    assert {r.key for r in records} == {charge.encode()}
+    assert {r.partition for r in records} == {java_partition(charge.encode())}
+
+
 GOOD = encode(intent_event("pi_refused", amount=1, cart_id="c"))
 STALE = stripe_signature(GOOD, SECRET, int(time.time()) - 3600)
+# What an event destination set to send thin payloads POSTs: no object snapshot.
+THIN = orjson.dumps(
+    {
+        "id": "evt_test_65R9Ijk8mF0KbtxQsDS16SXfR9nxC0Ia7iKSU0Vyb9U",
+        "object": "v2.core.event",
+        "type": "v1.payment_intent.succeeded",
+        "created": "2025-07-01T12:00:00.000Z",
+        "livemode": False,
+        "related_object": {
+            "id": "pi_thin",
+            "type": "payment_intent",
+            "url": "/v1/payment_intents/pi_thin",
+        },
+    }
+)
 
 
 @pytest.mark.parametrize(
@@ -130,6 +216,7 @@ STALE = stripe_signature(GOOD, SECRET, int(time.time()) - 3600)
         ("POST", b"not json", None, 400, "not a Stripe event"),
         ("POST", b'["an array"]', None, 400, "not a Stripe event"),
         ("POST", b'{"id":"evt_1","type":"x"}', None, 400, "not a Stripe event"),
+        ("POST", THIN, None, 400, THIN_EVENT_REASON),
         ("POST", b"{" + b" " * (512 * 1024) + b"}", None, 413, "body over 524288 bytes"),
         ("GET", b"", None, 405, None),
         ("PUT", GOOD, None, 405, None),
@@ -142,6 +229,7 @@ STALE = stripe_signature(GOOD, SECRET, int(time.time()) - 3600)
         "not-json",
         "not-object",
         "no-data",
+        "thin",
         "oversized",
         "get",
         "put",

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 import asyncpg
 import pytest
 
-import consumer.store
-from consumer.allocation import Cart, OrderPlan, OrderStatus
-from consumer.fold import CreateOrder
+import consumer.orders
+from consumer.allocation import Cart, OrderPlan
+from consumer.decisions import Allocation, OrderStatus, PlaceOrder
 from consumer.store import apply_batch
 from loadtest import events
 from tests.integration.store_support import envelope
@@ -37,8 +37,8 @@ async def constraint_def(db: asyncpg.Connection, exc: asyncpg.PostgresError) -> 
 
 async def insert_order(db: asyncpg.Connection, pi: str, status: str = "placed") -> None:
     await db.execute(
-        "INSERT INTO orders (payment_intent_id, cart_id, status, amount, currency) "
-        "VALUES ($1, 'cart-1', $2, 100, 'usd')",
+        "INSERT INTO orders (payment_intent_id, cart_id, status, allocation, amount, currency) "
+        "VALUES ($1, 'cart-1', $2, 'placed', 100, 'usd')",
         pi,
         status,
     )
@@ -80,16 +80,16 @@ async def test_an_allocation_that_oversells_is_refused_whole_by_the_database(
     """The CHECK is the backstop behind allocation: the batch rolls back, inbox claims too."""
 
     def place_everything(
-        requests: list[CreateOrder], carts: Mapping[str, Cart], stock: Mapping[str, int]
+        requests: list[PlaceOrder], carts: Mapping[str, Cart], stock: Mapping[str, int]
     ) -> tuple[list[OrderPlan], dict[str, int]]:
         """Allocation with its stock check taken out."""
         plans = []
         for request in requests:
             cart = carts[request.cart_id or ""]
-            plans.append(OrderPlan(request, cart, OrderStatus.PLACED, None, cart.demand()))
+            plans.append(OrderPlan(request, cart, Allocation.PLACED, None, cart.demand()))
         return plans, dict(stock)
 
-    monkeypatch.setattr(consumer.store, "allocate", place_everything)
+    monkeypatch.setattr(consumer.orders, "allocate", place_everything)
     await seed_stock(db, {"sku-a": 3})
     batch = []
     for i in range(2):
@@ -157,6 +157,41 @@ async def test_orders_take_every_status_the_code_writes_and_no_other(
             await insert_order(db, f"pi_{bad}", status=bad)
         assert "status" in await constraint_def(db, refused.value)
     assert await db.fetchval("SELECT count(*) FROM orders") == len(OrderStatus)
+
+
+async def test_an_order_records_what_allocation_decided_and_nothing_else(
+    db: asyncpg.Connection,
+) -> None:
+    with pytest.raises(asyncpg.CheckViolationError) as refused:
+        await db.execute(
+            "INSERT INTO orders (payment_intent_id, status, allocation, amount, currency) "
+            "VALUES ('pi_x', 'placed', 'shipped', 100, 'usd')"
+        )
+    assert "allocation" in await constraint_def(db, refused.value)
+
+
+# Stock is taken once and given back once per order and SKU (the cancellation's backstop).
+
+
+async def test_a_second_cancellation_movement_for_one_order_and_sku_is_refused(
+    db: asyncpg.Connection,
+) -> None:
+    insert = (
+        "INSERT INTO inventory_movements (sku, quantity_delta, reason, order_id, event_id) "
+        "VALUES ('sku-a', $1, $2, 7, 'evt_1')"
+    )
+    await db.execute(insert, -2, "order")
+    await db.execute(insert, 2, "cancellation")
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await db.execute(insert, 2, "cancellation")
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await db.execute(insert, -2, "order")
+    # Movements of no order (restocks, adjustments) are not limited.
+    for _ in range(2):
+        await db.execute(
+            "INSERT INTO inventory_movements (sku, quantity_delta, reason) "
+            "VALUES ('sku-a', 5, 'restock')"
+        )
 
 
 # Invariant 4: every change of a level has a movement that says why.

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from consumer.deadletter import DeadLetterRefused
-from consumer.migrate import migrate
+from consumer.migrate import migrate, needed_version
 from consumer.preflight import StartupError
 from consumer.worker import Worker
 from devservices import Services
@@ -164,7 +164,8 @@ async def test_a_consumer_that_outwaits_its_start_up_deadline_says_to_migrate(
     infra: Services, empty_database_url: str, topic: str
 ) -> None:
     settings = consumer_settings(infra, empty_database_url, topic, startup_timeout_s=0.3)
-    with pytest.raises(StartupError, match="version 0 and this code needs 1: run `order-consumer"):
+    needs = f"version 0 and this code needs {needed_version()}: run `order-consumer"
+    with pytest.raises(StartupError, match=needs):
         async with Worker(settings):
             pass
 

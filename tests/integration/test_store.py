@@ -52,3 +52,46 @@ async def test_an_intent_created_concurrently_is_retried_not_ordered_twice(
     assert state.orders == {"pi_1": "placed"}
     assert state.levels == {"sku-a": 4}
     assert await db.fetchval("SELECT status FROM payment_intents") == "succeeded"
+
+
+async def test_a_whole_history_applied_again_without_its_inbox_rows_changes_nothing(
+    db: asyncpg.Connection,
+) -> None:
+    """The second mechanism behind "one effect per event": the fold itself is idempotent.
+
+    The inbox absorbs a copy it still holds; once pruned (or for a copy under a
+    new event id), the facts merge to the same values and no decision follows.
+    """
+    await seed_stock(db, {"sku-a": 5, "sku-b": 5})
+    history = []
+    for i, fate in enumerate(("canceled", "refunded", "placed")):
+        total = await seed_cart(db, f"cart-{i}", [("sku-a", 2, 100), ("sku-b", 1, 50)])
+        pi = f"pi_{i}"
+        history.append(events.intent_event(pi, amount=total, cart_id=f"cart-{i}"))
+        if fate == "canceled":
+            history.append(
+                events.intent_event(pi, amount=total, cart_id=f"cart-{i}", status="canceled")
+            )
+        if fate == "refunded":
+            history.append(
+                events.intent_event(pi, amount=total, cart_id=f"cart-{i}", status="succeeded")
+            )
+            history.append(events.refund_event(pi, amount=total))
+    for offset, payload in enumerate(history):
+        await apply_batch(db, [envelope(payload, offset)])
+    before = await snapshot(db)
+    movements = await db.fetchval("SELECT count(*) FROM inventory_movements")
+    assert before.orders == {"pi_0": "canceled", "pi_1": "refunded", "pi_2": "placed"}
+    assert before.levels == {"sku-a": 1, "sku-b": 3}
+
+    await db.execute("DELETE FROM processed_events")  # as `order-consumer prune` would
+    again = await apply_batch(db, [envelope(p, 100 + i) for i, p in enumerate(history)])
+    assert again.claimed == len(history) and not again.orders
+    assert set(again.outcomes) == {"stale"}
+    after = await snapshot(db)
+    assert (after.orders, after.levels, after.movements) == (
+        before.orders,
+        before.levels,
+        before.movements,
+    )
+    assert await db.fetchval("SELECT count(*) FROM inventory_movements") == movements

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from consumer.allocation import Cart, CartLine, OrderStatus, allocate, review_reason, skus_wanted
-from consumer.fold import CreateOrder
+from consumer.allocation import Cart, CartLine, allocate, review_reason, skus_wanted
+from consumer.decisions import Allocation as OrderStatus
+from consumer.decisions import PlaceOrder
 
 
-def request(pi: str, cart_id: str | None, amount: int, currency: str = "usd") -> CreateOrder:
-    return CreateOrder(pi, cart_id, amount, currency, f"evt_{pi}")
+def request(
+    pi: str,
+    cart_id: str | None,
+    amount: int,
+    currency: str = "usd",
+    authorized: int | None = None,
+) -> PlaceOrder:
+    held = amount if authorized is None else authorized
+    return PlaceOrder(pi, cart_id, amount, currency, held, f"evt_{pi}", (0, 0, 0, 0))
 
 
 def cart(cart_id: str, *lines: tuple[str, int, int], currency: str = "usd") -> Cart:
@@ -81,3 +89,20 @@ def test_needs_review_orders_take_no_stock_and_lock_no_rows() -> None:
 def test_skus_wanted_is_sorted_for_the_global_lock_order() -> None:
     carts = {"c1": cart("c1", ("z", 1, 1), ("a", 1, 1), ("m", 1, 1))}
     assert skus_wanted([request("p", "c1", 3)], carts) == ["a", "m", "z"]
+
+
+def test_a_partial_authorization_is_reviewed_not_placed() -> None:
+    carts = {"c1": cart("c1", ("a", 1, 1000))}
+    short = request("pi_1", "c1", 1000, authorized=999)
+    assert review_reason(short, carts["c1"]) == "authorization_short"
+    plans, left = allocate([short], carts, {"a": 5})
+    assert (plans[0].status, plans[0].reason, left) == (
+        OrderStatus.NEEDS_REVIEW,
+        "authorization_short",
+        {"a": 5},
+    )
+
+
+def test_an_authorization_of_more_than_the_cart_is_placed() -> None:
+    carts = {"c1": cart("c1", ("a", 1, 1000))}
+    assert review_reason(request("pi_1", "c1", 1000, authorized=1200), carts["c1"]) is None

@@ -1,4 +1,4 @@
-"""The pure fold of one intent's events: ordering, finality, one order per intent."""
+"""The pure fold of one intent's events: its facts, its one order, and the decisions that follow."""
 
 from __future__ import annotations
 
@@ -7,33 +7,95 @@ from typing import Any
 
 import pytest
 
-from consumer.fold import IntentState, Outcome, fold_intent, moves_forward
+from consumer.decisions import (
+    Allocation,
+    CancelOrder,
+    Decision,
+    PlaceOrder,
+    RecordDispute,
+    RecordRefund,
+)
+from consumer.fold import IntentFold, IntentState, OrderView, Outcome, fold_intent
 from loadtest import events
 from schemas import StripeEvent
 
+T0 = 1_790_000_000
 
-def ev(status: str, event_type: str | None = None, **kw: Any) -> StripeEvent:
-    payload = events.intent_event(
-        "pi_1",
-        amount=kw.pop("amount", 1000),
-        cart_id="cart-1",
-        status=status,
-        event_type=event_type,
+
+def ev(
+    status: str,
+    event_type: str | None = None,
+    *,
+    created: int = T0,
+    amount: int = 1000,
+    capturable: int | None = None,
+    reason: str | None = None,
+) -> StripeEvent:
+    intent = events.payment_intent(
+        "pi_1", amount=amount, cart_id="cart-1", status=status, created=created
     )
+    if capturable is not None:
+        intent["amount_capturable"] = capturable
+    intent["cancellation_reason"] = reason
+    return StripeEvent.model_validate(
+        events.event(intent, event_type or events.EVENT_TYPE_OF_STATUS[status])
+    )
+
+
+def charge_ev(event_type: str, *, created: int = T0, **fields: Any) -> StripeEvent:
+    payload = events.charge_event("pi_1", amount=1000, event_type=event_type)
+    payload["created"] = created
+    payload["data"]["object"].update(fields)
     return StripeEvent.model_validate(payload)
 
 
+def other_ev(obj: dict[str, Any], event_type: str, *, created: int = T0) -> StripeEvent:
+    payload = events.event({"payment_intent": "pi_1", **obj}, event_type)
+    payload["created"] = created
+    return StripeEvent.model_validate(payload)
+
+
+def dispute_ev(status: str, *, created: int = T0, dispute_id: str = "dp_1") -> StripeEvent:
+    obj = {"object": "dispute", "id": dispute_id, "charge": "ch_1", "amount": 1000}
+    return other_ev(
+        {**obj, "reason": "fraudulent", "status": status}, "charge.dispute.updated", created=created
+    )
+
+
+def refund_ev(
+    status: str, amount: int, *, created: int = T0, refund_id: str = "re_1"
+) -> StripeEvent:
+    obj = {"object": "refund", "id": refund_id, "charge": "ch_1", "amount": amount}
+    return other_ev({**obj, "status": status}, "charge.refund.updated", created=created)
+
+
 NEW = IntentState("pi_1")
+ORDER = OrderView(id=1, allocation=Allocation.PLACED, amount=1000)
 
 
-def test_authorization_creates_one_order_from_the_intent() -> None:
-    auth = ev("requires_capture")
-    fold = fold_intent(NEW, [auth])
-    assert fold.create_order is not None
-    assert (fold.create_order.cart_id, fold.create_order.amount) == ("cart-1", 1000)
-    assert fold.create_order.event_id == auth.id
-    assert fold.state == IntentState("pi_1", "requires_capture", has_order=True)
-    assert fold.outcomes == ((auth.id, Outcome.APPLIED),)
+def with_order(fold: IntentFold) -> IntentState:
+    """The state after `fold`, as the store would read it back once the order exists."""
+    return IntentState("pi_1", fold.state.facts, ORDER)
+
+
+def kinds(decisions: tuple[Decision, ...]) -> list[type]:
+    return [type(d) for d in decisions]
+
+
+def outcomes(fold: IntentFold) -> list[Outcome]:
+    return [o for _, o in fold.outcomes]
+
+
+# Authorization and the one order.
+
+
+def test_authorization_places_one_order_from_the_intent() -> None:
+    auth = ev("requires_capture", capturable=900)
+    fold = fold_intent(NEW, [auth], [(5, 2, 7)])
+    (place,) = fold.decisions
+    assert place == PlaceOrder("pi_1", "cart-1", 1000, "usd", 900, auth.id, (T0, 5, 2, 7))
+    assert fold.state.facts.status == "requires_capture"
+    assert outcomes(fold) == [Outcome.APPLIED]
 
 
 @pytest.mark.parametrize(
@@ -44,69 +106,206 @@ def test_authorization_creates_one_order_from_the_intent() -> None:
         "payment_intent.succeeded",
     ],
 )
-def test_every_authorization_synonym_creates_an_order(event_type: str) -> None:
+def test_every_authorization_synonym_places_an_order(event_type: str) -> None:
     status = "succeeded" if event_type.endswith("succeeded") else "requires_capture"
-    assert fold_intent(NEW, [ev(status, event_type)]).create_order is not None
+    (place,) = fold_intent(NEW, [ev(status, event_type)]).decisions
+    assert isinstance(place, PlaceOrder) and place.amount_authorized == 1000
+
+
+def test_a_captured_payment_counts_what_was_received() -> None:
+    succeeded = ev("succeeded")
+    assert succeeded.data.object.amount_received == 1000  # type: ignore[union-attr]
+    (place,) = fold_intent(NEW, [succeeded]).decisions
+    assert isinstance(place, PlaceOrder) and place.amount_authorized == 1000
 
 
 def test_an_intent_that_already_has_an_order_gets_no_second_one() -> None:
-    existing = IntentState("pi_1", "requires_capture", has_order=True)
-    fold = fold_intent(existing, [ev("succeeded")])
-    assert fold.create_order is None
-    assert fold.state.status == "succeeded"
+    existing = with_order(fold_intent(NEW, [ev("requires_capture")]))
+    fold = fold_intent(existing, [ev("succeeded", created=T0 + 60)])
+    assert fold.decisions == ()
+    assert fold.state.facts.status == "succeeded"
 
 
 def test_capture_after_authorization_in_one_batch_is_one_order() -> None:
-    fold = fold_intent(NEW, [ev("requires_capture"), ev("succeeded")])
-    assert fold.create_order is not None
-    assert fold.state.status == "succeeded"
-    assert [o for _, o in fold.outcomes] == [Outcome.APPLIED, Outcome.APPLIED]
+    auth, capture = ev("requires_capture"), ev("succeeded", created=T0 + 5)
+    fold = fold_intent(NEW, [auth, capture], [(9, 0, 1), (3, 0, 2)])
+    (place,) = fold.decisions
+    assert isinstance(place, PlaceOrder) and place.event_id == auth.id
+    assert place.paid_key == (T0, 9, 0, 1)  # the earliest authorization
+    assert fold.state.facts.status == "succeeded"
+    assert outcomes(fold) == [Outcome.APPLIED, Outcome.APPLIED]
 
 
-def test_an_event_that_would_move_the_intent_backwards_is_stale() -> None:
+# Status: Stripe's state machine, not a rank of statuses.
+
+
+def test_an_older_status_is_stale() -> None:
     late_auth = ev("requires_capture")
-    fold = fold_intent(IntentState("pi_1", "succeeded", has_order=True), [late_auth])
+    state = with_order(fold_intent(NEW, [ev("succeeded", created=T0 + 9)]))
+    fold = fold_intent(state, [late_auth])
     assert fold.outcomes == ((late_auth.id, Outcome.STALE),)
-    assert fold.state.status == "succeeded"
-    assert not fold.changed
+    assert fold.state.facts.status == "succeeded" and not fold.changed
 
 
-def test_canceled_is_final_and_blocks_a_late_authorization() -> None:
-    fold = fold_intent(NEW, [ev("canceled"), ev("requires_capture")])
-    assert fold.create_order is None
-    assert fold.state.status == "canceled"
-    assert [o for _, o in fold.outcomes] == [Outcome.APPLIED, Outcome.STALE]
+def test_a_failure_after_3d_secure_in_the_same_second_is_not_stale() -> None:
+    challenge = ev("requires_action")
+    failed = ev("requires_payment_method", "payment_intent.payment_failed")
+    for order in ([challenge, failed], [failed, challenge]):
+        fold = fold_intent(NEW, order)
+        assert fold.state.facts.status == "requires_payment_method"
+    in_order = fold_intent(with_order(fold_intent(NEW, [challenge])), [failed])
+    assert outcomes(in_order) == [Outcome.APPLIED]
 
 
-def test_events_without_a_known_intent_status_are_ignored() -> None:
-    charge = StripeEvent.model_validate(events.charge_event("pi_1", amount=1000))
+def test_a_debit_that_was_processing_can_fail_days_later() -> None:
+    processing = ev("processing")
+    failed = ev("requires_payment_method", "payment_intent.payment_failed", created=T0 + 86400)
+    state = fold_intent(NEW, [processing]).state
+    fold = fold_intent(state, [failed])
+    assert outcomes(fold) == [Outcome.APPLIED]
+    assert fold.state.facts.status == "requires_payment_method"
+    # Delivered the other way round, the earlier `processing` is what is stale.
+    late = fold_intent(fold_intent(NEW, [failed]).state, [processing])
+    assert outcomes(late) == [Outcome.STALE]
+    assert late.state.facts.status == "requires_payment_method"
+
+
+def test_a_retry_after_a_failure_can_still_succeed() -> None:
+    failed = ev("requires_payment_method", "payment_intent.payment_failed")
+    fold = fold_intent(NEW, [ev("succeeded", created=T0 + 30), failed])
+    assert fold.state.facts.status == "succeeded"
+    assert kinds(fold.decisions) == [PlaceOrder]
+
+
+def test_the_authorization_outranks_every_earlier_status_of_a_later_second() -> None:
+    fold = fold_intent(NEW, [ev("requires_capture"), ev("processing", created=T0 + 1)])
+    assert fold.state.facts.status == "requires_capture"
+
+
+# Cancellation and expiry.
+
+
+def test_a_cancel_after_the_order_gives_the_stock_back_once() -> None:
+    state = with_order(fold_intent(NEW, [ev("requires_capture")]))
+    cancel = ev("canceled", created=T0 + 60, reason="requested_by_customer")
+    fold = fold_intent(state, [cancel, cancel])
+    assert fold.decisions == (CancelOrder("pi_1", cancel.id),)
+    assert fold.state.facts.cancellation_reason == "requested_by_customer"
+    assert outcomes(fold) == [Outcome.APPLIED, Outcome.STALE]
+    again = fold_intent(IntentState("pi_1", fold.state.facts, ORDER), [cancel])
+    assert again.decisions == ()
+
+
+def test_a_cancel_before_the_authorization_makes_the_order_canceled_from_the_start() -> None:
+    cancel = ev("canceled", created=T0 + 60, reason="requested_by_customer")
+    auth = ev("requires_capture")
+    canceled = fold_intent(NEW, [cancel]).state
+    assert canceled.facts.canceled
+    fold = fold_intent(canceled, [auth])
+    (place,) = fold.decisions
+    assert isinstance(place, PlaceOrder)
+    assert fold.state.facts.canceled  # the store creates it `skipped`: canceled, no stock
+    assert outcomes(fold) == [Outcome.APPLIED]
+
+
+def test_an_expired_authorization_cancels_the_order() -> None:
+    state = with_order(fold_intent(NEW, [ev("requires_capture")]))
+    expired = charge_ev("charge.expired", created=T0 + 7 * 86400, status="failed")
+    fold = fold_intent(state, [expired])
+    assert kinds(fold.decisions) == [CancelOrder]
+    assert (fold.state.facts.status, fold.state.facts.cancellation_reason) == (
+        "canceled",
+        "expired",
+    )
+    # Stripe's own cancellation of the intent that follows changes no stock again.
+    then = fold_intent(
+        IntentState("pi_1", fold.state.facts, ORDER),
+        [ev("canceled", created=T0 + 7 * 86400, reason="automatic")],
+    )
+    assert CancelOrder not in kinds(then.decisions)
+
+
+# Refunds and disputes.
+
+
+def test_a_partial_then_a_full_refund_records_each_amount() -> None:
+    state = with_order(fold_intent(NEW, [ev("succeeded")]))
+    partial = charge_ev("charge.refunded", created=T0 + 10, amount_refunded=300)
+    full = charge_ev("charge.refunded", created=T0 + 20, amount_refunded=1000, refunded=True)
+    first = fold_intent(state, [partial])
+    assert first.decisions == (RecordRefund("pi_1"),)
+    assert first.state.facts.amount_refunded == 300
+    assert not first.state.facts.refunded_in_full(1000)
+    second = fold_intent(IntentState("pi_1", first.state.facts, ORDER), [full, partial])
+    assert second.state.facts.amount_refunded == 1000
+    assert second.state.facts.refunded_in_full(1000)
+    assert outcomes(second) == [Outcome.APPLIED, Outcome.STALE]
+
+
+def test_a_refund_object_counts_until_it_fails() -> None:
+    state = with_order(fold_intent(NEW, [ev("succeeded")]))
+    pending = refund_ev("pending", 400, created=T0 + 10)
+    failed = refund_ev("failed", 400, created=T0 + 20)
+    counted = fold_intent(state, [pending])
+    assert counted.state.facts.amount_refunded == 400
+    for order in ([pending, failed], [failed, pending]):
+        fold = fold_intent(state, order)
+        assert fold.state.facts.amount_refunded == 0
+
+
+def test_a_dispute_marks_the_order_until_it_is_won() -> None:
+    state = with_order(fold_intent(NEW, [ev("succeeded")]))
+    opened = dispute_ev("needs_response", created=T0 + 10)
+    won = dispute_ev("won", created=T0 + 40)
+    fold = fold_intent(state, [opened])
+    assert fold.decisions == (RecordDispute("pi_1"),)
+    dispute = fold.state.facts.dispute
+    assert dispute is not None and dispute.against_us and dispute.reason == "fraudulent"
+    for order in ([opened, won], [won, opened]):
+        final = fold_intent(state, order).state.facts.dispute
+        assert final is not None and final.status == "won" and not final.against_us
+
+
+def test_events_without_a_meaning_are_ignored() -> None:
+    customer = StripeEvent.model_validate(
+        events.event({"object": "customer", "id": "cus_1"}, "customer.created")
+    )
+    fold = fold_intent(NEW, [customer])
+    assert fold.outcomes == ((customer.id, Outcome.IGNORED),)
+    assert fold.decisions == () and not fold.changed
+
+
+def test_a_charge_that_tells_nothing_new_is_stale() -> None:
+    charge = charge_ev("charge.succeeded")
     fold = fold_intent(NEW, [charge])
-    assert fold.outcomes == ((charge.id, Outcome.IGNORED),)
-    assert fold.create_order is None and not fold.changed
+    assert fold.outcomes == ((charge.id, Outcome.STALE),)
 
 
-LIFE = ["requires_payment_method", "requires_action", "processing", "requires_capture", "succeeded"]
+# Any delivery order, any batching, any duplicates: the same facts and one order.
+
+LIFE = [
+    ev("requires_payment_method", "payment_intent.created"),
+    ev("requires_action"),
+    ev("requires_payment_method", "payment_intent.payment_failed"),
+    ev("processing", created=T0 + 1),
+    ev("requires_capture", created=T0 + 1),
+    ev("succeeded", created=T0 + 2),
+    charge_ev("charge.refunded", created=T0 + 3, amount_refunded=1000, refunded=True),
+]
 
 
-@pytest.mark.parametrize("order", list(itertools.permutations(LIFE)))
-def test_final_state_does_not_depend_on_arrival_order(order: tuple[str, ...]) -> None:
-    evts = [ev(s) for s in order]
-    fold = fold_intent(NEW, evts)
-    assert fold.state.status == "succeeded"
-    assert fold.create_order is not None  # whichever authorization arrived first made it
-    # Folding the same events one at a time, across batches, ends the same way.
-    state, orders = NEW, 0
-    for e in evts:
+@pytest.mark.parametrize("order", list(itertools.permutations(range(len(LIFE))))[::60])
+def test_the_final_facts_do_not_depend_on_arrival_order(order: tuple[int, ...]) -> None:
+    evts = [LIFE[i] for i in order]
+    at_once = fold_intent(NEW, evts)
+    assert kinds(at_once.decisions) == [PlaceOrder]
+    state, places = NEW, 0
+    for e in [*evts, evts[0]]:  # one at a time, across batches, with a duplicate
         step = fold_intent(state, [e])
-        state, orders = step.state, orders + (step.create_order is not None)
-    assert state.status == "succeeded" and orders == 1
-
-
-def test_moves_forward_rules() -> None:
-    assert moves_forward(None, "requires_payment_method")
-    assert moves_forward("requires_action", "requires_capture")
-    assert moves_forward("requires_capture", "requires_capture")
-    assert not moves_forward("requires_capture", "processing")
-    assert not moves_forward("succeeded", "canceled")
-    assert not moves_forward("canceled", "succeeded")
-    assert not moves_forward(None, "some_future_status")
+        places += kinds(step.decisions).count(PlaceOrder)
+        order_view = state.order or (ORDER if places else None)
+        state = IntentState("pi_1", step.state.facts, order_view)
+    assert places == 1
+    assert state.facts == at_once.state.facts
+    assert state.facts.status == "succeeded"
+    assert state.facts.refunded_in_full(1000)

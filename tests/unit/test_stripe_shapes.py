@@ -1,0 +1,495 @@
+"""The shapes Stripe really sends: each decodes, and each gets the key its intent needs.
+
+The payloads are subsets of Stripe's own example objects (stripe/openapi,
+`openapi/fixtures3.json`: charge, dispute, refund, payment_intent) with the
+fields intentflow reads, a few it does not, and some no model knows, to prove
+those are ignored. Each goes through the three readers of a delivery: the
+bridge's key (`payment_intent_key`, then `charge_key`), the consumer's decoding
+(`StripeEvent`, `consumer.decode.decode`), and the bridge's endpoint itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import orjson
+import pytest
+
+from consumer.decode import Envelope, Poison, decode
+from loadtest.signing import stripe_signature
+from producer.logs import EventLog
+from producer.metrics import BridgeMetrics
+from producer.publisher import Published, Publisher
+from producer.signature import SignatureVerifier
+from producer.webhook import THIN_EVENT_REASON, WebhookEndpoint
+from schemas import (
+    Charge,
+    Dispute,
+    PaymentIntent,
+    Refund,
+    StripeEvent,
+    charge_key,
+    payment_intent_key,
+)
+
+INTENT = "pi_1PgafyB7WZ01zgkWSjxsAJo3"
+CHARGE = "ch_1PgafuB7WZ01zgkWXYmPNZs8"
+DISPUTE = "dp_1Pgc71B7WZ01zgkWMevJiAUx"
+REFUND = "re_1Pgc72B7WZ01zgkWqPvrRrPE"
+CREATED = 1721948530
+SECRET = "whsec_shapes"
+
+
+def event(
+    obj: dict[str, Any],
+    event_type: str,
+    *,
+    api_version: str = "2024-06-20",
+    previous_attributes: dict[str, Any] | None = None,
+    **top: Any,
+) -> dict[str, Any]:
+    """A v1 snapshot event around `obj`, as a webhook endpoint receives it."""
+    data: dict[str, Any] = {"object": obj}
+    if previous_attributes is not None:
+        data["previous_attributes"] = previous_attributes
+    return {
+        "id": "evt_1Pgc76B7WZ01zgkWwyRHS12y",
+        "object": "event",
+        "api_version": api_version,
+        "created": CREATED,
+        "data": data,
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "type": event_type,
+        **top,
+    }
+
+
+def charge(payment_intent: str | None = INTENT, **changes: Any) -> dict[str, Any]:
+    return {
+        "id": CHARGE,
+        "object": "charge",
+        "amount": 1099,
+        "amount_captured": 1099,
+        "amount_refunded": 0,
+        "balance_transaction": "txn_1PgaxNB7WZ01zgkWEV3TLf40",
+        "captured": True,
+        "created": CREATED,
+        "currency": "usd",
+        "disputed": False,
+        "metadata": {},
+        "outcome": {"network_status": "approved_by_network", "type": "authorized"},
+        "paid": True,
+        "payment_intent": payment_intent,
+        "payment_method_details": {"card": {"brand": "visa", "last4": "4242"}, "type": "card"},
+        "refunded": False,
+        "refunds": {"object": "list", "data": [], "has_more": False, "url": "/v1/refunds"},
+        "status": "succeeded",
+        "a_field_stripe_adds_next_year": {"nested": [1, 2]},
+        **changes,
+    }
+
+
+def payment_intent(**changes: Any) -> dict[str, Any]:
+    return {
+        "id": INTENT,
+        "object": "payment_intent",
+        "amount": 1099,
+        "amount_capturable": 1099,
+        "amount_details": {"tip": {}},
+        "amount_received": 0,
+        "automatic_payment_methods": {"enabled": True},
+        "canceled_at": None,
+        "cancellation_reason": None,
+        "capture_method": "manual",
+        "client_secret": f"{INTENT}_secret_Dm43xiq1k0ywrRRjDoi8y1gkM",
+        "created": CREATED,
+        "currency": "usd",
+        "latest_charge": CHARGE,
+        "livemode": False,
+        "metadata": {"cart_id": "cart_42"},
+        "next_action": None,
+        "payment_method_types": ["card"],
+        "status": "requires_capture",
+        "transfer_data": {"destination": {"id": "obj_123", "object": "account"}},
+        "managed_payments": {"enabled": True},
+        **changes,
+    }
+
+
+def dispute(status: str, payment_intent: str | None = INTENT) -> dict[str, Any]:
+    return {
+        "id": DISPUTE,
+        "object": "dispute",
+        "amount": 1099,
+        "balance_transactions": [],
+        "charge": CHARGE,
+        "created": CREATED,
+        "currency": "usd",
+        "evidence": {"customer_name": None, "uncategorized_text": None},
+        "evidence_details": {"due_by": 1723679999, "has_evidence": False, "past_due": False},
+        "is_charge_refundable": False,
+        "livemode": False,
+        "metadata": {},
+        "payment_intent": payment_intent,
+        "payment_method_details": {"card": {"brand": "visa", "case_type": "chargeback"}},
+        "reason": "fraudulent",
+        "status": status,
+        "enhanced_eligibility_types": ["visa_compelling_evidence_3"],
+    }
+
+
+def refund(
+    status: str | None = "succeeded",
+    payment_intent: str | None = INTENT,
+    charge_id: str | None = CHARGE,
+) -> dict[str, Any]:
+    return {
+        "id": REFUND,
+        "object": "refund",
+        "amount": 400,
+        "balance_transaction": "txn_1PgaxNB7WZ01zgkWEV3TLf41",
+        "charge": charge_id,
+        "created": CREATED,
+        "currency": "usd",
+        "destination_details": {"card": {"type": "reversal"}, "type": "card"},
+        "metadata": {},
+        "payment_intent": payment_intent,
+        "reason": "requested_by_customer",
+        "receipt_number": None,
+        "status": status,
+    }
+
+
+@dataclass
+class Record:
+    """The parts of an aiokafka ConsumerRecord that decode reads."""
+
+    value: bytes | None
+    key: bytes | None
+    topic: str = "stripe.events"
+    partition: int = 0
+    offset: int = 0
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def decoded(payload: dict[str, Any], key: str) -> Envelope:
+    """The consumer's reading of `payload` delivered under `key`; fails on poison."""
+    result = decode(Record(orjson.dumps(payload), key.encode()))
+    assert isinstance(result, Envelope), result
+    return result
+
+
+# --- payment intents ------------------------------------------------------------
+
+
+def test_an_old_api_intent_with_an_embedded_charges_list_is_keyed_and_read_as_the_intent() -> None:
+    """Before API 2022-11-15 an intent carried its charges inline and had no latest_charge."""
+    old = payment_intent(
+        charges={
+            "object": "list",
+            "data": [charge(amount_refunded=1099, refunded=True)],
+            "has_more": False,
+            "total_count": 1,
+            "url": f"/v1/charges?payment_intent={INTENT}",
+        }
+    )
+    del old["latest_charge"]
+    payload = event(old, "payment_intent.amount_capturable_updated", api_version="2020-08-27")
+
+    assert payment_intent_key(payload) == INTENT
+    intent = decoded(payload, INTENT).event.data.object
+    assert type(intent) is PaymentIntent
+    assert (intent.status, intent.amount_capturable, intent.cart_id) == (
+        "requires_capture",
+        1099,
+        "cart_42",
+    )
+
+
+def test_latest_charge_as_an_id_or_as_an_expanded_charge_reads_the_same_intent() -> None:
+    as_id = event(payment_intent(), "payment_intent.amount_capturable_updated")
+    # Expanded, the charge names the intent too: it must not become the event's object.
+    expanded_charge = charge(captured=False, amount_captured=0)
+    as_object = event(
+        payment_intent(latest_charge=expanded_charge), "payment_intent.amount_capturable_updated"
+    )
+
+    assert payment_intent_key(as_id) == payment_intent_key(as_object) == INTENT
+    by_id, by_object = decoded(as_id, INTENT), decoded(as_object, INTENT)
+    assert type(by_object.event.data.object) is PaymentIntent
+    assert by_id.event == by_object.event
+
+
+def test_a_connect_event_is_keyed_by_the_intent_not_the_connected_account() -> None:
+    payload = event(
+        payment_intent(status="succeeded", amount_capturable=0, amount_received=1099),
+        "payment_intent.succeeded",
+        account="acct_1PgafTB7WZ01zgkW",
+        context="acct_1PgafTB7WZ01zgkW",
+    )
+
+    assert payment_intent_key(payload) == INTENT
+    envelope = decoded(payload, INTENT)
+    assert envelope.intent_id == INTENT
+    assert envelope.event.payment_intent_id == INTENT
+
+
+def test_previous_attributes_are_ignored_and_the_object_is_its_state_after_the_change() -> None:
+    payload = event(
+        payment_intent(),
+        "payment_intent.amount_capturable_updated",
+        previous_attributes={"amount_capturable": 0, "status": "requires_confirmation"},
+    )
+
+    intent = decoded(payload, INTENT).event.data.object
+    assert type(intent) is PaymentIntent
+    assert (intent.status, intent.amount_capturable) == ("requires_capture", 1099)
+
+
+def test_a_stripe_event_validates_from_the_raw_bytes_with_unknown_fields_ignored() -> None:
+    payload = event(charge(amount_refunded=400), "charge.refunded")
+    parsed = StripeEvent.model_validate_json(orjson.dumps(payload))
+    assert type(parsed.data.object) is Charge
+    assert parsed.data.object.amount_refunded == 400
+    assert not hasattr(parsed.data.object, "a_field_stripe_adds_next_year")
+
+
+# --- charges without an intent ----------------------------------------------------
+
+
+def test_a_charge_without_an_intent_is_keyed_by_its_charge_id() -> None:
+    """A legacy Charges API charge (Stripe's own fixture has `payment_intent: null`)."""
+    payload = event(charge(payment_intent=None), "charge.succeeded")
+
+    assert payment_intent_key(payload) is None
+    assert charge_key(payload) == CHARGE
+
+
+def test_the_consumer_decodes_an_intent_less_charge_under_its_charge_key_as_no_intent() -> None:
+    """What the bridge publishes keyed by the charge id is not poison: the key is only
+    checked against an intent, and with none the store records the event `ignored`."""
+    envelope = decoded(event(charge(payment_intent=None), "charge.refunded"), CHARGE)
+    assert envelope.intent_id is None
+    assert envelope.event.payment_intent_id is None
+    assert type(envelope.event.data.object) is Charge
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [dispute("needs_response", payment_intent=None), refund(payment_intent=None)],
+    ids=["dispute", "refund"],
+)
+def test_a_dispute_or_refund_of_an_intent_less_charge_is_keyed_by_that_charge(
+    obj: dict[str, Any],
+) -> None:
+    payload = event(obj, f"charge.{obj['object']}.updated")
+    assert payment_intent_key(payload) is None
+    assert charge_key(payload) == CHARGE
+    assert decoded(payload, CHARGE).intent_id is None
+
+
+def test_a_refund_naming_neither_intent_nor_charge_has_no_key() -> None:
+    payload = event(refund(payment_intent=None, charge_id=None), "charge.refund.updated")
+    assert payment_intent_key(payload) is None
+    assert charge_key(payload) is None
+
+
+def test_objects_of_other_kinds_have_no_charge_key_even_with_a_charge_field() -> None:
+    review = {"id": "prv_1", "object": "review", "charge": CHARGE, "payment_intent": None}
+    assert charge_key(event(review, "review.opened")) is None
+
+
+# --- disputes and refunds -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event_type", "status"),
+    [("charge.dispute.created", "needs_response"), ("charge.dispute.closed", "lost")],
+)
+def test_a_dispute_is_keyed_by_its_intent_and_read_with_amount_reason_and_status(
+    event_type: str, status: str
+) -> None:
+    payload = event(dispute(status), event_type)
+
+    assert payment_intent_key(payload) == INTENT
+    envelope = decoded(payload, INTENT)
+    assert envelope.intent_id == INTENT
+    obj = envelope.event.data.object
+    assert type(obj) is Dispute
+    assert (obj.id, obj.charge, obj.amount, obj.reason, obj.status) == (
+        DISPUTE,
+        CHARGE,
+        1099,
+        "fraudulent",
+        status,
+    )
+
+
+def test_a_refund_update_is_keyed_by_its_intent_and_read_with_amount_and_status() -> None:
+    payload = event(refund("pending"), "charge.refund.updated")
+
+    assert payment_intent_key(payload) == INTENT
+    obj = decoded(payload, INTENT).event.data.object
+    assert type(obj) is Refund
+    assert (obj.id, obj.charge, obj.amount, obj.status) == (REFUND, CHARGE, 400, "pending")
+
+
+def test_a_refund_whose_status_is_null_is_read_not_dead_lettered() -> None:
+    """Stripe's spec has `refund.status` nullable; a null must not make the event poison."""
+    obj = decoded(event(refund(status=None), "charge.refund.updated"), INTENT).event.data.object
+    assert type(obj) is Refund
+    assert obj.status == ""
+
+
+def test_a_dispute_delivered_under_another_key_is_poison() -> None:
+    """The dispute's intent is checked against the key like an intent's own events."""
+    result = decode(Record(orjson.dumps(event(dispute("lost"), "charge.dispute.closed")), b"ch_x"))
+    assert isinstance(result, Poison) and result.error == "key_mismatch"
+
+
+# --- through the bridge's endpoint ----------------------------------------------
+
+
+@dataclass
+class FakePublisher:
+    """Publisher.publish's interface; remembers what it was given."""
+
+    sent: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    async def publish(
+        self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> Published:
+        self.sent.append((key, value))
+        return Published(partition=5, offset=len(self.sent) - 1)
+
+
+@dataclass
+class Bridge:
+    endpoint: WebhookEndpoint
+    publisher: FakePublisher
+    metrics: BridgeMetrics
+
+    def count(self, outcome: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "bridge_webhooks_total", {"outcome": outcome}
+        )
+        return value or 0.0
+
+    async def post(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        scope = {
+            "type": "http",
+            "headers": [
+                (b"stripe-signature", stripe_signature(body, SECRET).encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        status, fields, _ = await self.endpoint.handle(scope, receive)
+        return status, fields
+
+
+def new_bridge() -> Bridge:
+    """The endpoint with a fake publisher; built in the test, so its log finds the test's stderr."""
+    publisher, metrics = FakePublisher(), BridgeMetrics()
+    endpoint = WebhookEndpoint(
+        SignatureVerifier([SECRET], tolerance_s=300),
+        cast(Publisher, publisher),
+        metrics,
+        max_body_bytes=512 * 1024,
+        log=EventLog("bridge"),
+    )
+    return Bridge(endpoint, publisher, metrics)
+
+
+def thin_event() -> dict[str, Any]:
+    """What an event destination with `event_payload: thin` POSTs (stripe-python's
+    EventNotification): an id, a type and a reference, no object snapshot."""
+    return {
+        "id": "evt_test_65R9Ijk8mF0KbtxQsDS16SXfR9nxC0Ia7iKSU0Vyb9U",
+        "object": "v2.core.event",
+        "type": "v1.payment_intent.amount_capturable_updated",
+        "livemode": False,
+        "created": "2025-07-01T12:00:00.000Z",
+        "context": None,
+        "reason": {"type": "request", "request": {"id": "req_1", "idempotency_key": "k"}},
+        "related_object": {
+            "id": INTENT,
+            "type": "payment_intent",
+            "url": f"/v1/payment_intents/{INTENT}",
+        },
+    }
+
+
+async def test_the_bridge_refuses_a_thin_event_saying_to_send_snapshot_payloads() -> None:
+    bridge = new_bridge()
+    status, answer = await bridge.post(orjson.dumps(thin_event()))
+
+    assert (status, answer["outcome"]) == (400, "thin_event")
+    assert answer["reason"] == THIN_EVENT_REASON
+    assert "snapshot" in answer["reason"]
+    assert bridge.publisher.sent == []
+    assert (bridge.count("thin_event"), bridge.count("bad_body")) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("payload", "key", "outcome"),
+    [
+        (event(payment_intent(), "payment_intent.amount_capturable_updated"), INTENT, "published"),
+        (event(dispute("needs_response"), "charge.dispute.created"), INTENT, "published"),
+        (event(dispute("won"), "charge.dispute.closed"), INTENT, "published"),
+        (event(refund(), "charge.refund.updated"), INTENT, "published"),
+        (event(charge(None), "charge.succeeded"), CHARGE, "published_without_intent"),
+        (
+            event(dispute("lost", payment_intent=None), "charge.dispute.closed"),
+            CHARGE,
+            "published_without_intent",
+        ),
+    ],
+    ids=[
+        "intent",
+        "dispute-created",
+        "dispute-closed",
+        "refund-updated",
+        "charge-no-intent",
+        "dispute-no-intent",
+    ],
+)
+async def test_the_bridge_publishes_every_payment_event_under_its_key(
+    payload: dict[str, Any], key: str, outcome: str
+) -> None:
+    bridge = new_bridge()
+    body = orjson.dumps(payload)
+    status, answer = await bridge.post(body)
+
+    assert (status, answer["outcome"]) == (200, outcome)
+    assert bridge.publisher.sent == [(key.encode(), body)]
+    assert bridge.count(outcome) == 1.0
+
+
+async def test_the_bridge_logs_an_intent_less_charge_with_its_charge_id(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    bridge = new_bridge()
+    await bridge.post(orjson.dumps(event(charge(None), "charge.refunded")))
+
+    [line] = [orjson.loads(text) for text in capfd.readouterr().err.splitlines()]
+    assert line["outcome"] == "published_without_intent"
+    assert line["charge_id"] == CHARGE
+    assert "payment_intent_id" not in line
+
+
+async def test_the_bridge_acknowledges_an_event_naming_no_intent_and_no_charge_unpublished() -> (
+    None
+):
+    bridge = new_bridge()
+    payload = event(refund(payment_intent=None, charge_id=None), "charge.refund.updated")
+    status, answer = await bridge.post(orjson.dumps(payload))
+
+    assert (status, answer["outcome"]) == (200, "ignored")
+    assert bridge.publisher.sent == []

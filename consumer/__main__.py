@@ -1,4 +1,7 @@
-"""`order-consumer` (also `python -m consumer`): migrate the database, or run a group member.
+"""`order-consumer` (also `python -m consumer`): migrate, run a group member, or operate.
+
+Commands: `migrate`, `run`, and the operator's tools `reconcile` (check the
+invariants), `dlq` (list and replay dead letters) and `prune` (inbox retention).
 
 Settings are read from the environment once, here, and passed down. What an
 operator can fix (a setting, a database or broker that is not there, a missing
@@ -22,8 +25,9 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 
-from consumer import logs
+from consumer import dlq, logs, prune, reconcile
 from consumer.backoff import StopRequested
+from consumer.bootstrap import bootstrap
 from consumer.deadletter import DeadLetterRefused
 from consumer.migrate import migrate
 from consumer.preflight import StartupError, redact
@@ -57,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="return 0 once no message has arrived for this long",
     )
+    for tool in (reconcile, dlq, prune):
+        tool.add_parser(commands)
     return parser
 
 
@@ -79,7 +85,7 @@ async def _migrate(settings: ConsumerSettings) -> int:
 
 
 async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> int:
-    worker = Worker(settings, exit_when_idle_s=exit_when_idle_s)
+    worker = Worker(settings, exit_when_idle_s=exit_when_idle_s, deps=bootstrap(settings))
     _handle_stop_signals(worker, settings.shutdown_timeout_s)
     try:
         async with worker:
@@ -143,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
+    tools = {"reconcile": reconcile.main, "dlq": dlq.main, "prune": prune.main}
+    if args.command in tools:
+        return asyncio.run(tools[args.command](args, settings))
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it

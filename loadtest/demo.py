@@ -3,8 +3,10 @@
 Starts the embedded broker and PostgreSQL (or uses TEST_KAFKA_BOOTSTRAP_SERVERS /
 TEST_DATABASE_URL when given), migrates a fresh database with
 `order-consumer migrate`, seeds stock and carts, publishes a few hundred
-authorization events with duplicates straight to Kafka, runs two
-`order-consumer run` processes in one group until idle, and prints what happened.
+payments' events with duplicates straight to Kafka (authorizations, captures,
+cancellations, some before their authorization, and refunds), runs two
+`order-consumer run` processes in one group until idle, prints what happened,
+and ends with `order-consumer reconcile`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ async def run_command(argv: list[str], env: dict[str, str], log: Path) -> str:
         )
         stdout, _ = await process.communicate()
     if process.returncode != 0:
+        print(stdout.decode(), end="")
         raise SystemExit(f"{' '.join(argv)} failed ({process.returncode}); see {log}")
     return stdout.decode()
 
@@ -65,7 +68,14 @@ async def demo(intents: int, consumers: int, keep_database: bool) -> None:
         await run_command([*consumer_cli, "migrate"], env, log)
 
         # Stock is tight on purpose: some orders must come out out_of_stock.
-        work = workload.generate(intents, skus=40, capture_ratio=0.0, stock_per_sku=40)
+        work = workload.generate(
+            intents,
+            skus=40,
+            capture_ratio=0.3,
+            cancel_ratio=0.2,
+            refund_ratio=0.3,
+            stock_per_sku=40,
+        )
         for evt in work.deliveries[::37]:  # a few payments that do not match their cart
             evt["data"]["object"]["amount"] += 1
         conn = await asyncpg.connect(database_url)
@@ -80,7 +90,7 @@ async def demo(intents: int, consumers: int, keep_database: bool) -> None:
             )
             print(
                 f"published:  {len(work.deliveries)} deliveries of {work.distinct_events} "
-                f"authorization events ({work.duplicates} duplicates) to {topic}"
+                f"events ({_by_type(work)}; {work.duplicates} duplicates) to {topic}"
             )
             runs = [
                 run_command([*consumer_cli, "run", "--exit-when-idle", "5"], env, log)
@@ -90,6 +100,8 @@ async def demo(intents: int, consumers: int, keep_database: bool) -> None:
                 json.loads(out.strip().splitlines()[-1]) for out in await asyncio.gather(*runs)
             ]
             await report(conn, summaries, stock_before, work)
+            print()
+            print(await run_command([*consumer_cli, "reconcile"], env, log), end="")
         finally:
             await conn.close()
             if not keep_database:
@@ -99,6 +111,13 @@ async def demo(intents: int, consumers: int, keep_database: bool) -> None:
         print(f"consumer logs: {log}")
         if keep_database:
             print(f"database kept: {database_url}")
+
+
+def _by_type(work: workload.Workload) -> str:
+    seen: dict[str, str] = {}
+    for evt in work.deliveries:
+        seen[evt["id"]] = evt["type"].rpartition(".")[2]
+    return ", ".join(f"{n} {kind}" for kind, n in Counter(seen.values()).most_common())
 
 
 async def report(

@@ -1,0 +1,272 @@
+"""`order-consumer reconcile`: check the invariants on a live database, in one snapshot.
+
+Each check is one set-based query that returns the rows breaking an invariant
+(DESIGN.md "Invariants" and the order rules of the payment lifecycle); `CHECKS`
+lists them as (name, SQL), so adding a check is adding one entry. `check(conn)`
+runs them all in one REPEATABLE READ READ ONLY transaction, so that the report
+describes one state of the database even while consumers commit batches: every
+check sees the orders, movements and levels the others see. `main` connects,
+prints one line per check (or one JSON document with `--json`), and exits 0
+when every check holds, 1 on any violation, 2 when the database cannot be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from consumer.errors import Fault, cause, classify, describe
+from consumer.migrate import SchemaBehind, check_schema
+from consumer.preflight import redact
+from consumer.settings import ConsumerSettings
+
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+EXIT_VIOLATIONS = 1
+EXIT_CANNOT_CHECK = 2
+EXAMPLES = 5
+# Failures of the database or the session, not of these queries (consumer.errors
+# `cause`), and what the operator can do about each.
+OPERATOR_HINTS = {
+    "database_unreachable": "check DATABASE_URL and that the server is up",
+    "database_login": "check DATABASE_URL's user and password",
+    "database_missing": "check DATABASE_URL's database name",
+    "database_privileges": "grant this role SELECT on the intentflow tables",
+    "database_resources": "retry when the server has capacity again",
+    "database_system": "check the server's logs",
+    "statement_timeout": "raise statement_timeout for this role, or add "
+    "?statement_timeout=0 to DATABASE_URL for this run",
+}
+
+# Each query returns one row per violation; its columns are what an example shows.
+CHECKS: list[tuple[str, str]] = [
+    (
+        "one_order_per_intent",
+        """
+        SELECT payment_intent_id, count(*) AS orders
+        FROM orders GROUP BY payment_intent_id HAVING count(*) > 1
+        ORDER BY payment_intent_id
+        """,
+    ),
+    (
+        "one_order_per_event",
+        """
+        SELECT event_id, array_agg(DISTINCT order_id ORDER BY order_id) AS order_ids
+        FROM inventory_movements
+        WHERE event_id IS NOT NULL AND order_id IS NOT NULL
+        GROUP BY event_id HAVING count(DISTINCT order_id) > 1
+        ORDER BY event_id
+        """,
+    ),
+    (
+        "one_movement_per_order_sku_reason",
+        """
+        SELECT order_id, sku, reason, count(*) AS movements
+        FROM inventory_movements WHERE order_id IS NOT NULL
+        GROUP BY order_id, sku, reason HAVING count(*) > 1
+        ORDER BY order_id, sku, reason
+        """,
+    ),
+    (
+        # An order is written in the transaction that claims its source event, so
+        # both carry the same now(). Retention (`order-consumer prune`) deletes the
+        # inbox oldest first: orders older than the oldest row left are not checked.
+        "order_source_event_in_inbox",
+        """
+        SELECT o.id AS order_id, o.payment_intent_id, o.source_event_id
+        FROM orders o
+        WHERE o.created_at >= (SELECT min(processed_at) FROM processed_events)
+          AND NOT EXISTS (SELECT 1 FROM processed_events e WHERE e.event_id = o.source_event_id)
+        ORDER BY o.id
+        """,
+    ),
+    (
+        "no_negative_level",
+        """
+        SELECT sku, stocked_quantity AS level
+        FROM inventory_levels WHERE stocked_quantity < 0
+        ORDER BY sku
+        """,
+    ),
+    (
+        # A SKU with movements but no level row counts as level 0, and a level with
+        # no movements as a sum of 0.
+        "movements_sum_to_levels",
+        """
+        SELECT coalesce(m.sku, l.sku) AS sku,
+               coalesce(m.total, 0) AS movements,
+               coalesce(l.stocked_quantity, 0) AS level
+        FROM (SELECT sku, sum(quantity_delta) AS total
+              FROM inventory_movements GROUP BY sku) m
+        FULL JOIN inventory_levels l ON l.sku = m.sku
+        WHERE coalesce(m.total, 0) <> coalesce(l.stocked_quantity, 0)
+        ORDER BY 1
+        """,
+    ),
+    (
+        "movements_have_their_order",
+        """
+        SELECT m.id AS movement_id, m.order_id, m.sku, m.reason
+        FROM inventory_movements m
+        WHERE m.order_id IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = m.order_id)
+        ORDER BY m.id
+        """,
+    ),
+    (
+        # A placed order took its items' quantity per SKU (one `order` movement
+        # each) and gave it back (one `cancellation` movement) iff it is canceled;
+        # any other allocation took nothing and gives nothing back.
+        "order_stock_matches_items",
+        """
+        WITH demand AS (
+            SELECT order_id, sku, sum(quantity) AS ordered
+            FROM order_items GROUP BY order_id, sku
+        ), moved AS (
+            SELECT order_id, sku,
+                   count(*) AS movements,
+                   coalesce(sum(quantity_delta) FILTER (WHERE reason = 'order'), 0) AS taken,
+                   coalesce(sum(quantity_delta) FILTER (WHERE reason = 'cancellation'), 0)
+                       AS returned,
+                   count(*) FILTER (WHERE reason NOT IN ('order', 'cancellation')) AS other
+            FROM inventory_movements WHERE order_id IS NOT NULL
+            GROUP BY order_id, sku
+        )
+        SELECT o.id AS order_id, o.payment_intent_id, o.allocation, o.status,
+               coalesce(d.sku, m.sku) AS sku, coalesce(d.ordered, 0) AS ordered,
+               coalesce(m.taken, 0) AS taken, coalesce(m.returned, 0) AS returned
+        FROM orders o
+        JOIN (demand d FULL JOIN moved m ON m.order_id = d.order_id AND m.sku = d.sku)
+            ON o.id = coalesce(d.order_id, m.order_id)
+        WHERE CASE WHEN o.allocation = 'placed' THEN
+                  coalesce(m.taken, 0) <> -coalesce(d.ordered, 0)
+                  OR coalesce(m.returned, 0)
+                     <> CASE WHEN o.status = 'canceled' THEN coalesce(d.ordered, 0) ELSE 0 END
+                  OR coalesce(m.other, 0) > 0
+              ELSE m.movements IS NOT NULL
+              END
+        ORDER BY o.id, 5
+        """,
+    ),
+    (
+        # Canceled on both sides or on neither; an order needs its intent's row.
+        "order_status_matches_intent",
+        """
+        SELECT o.id AS order_id, o.payment_intent_id, o.status AS order_status,
+               p.status AS intent_status
+        FROM orders o LEFT JOIN payment_intents p ON p.id = o.payment_intent_id
+        WHERE p.id IS NULL
+           OR coalesce(p.status = 'canceled', false) <> (o.status = 'canceled')
+        ORDER BY o.id
+        """,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    violations: int
+    examples: list[dict[str, Any]]  # up to EXAMPLES rows, column -> value
+
+    @property
+    def ok(self) -> bool:
+        return self.violations == 0
+
+    def line(self) -> str:
+        if self.ok:
+            return f"{self.name}: OK"
+        noun = "violation" if self.violations == 1 else "violations"
+        shown = "; ".join(" ".join(f"{k}={v}" for k, v in ex.items()) for ex in self.examples)
+        return f"{self.name}: {self.violations} {noun}, e.g. {shown}"
+
+
+@dataclass(frozen=True)
+class Report:
+    checks: list[CheckResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failed(self) -> dict[str, CheckResult]:
+        return {c.name: c for c in self.checks if not c.ok}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checks": [
+                {"name": c.name, "ok": c.ok, "violations": c.violations, "examples": c.examples}
+                for c in self.checks
+            ],
+        }
+
+
+async def check(conn: Connection) -> Report:
+    """Run every check in one snapshot of the database."""
+    results = []
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        for name, sql in CHECKS:
+            # The count is taken over every violation before LIMIT keeps the examples.
+            rows = await conn.fetch(
+                f"SELECT count(*) OVER () AS violations__, v.* FROM ({sql}) v LIMIT {EXAMPLES}"
+            )
+            violations = int(rows[0]["violations__"]) if rows else 0
+            examples = [{k: v for k, v in row.items() if k != "violations__"} for row in rows]
+            results.append(CheckResult(name, violations, examples))
+    return Report(results)
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "reconcile",
+        help="check the invariants on the database (exit 1 on any violation)",
+        description="Check the invariants on the database in one snapshot; exit 0 when "
+        "every check holds, 1 on any violation, 2 when the database cannot be used.",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
+    try:
+        conn = await asyncpg.connect(
+            settings.database_url,
+            timeout=settings.db_connect_timeout_s,
+            server_settings={"application_name": "order-consumer-reconcile"},
+        )
+    except Exception as exc:
+        return _cannot_check(exc, settings)
+    try:
+        await check_schema(conn)
+        report = await check(conn)
+    except Exception as exc:
+        return _cannot_check(exc, settings)
+    finally:
+        await conn.close()
+    if args.json:
+        print(json.dumps(report.as_dict(), default=str))
+    else:
+        for result in report.checks:
+            print(result.line())
+    return 0 if report.ok else EXIT_VIOLATIONS
+
+
+def _cannot_check(exc: Exception, settings: ConsumerSettings) -> int:
+    """One line for what the operator can fix; a traceback for anything else (a bug)."""
+    if isinstance(exc, SchemaBehind):
+        reason = str(exc)
+    elif isinstance(exc, ValueError) or (
+        classify(exc) is Fault.ENVIRONMENT and cause(exc) in OPERATOR_HINTS
+    ):
+        hint = OPERATOR_HINTS.get(cause(exc), "check DATABASE_URL")
+        reason = f"PostgreSQL at {redact(settings.database_url)}: {describe(exc, 200)}: {hint}"
+    else:
+        raise exc
+    print(f"order-consumer reconcile: {reason}", file=sys.stderr)
+    return EXIT_CANNOT_CHECK

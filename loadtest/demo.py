@@ -63,6 +63,8 @@ async def demo(intents: int, consumers: int, keep_database: bool) -> None:
             KAFKA_TOPIC=topic,
             KAFKA_GROUP_ID=f"demo-{topic}",
             DATABASE_URL=database_url,
+            # Small batches, so cancellations and refunds meet orders placed by earlier ones.
+            BATCH_MAX_RECORDS="50",
         )
         consumer_cli = [sys.executable, "-m", "consumer"]
         await run_command([*consumer_cli, "migrate"], env, log)
@@ -149,6 +151,11 @@ async def report(
         WHERE coalesce(m.s, 0) <> l.stocked_quantity
         """
     )
+    given_back = await conn.fetchrow(
+        "SELECT count(DISTINCT order_id) AS orders, coalesce(sum(quantity_delta), 0) AS units"
+        " FROM inventory_movements WHERE reason = 'cancellation'"
+    )
+    skipped = await conn.fetchval("SELECT count(*) FROM orders WHERE allocation = 'skipped'")
     processed = await conn.fetchval("SELECT count(*) FROM processed_events")
     absorbed = sum(s["duplicates"] for s in summaries)
     print()
@@ -157,6 +164,10 @@ async def report(
     print("orders by status:        " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
     print(f"stock:                   {stock_before} units before, {stock_after} left", end="")
     print(f", {sold_out} SKUs sold out")
+    print(
+        f"cancellations:           {given_back['units']} units given back by "
+        f"{given_back['orders']} canceled orders; {skipped} created canceled (no stock taken)"
+    )
     print(f"one order per intent:    {sum(statuses.values()) == len(work.intents)}")
     print(f"movements explain stock: {unexplained == 0}")
     ok = (

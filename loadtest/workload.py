@@ -4,8 +4,9 @@ Each intent has a cart of `lines_per_cart` lines, an authorization event, and
 (for `capture_ratio` of intents) a later capture, of which `refund_ratio` are
 then refunded in full; `cancel_ratio` of the intents that are not captured are
 canceled, a third of those with the cancellation published before the
-authorization. Every event is delivered 1 to `max_copies` times, the extra
-copies at random later positions, as Stripe's retries arrive.
+authorization, the rest after every authorization. Every event is delivered 1
+to `max_copies` times, the extra copies at random later positions, as Stripe's
+retries arrive.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def generate(
     sku_names = [f"{prefix}sku-{i:05d}" for i in range(skus)]
     carts: list[CartSpec] = []
     firsts: list[dict[str, Any]] = []
+    later: list[dict[str, Any]] = []
     intent_ids = []
     for i in range(intents):
         cart_id = f"{prefix}cart-{i:07d}"
@@ -78,12 +80,17 @@ def generate(
                 )
             )
             if refund_ratio and rng.random() < refund_ratio:
-                firsts.append(events.refund_event(intent_id, amount=cart.total))
+                later.append(events.refund_event(intent_id, amount=cart.total))
         elif cancel_ratio and rng.random() < cancel_ratio:
             cancel = events.intent_event(
                 intent_id, amount=cart.total, cart_id=cart_id, status="canceled"
             )
-            firsts.insert(len(firsts) - 1 if rng.random() < 1 / 3 else len(firsts), cancel)
+            if rng.random() < 1 / 3:
+                firsts.insert(len(firsts) - 1, cancel)  # delivered before its authorization
+            else:
+                later.append(cancel)
+    # Cancellations and refunds come hours later, after every authorization.
+    firsts.extend(later)
     # A retry arrives after the first delivery, anywhere later in the stream.
     keyed = [(float(i), evt) for i, evt in enumerate(firsts)]
     for i, evt in enumerate(firsts):

@@ -130,6 +130,14 @@ class CancelOrder:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordCancellation:
+    """An already canceled intent's cancellation reason changed (`charge.expired`, then
+    Stripe's own `automatic` cancel in a later batch): copy it, give nothing back again."""
+
+    payment_intent_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class RecordRefund:
     """The intent's refunded amount changed: copy it to its order and re-derive the status."""
 
@@ -143,4 +151,4 @@ class RecordDispute:
     payment_intent_id: str
 
 
-Decision = PlaceOrder | CancelOrder | RecordRefund | RecordDispute
+Decision = PlaceOrder | CancelOrder | RecordCancellation | RecordRefund | RecordDispute

@@ -6,7 +6,8 @@ changed between the facts before the batch and after it:
 
 - the intent's first authorization creates its one order (`PlaceOrder`);
 - an existing order whose intent became canceled gives its stock back
-  (`CancelOrder`), once;
+  (`CancelOrder`), once; a later change of the reason only is copied
+  (`RecordCancellation`);
 - an existing order whose intent's refunds or dispute changed is brought up to
   date (`RecordRefund`, `RecordDispute`).
 
@@ -27,6 +28,7 @@ from consumer.decisions import (
     Decision,
     Facts,
     PlaceOrder,
+    RecordCancellation,
     RecordDispute,
     RecordRefund,
 )
@@ -141,6 +143,8 @@ def _decide(
     decisions: list[Decision] = []
     if facts.canceled and not before.canceled:
         decisions.append(CancelOrder(pid, facts.status_event_id or ""))
+    elif facts.canceled and facts.cancellation_reason != before.cancellation_reason:
+        decisions.append(RecordCancellation(pid))
     if (facts.amount_refunded, facts.charge_refunded) != (
         before.amount_refunded,
         before.charge_refunded,

@@ -11,7 +11,8 @@ on how often each came (DESIGN.md invariant 6):
   `requires_payment_method`), so within that tier time decides, not the
   status; `requires_capture` outranks all of them, and `canceled` (which an
   expired authorization ends in) is absorbing;
-- a charge's `amount_refunded` only grows: the largest seen counts;
+- a charge's `amount_refunded` only grows: the largest seen counts (of a
+  captured charge: an uncaptured one "refunds" only the hold it releases);
 - a refund or a dispute keeps its greatest snapshot by (event created, the
   rank of its status, id).
 
@@ -135,7 +136,7 @@ def learn_intent_status(facts: Facts, event: StripeEvent) -> Facts:
 
 def learn_charge(facts: Facts, event: StripeEvent) -> Facts:
     charge = event.data.object
-    if type(charge) is not Charge:
+    if type(charge) is not Charge or not charge.captured:
         return facts
     refunded = max(facts.charge_amount_refunded, charge.amount_refunded)
     in_full = facts.charge_refunded or charge.refunded

@@ -9,8 +9,8 @@ Inside the batch's transaction, after the intents' rows are locked and written:
      authorized (`PlaceOrder`, first paid, first served), and write the
      orders, their items, `order` movements and the levels;
   4. bring every existing order that a decision touched up to date: status,
-     amount refunded, cancellation reason, dispute (`RecordRefund`,
-     `RecordDispute`, `CancelOrder`).
+     amount refunded, cancellation reason, dispute (`CancelOrder`,
+     `RecordCancellation`, `RecordRefund`, `RecordDispute`).
 An order's status is derived by `consumer.decisions.order_status`.
 """
 
@@ -28,6 +28,7 @@ from consumer.decisions import (
     Facts,
     OrderStatus,
     PlaceOrder,
+    RecordCancellation,
     RecordDispute,
     RecordRefund,
     order_status,
@@ -35,6 +36,9 @@ from consumer.decisions import (
 from consumer.fold import IntentFold
 
 Connection = asyncpg.Connection | PoolConnectionProxy
+
+# Decisions about an existing order that re-derive its status and copy the facts.
+_REFRESHED_BY = (CancelOrder, RecordCancellation, RecordRefund, RecordDispute)
 
 # (sku, delta, reason, order id, event id)
 Movement = tuple[str, int, str, int, str]
@@ -51,9 +55,7 @@ async def write_orders(conn: Connection, folds: list[IntentFold]) -> Counter[str
                 places.append((decision, fold.state.facts))
             elif type(decision) is CancelOrder:
                 cancels.append((decision, fold))
-        if fold.state.order is not None and any(
-            type(d) in (CancelOrder, RecordRefund, RecordDispute) for d in fold.decisions
-        ):
+        if fold.state.order is not None and any(type(d) in _REFRESHED_BY for d in fold.decisions):
             touched.append(fold)
     if not places and not touched:
         return Counter()

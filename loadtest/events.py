@@ -145,6 +145,7 @@ def charge_event(
         "object": "charge",
         "amount": amount,
         "amount_captured": amount,
+        "captured": True,
         "amount_refunded": 0,
         "currency": "usd",
         "paid": True,

@@ -49,6 +49,9 @@ class Charge(_StripeModel):
     amount_refunded: Amount = 0
     currency: Annotated[str, Field(max_length=16)] = ""
     refunded: bool = False
+    # False for an authorization not (yet) captured: what Stripe then reports as
+    # refunded is the hold released (an expiry, a cancel), not money sent back.
+    captured: bool = True
 
 
 class Dispute(_StripeModel):

@@ -12,6 +12,7 @@ from consumer.decisions import (
     CancelOrder,
     Decision,
     PlaceOrder,
+    RecordCancellation,
     RecordDispute,
     RecordRefund,
 )
@@ -217,12 +218,22 @@ def test_an_expired_authorization_cancels_the_order() -> None:
         "canceled",
         "expired",
     )
-    # Stripe's own cancellation of the intent that follows changes no stock again.
-    then = fold_intent(
-        IntentState("pi_1", fold.state.facts, ORDER),
-        [ev("canceled", created=T0 + 7 * 86400, reason="automatic")],
+    # Stripe's own cancellation of the intent that follows changes no stock again,
+    # but its reason reaches the order: the same as when both came in one batch.
+    automatic = ev("canceled", created=T0 + 7 * 86400, reason="automatic")
+    then = fold_intent(IntentState("pi_1", fold.state.facts, ORDER), [automatic])
+    assert then.decisions == (RecordCancellation("pi_1"),)
+    together = fold_intent(state, [expired, automatic])
+    assert together.state.facts == then.state.facts
+
+
+def test_the_hold_an_expired_authorization_releases_is_not_a_refund() -> None:
+    state = with_order(fold_intent(NEW, [ev("requires_capture")]))
+    expired = charge_ev(
+        "charge.expired", created=T0 + 60, captured=False, amount_refunded=1000, refunded=True
     )
-    assert CancelOrder not in kinds(then.decisions)
+    facts = fold_intent(state, [expired]).state.facts
+    assert facts.canceled and facts.amount_refunded == 0 and not facts.refunded_in_full(1000)
 
 
 # Refunds and disputes.

@@ -155,6 +155,7 @@ async def report(
         "SELECT count(DISTINCT order_id) AS orders, coalesce(sum(quantity_delta), 0) AS units"
         " FROM inventory_movements WHERE reason = 'cancellation'"
     )
+    assert given_back is not None  # an aggregate always returns its row
     skipped = await conn.fetchval("SELECT count(*) FROM orders WHERE allocation = 'skipped'")
     processed = await conn.fetchval("SELECT count(*) FROM processed_events")
     absorbed = sum(s["duplicates"] for s in summaries)

@@ -32,7 +32,7 @@ from consumer.decisions import (
     RecordDispute,
     RecordRefund,
 )
-from consumer.lifecycle import authorized_amount, meaning_of
+from consumer.lifecycle import EVENT_STEP, authorized_amount, meaning_of
 from schemas import PaymentIntent, StripeEvent
 
 
@@ -108,12 +108,19 @@ def fold_intent(
             key = (event.created, *arrival)
             paid_key = key if paid_key is None else min(paid_key, key)
             held_most = max(held_most, held)
-            first_auth = first_auth or event
+            # The order's cart and amount come from the earliest authorization, by
+            # the same key as the intent's status, not from whichever came first.
+            if first_auth is None or _auth_key(event) < _auth_key(first_auth):
+                first_auth = event
         applied = creates_order or facts is not before
         outcomes.append((event.id, Outcome.APPLIED if applied else Outcome.STALE))
     decisions = _decide(state, facts, first_auth, held_most, paid_key)
     new_state = IntentState(state.payment_intent_id, facts, state.order, state.exists)
     return IntentFold(new_state, decisions, tuple(outcomes))
+
+
+def _auth_key(event: StripeEvent) -> tuple[int, int, str]:
+    return (event.created, EVENT_STEP.get(event.type, 0), event.id)
 
 
 def _decide(

@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from consumer.decisions import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS
 from consumer.errors import Fault, cause, classify, describe
 from consumer.migrate import SchemaBehind, check_schema
 from consumer.preflight import redact
@@ -43,6 +44,12 @@ OPERATOR_HINTS = {
     "statement_timeout": "raise statement_timeout for this role, or add "
     "?statement_timeout=0 to DATABASE_URL for this run",
 }
+
+
+def _sql_list(values: frozenset[str]) -> str:
+    """Constant strings of ours (never input) as an SQL list, in a stable order."""
+    return ", ".join(f"'{v}'" for v in sorted(values))
+
 
 # Each query returns one row per violation; its columns are what an example shows.
 CHECKS: list[tuple[str, str]] = [
@@ -164,6 +171,43 @@ CHECKS: list[tuple[str, str]] = [
         WHERE p.id IS NULL
            OR coalesce(p.status = 'canceled', false) <> (o.status = 'canceled')
         ORDER BY o.id
+        """,
+    ),
+    (
+        # The order mirrors its intent's facts: refunds, dispute, cancellation
+        # reason, and the status `consumer.decisions.order_status` derives from them.
+        "order_mirrors_its_intent",
+        f"""
+        WITH facts AS (
+            SELECT p.id, p.cancellation_reason, p.charge_refunded, p.dispute_status,
+                   p.dispute_amount, p.dispute_reason, p.status = 'canceled' AS canceled,
+                   greatest(p.charge_amount_refunded, coalesce((
+                       SELECT sum(r.amount) FROM refunds r
+                       WHERE r.payment_intent_id = p.id
+                         AND r.status IN ({_sql_list(REFUND_COUNTS)})), 0)) AS refunded
+            FROM payment_intents p
+        ), expected AS (
+            SELECT o.id, o.payment_intent_id, o.status, o.amount_refunded, f.refunded,
+                   CASE
+                     WHEN f.canceled OR o.allocation = 'skipped' THEN 'canceled'
+                     WHEN f.dispute_status IS NOT NULL
+                      AND f.dispute_status NOT IN ({_sql_list(DISPUTE_SETTLED_FOR_US)})
+                       THEN 'disputed'
+                     WHEN f.charge_refunded OR (o.amount > 0 AND f.refunded >= o.amount)
+                       THEN 'refunded'
+                     ELSE o.allocation
+                   END AS derived,
+                   (o.cancellation_reason, o.dispute_status, o.dispute_amount, o.dispute_reason)
+                     IS DISTINCT FROM
+                   (f.cancellation_reason, f.dispute_status, f.dispute_amount, f.dispute_reason)
+                     AS copied_wrong
+            FROM orders o JOIN facts f ON f.id = o.payment_intent_id
+        )
+        SELECT id AS order_id, payment_intent_id, status, derived AS expected_status,
+               amount_refunded, refunded AS intent_refunded
+        FROM expected
+        WHERE status <> derived OR amount_refunded <> refunded OR copied_wrong
+        ORDER BY id
         """,
     ),
 ]

@@ -33,7 +33,6 @@ from consumer.fold import (
     fold_intent,
 )
 from consumer.orders import write_orders
-from schemas import Refund
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 
@@ -85,7 +84,7 @@ async def apply_batch(conn: Connection, envelopes: list[Envelope]) -> BatchResul
                 result.outcomes[Outcome.IGNORED] += 1
                 continue
             by_intent[intent_id].append(envelope)
-        states = await _lock_intents(conn, sorted(by_intent), _with_refund_objects(by_intent))
+        states = await _lock_intents(conn, sorted(by_intent))
         folds = [
             fold_intent(states[pid], [e.event for e in group], _Arrivals(group))
             for pid, group in by_intent.items()
@@ -109,14 +108,6 @@ class _Arrivals:
 
     def __getitem__(self, index: int) -> Arrival:
         return self._envelopes[index].arrival
-
-
-def _with_refund_objects(by_intent: dict[str, list[Envelope]]) -> list[str]:
-    return sorted(
-        pid
-        for pid, group in by_intent.items()
-        if any(type(e.event.data.object) is Refund for e in group)
-    )
 
 
 async def _claim(conn: Connection, envelopes: list[Envelope]) -> list[Envelope]:
@@ -149,9 +140,7 @@ _INTENT_COLUMNS = """
 """
 
 
-async def _lock_intents(
-    conn: Connection, intent_ids: list[str], with_refunds: list[str]
-) -> dict[str, IntentState]:
+async def _lock_intents(conn: Connection, intent_ids: list[str]) -> dict[str, IntentState]:
     """Lock the intents that have a row and read every intent's facts and order.
 
     Intents with no row yet are inserted by `_write_intents`; a concurrent
@@ -170,15 +159,17 @@ async def _lock_intents(
             intent_ids,
         )
     }
+    # Every intent's refunds, not only those of intents with a refund in this
+    # batch: the order's amount refunded is re-derived from all of them whenever
+    # any fact changes (a dispute, a cancel, the authorization itself).
     refunds: dict[str, dict[str, RefundSnapshot]] = defaultdict(dict)
-    if with_refunds:
-        for r in await conn.fetch(
-            "SELECT id, payment_intent_id, amount, status, status_created FROM refunds"
-            " WHERE payment_intent_id = ANY($1::text[])",
-            with_refunds,
-        ):
-            snapshot = RefundSnapshot(r["amount"], r["status"], r["status_created"])
-            refunds[r["payment_intent_id"]][r["id"]] = snapshot
+    for r in await conn.fetch(
+        "SELECT id, payment_intent_id, amount, status, status_created FROM refunds"
+        " WHERE payment_intent_id = ANY($1::text[])",
+        intent_ids,
+    ):
+        snapshot = RefundSnapshot(r["amount"], r["status"], r["status_created"])
+        refunds[r["payment_intent_id"]][r["id"]] = snapshot
     states = {
         pid: IntentState(pid, NOTHING_KNOWN, orders.get(pid), exists=False) for pid in intent_ids
     }

@@ -66,6 +66,12 @@ class Dispute(_StripeModel):
     reason: Annotated[str, Field(max_length=64)] = ""
     status: Annotated[str, Field(max_length=64)] = ""
 
+    @field_validator("reason", mode="before")
+    @classmethod
+    def _reason_may_be_null(cls, value: Any) -> Any:
+        # Typed non-null by Stripe, but a dispute without one is still a dispute.
+        return "" if value is None else value
+
 
 class Refund(_StripeModel):
     """A refund (`charge.refund.updated`): money going back on one charge."""

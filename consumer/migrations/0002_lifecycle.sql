@@ -64,3 +64,28 @@ CREATE INDEX refunds_payment_intent_id_idx ON refunds (payment_intent_id);
 
 -- Inbox retention (`order-consumer prune`) deletes by age.
 CREATE INDEX processed_events_processed_at_idx ON processed_events (processed_at);
+
+-- Version 1 recorded a cancellation on the intent but left its order as it was,
+-- a placed one with its stock taken: give that stock back once, as the consumer
+-- now does, and mark those orders canceled. The movements are this
+-- migration's own, so the external-change trigger stays out of it.
+SELECT set_config('intentflow.applying', 'on', true);
+WITH given_back AS (
+    INSERT INTO inventory_movements (sku, quantity_delta, reason, order_id, event_id)
+    SELECT m.sku, -sum(m.quantity_delta)::int, 'cancellation', m.order_id, p.last_event_id
+    FROM inventory_movements m
+    JOIN orders o ON o.id = m.order_id
+    JOIN payment_intents p ON p.id = o.payment_intent_id
+    WHERE m.reason = 'order' AND o.status = 'placed' AND p.status = 'canceled'
+    GROUP BY m.sku, m.order_id, p.last_event_id
+    HAVING sum(m.quantity_delta) < 0
+    RETURNING sku, quantity_delta
+)
+UPDATE inventory_levels l
+SET stocked_quantity = l.stocked_quantity + g.quantity, updated_at = now()
+FROM (SELECT sku, sum(quantity_delta) AS quantity FROM given_back GROUP BY sku) g
+WHERE l.sku = g.sku;
+UPDATE orders o SET status = 'canceled', updated_at = now()
+FROM payment_intents p
+WHERE p.id = o.payment_intent_id AND p.status = 'canceled' AND o.status <> 'canceled';
+SELECT set_config('intentflow.applying', 'off', true);

@@ -109,10 +109,13 @@ async def test_a_level_changed_behind_its_back_and_a_placed_order_on_a_canceled_
     )
     # Its stock came back although it is not canceled any more.
     assert "payment_intent_id=pi_1" in lines["order_stock_matches_items"]
+    # And its status is not the one its intent's facts derive.
+    assert "expected_status=canceled" in lines["order_mirrors_its_intent"]
     assert {name for name, text in lines.items() if text != "OK"} == {
         "movements_sum_to_levels",
         "order_status_matches_intent",
         "order_stock_matches_items",
+        "order_mirrors_its_intent",
     }
 
 
@@ -161,6 +164,10 @@ BREAKAGES: dict[str, list[str]] = {
     ],
     "order_status_matches_intent": [
         "DELETE FROM payment_intents WHERE id = 'pi_3'",
+    ],
+    "order_mirrors_its_intent": [
+        # A refund the intent never saw (or one the order missed).
+        "UPDATE orders SET amount_refunded = 100 WHERE payment_intent_id = 'pi_0'",
     ],
 }
 

@@ -1,0 +1,74 @@
+"""Upgrading a database that version 1 of the schema (and its consumer) wrote."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from consumer import reconcile
+from consumer.migrate import available, migrate
+from devservices import Services
+
+
+async def test_an_intent_canceled_under_version_1_gets_its_order_stock_back_on_upgrade(
+    infra: Services,
+) -> None:
+    admin = await asyncpg.connect(infra.database_url)
+    name = "intentflow_upgrade_v1"
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    conn = await asyncpg.connect(infra.database_url.rpartition("/")[0] + f"/{name}")
+    try:
+        # Version 1, as its consumer left it: pi_1 canceled after its order was
+        # placed (3 units of sku-a taken), pi_2 placed and still authorized.
+        first = available()[0]
+        assert first.version == 1
+        await conn.execute(first.sql)
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now());"
+            "INSERT INTO schema_migrations (version, name) VALUES (1, 'initial');"
+            "INSERT INTO inventory_levels VALUES ('sku-a', 10);"
+        )
+        async with conn.transaction():
+            await conn.execute("SET LOCAL intentflow.applying = 'on'")
+            await conn.execute(
+                """
+                INSERT INTO payment_intents (id, status, last_event_id) VALUES
+                    ('pi_1', 'canceled', 'evt_cancel'), ('pi_2', 'requires_capture', 'evt_2');
+                INSERT INTO orders
+                    (id, payment_intent_id, cart_id, status, amount, currency, source_event_id)
+                VALUES (1, 'pi_1', 'c1', 'placed', 300, 'usd', 'evt_1'),
+                       (2, 'pi_2', 'c2', 'placed', 200, 'usd', 'evt_2');
+                INSERT INTO order_items (order_id, sku, quantity, unit_amount)
+                VALUES (1, 'sku-a', 3, 100), (2, 'sku-a', 2, 100);
+                INSERT INTO inventory_movements (sku, quantity_delta, reason, order_id, event_id)
+                VALUES ('sku-a', -3, 'order', 1, 'evt_1'), ('sku-a', -2, 'order', 2, 'evt_2');
+                INSERT INTO processed_events (event_id, event_type)
+                VALUES ('evt_1', 'a'), ('evt_2', 'a'), ('evt_cancel', 'c');
+                UPDATE inventory_levels SET stocked_quantity = 5;
+                """
+            )
+
+        assert await migrate(conn) == [m.version for m in available()[1:]]
+
+        orders = {r["id"]: tuple(r) for r in await conn.fetch(
+            "SELECT id, status, allocation FROM orders ORDER BY id"
+        )}  # fmt: skip
+        assert orders == {1: (1, "canceled", "placed"), 2: (2, "placed", "placed")}
+        assert await conn.fetchval("SELECT stocked_quantity FROM inventory_levels") == 8
+        back = await conn.fetch(
+            "SELECT order_id, quantity_delta, event_id FROM inventory_movements"
+            " WHERE reason = 'cancellation'"
+        )
+        assert [tuple(r) for r in back] == [(1, 3, "evt_cancel")]
+        report = await reconcile.check(conn)
+        assert report.ok, [c for c in report.checks if c.violations]
+        # The trigger recorded the initial stock, and nothing for the migration's own change.
+        external = await conn.fetchval(
+            "SELECT count(*) FROM inventory_movements WHERE reason IN ('restock', 'adjustment')"
+        )
+        assert external == 1
+    finally:
+        await conn.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

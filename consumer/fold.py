@@ -18,9 +18,8 @@ state does not depend on delivery order (invariant 6).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from consumer.decisions import (
     Allocation,
@@ -42,8 +41,7 @@ class Outcome(StrEnum):
     IGNORED = "ignored"  # carries nothing this consumer acts on: recorded, no change
 
 
-@dataclass(frozen=True, slots=True)
-class OrderView:
+class OrderView(NamedTuple):
     """The part of an existing order that the fold and the store need."""
 
     id: int
@@ -51,11 +49,10 @@ class OrderView:
     amount: int
 
 
-NOTHING_KNOWN = Facts()  # never mutated: every meaning returns new Facts
+NOTHING_KNOWN = Facts()
 
 
-@dataclass(frozen=True, slots=True)
-class IntentState:
+class IntentState(NamedTuple):
     payment_intent_id: str
     facts: Facts = NOTHING_KNOWN
     order: OrderView | None = None
@@ -72,8 +69,7 @@ class Arrivals(Protocol):
     def __getitem__(self, index: int, /) -> Arrival: ...
 
 
-@dataclass(frozen=True, slots=True)
-class IntentFold:
+class IntentFold(NamedTuple):
     state: IntentState
     decisions: tuple[Decision, ...]
     outcomes: tuple[tuple[str, Outcome], ...]

@@ -21,7 +21,6 @@ Adding a meaning is one function here and one entry in `MEANINGS`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -115,15 +114,15 @@ def _take_status(facts: Facts, event: StripeEvent, status: str, reason: str | No
     if current is not None and key <= current:
         return facts
     return Facts(
-        status=status,
-        status_created=event.created,
-        status_step=EVENT_STEP[event.type],
-        status_event_id=event.id,
-        cancellation_reason=reason if status == "canceled" else None,
-        charge_amount_refunded=facts.charge_amount_refunded,
-        charge_refunded=facts.charge_refunded,
-        refunds=facts.refunds,
-        dispute=facts.dispute,
+        status,
+        event.created,
+        key[2],
+        event.id,
+        reason if status == "canceled" else None,
+        facts.charge_amount_refunded,
+        facts.charge_refunded,
+        facts.refunds,
+        facts.dispute,
     )
 
 
@@ -183,7 +182,7 @@ def _dispute_key(dispute: DisputeFact) -> tuple[int, int, str, int]:
 
 
 def _with(facts: Facts, **changes: Any) -> Facts:
-    return dataclasses.replace(facts, **changes)
+    return facts._replace(**changes)
 
 
 Learn = Callable[[Facts, StripeEvent], Facts]

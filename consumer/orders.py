@@ -156,6 +156,67 @@ async def _insert_orders(
     """Insert the orders with their items; return each intent's new order id."""
     if not plans:
         return {}
+    # Orders with no refund, dispute or cancellation yet (nearly all) are
+    # written with the columns they set; the rest default.
+    plain = [p for p in plans if _nothing_after(facts_of[p.request.payment_intent_id])]
+    eventful = [p for p in plans if not _nothing_after(facts_of[p.request.payment_intent_id])]
+    rows = []
+    if plain:
+        rows += await conn.fetch(
+            f"""
+            INSERT INTO orders ({_ORDER_COLUMNS})
+            SELECT * FROM unnest(
+                $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                $7::text[], $8::text[], $9::bigint[])
+            RETURNING id, payment_intent_id
+            """,
+            *_order_columns(plain, facts_of)[:9],
+        )
+    if eventful:
+        rows += await conn.fetch(
+            f"""
+            INSERT INTO orders ({_ORDER_COLUMNS}, amount_refunded, cancellation_reason,
+                                dispute_status, dispute_amount, dispute_reason)
+            SELECT * FROM unnest(
+                $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::text[], $12::text[],
+                $13::bigint[], $14::text[])
+            RETURNING id, payment_intent_id
+            """,
+            *_order_columns(eventful, facts_of),
+        )
+    order_ids: dict[str, int] = {r["payment_intent_id"]: r["id"] for r in rows}
+    items = [
+        (order_ids[p.request.payment_intent_id], line)
+        for p in plans
+        if p.cart is not None
+        for line in p.cart.lines
+    ]
+    if items:
+        await conn.execute(
+            """
+            INSERT INTO order_items (order_id, sku, quantity, unit_amount)
+            SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[])
+            """,
+            [oid for oid, _ in items],
+            [line.sku for _, line in items],
+            [line.quantity for _, line in items],
+            [line.unit_amount for _, line in items],
+        )
+    return order_ids
+
+
+_ORDER_COLUMNS = """payment_intent_id, cart_id, status, allocation, status_reason, amount,
+    currency, source_event_id, amount_authorized"""
+
+
+def _nothing_after(facts: Facts) -> bool:
+    """Whether nothing has happened to the intent after its authorization that an order copies."""
+    return not (facts.amount_refunded or facts.charge_refunded or facts.dispute or facts.canceled)
+
+
+def _order_columns(plans: list[OrderPlan], facts_of: dict[str, Facts]) -> list[list[object]]:
+    """One array per column: `_ORDER_COLUMNS`, then the five copied from the intent's facts."""
     columns: list[list[object]] = [[] for _ in range(14)]
     for p in plans:
         r = p.request
@@ -179,39 +240,7 @@ async def _insert_orders(
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)
-    rows = await conn.fetch(
-        """
-        INSERT INTO orders
-            (payment_intent_id, cart_id, status, allocation, status_reason, amount, currency,
-             source_event_id, amount_authorized, amount_refunded, cancellation_reason,
-             dispute_status, dispute_amount, dispute_reason)
-        SELECT * FROM unnest(
-            $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-            $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::text[], $12::text[],
-            $13::bigint[], $14::text[])
-        RETURNING id, payment_intent_id
-        """,
-        *columns,
-    )
-    order_ids: dict[str, int] = {r["payment_intent_id"]: r["id"] for r in rows}
-    items = [
-        (order_ids[p.request.payment_intent_id], line)
-        for p in plans
-        if p.cart is not None
-        for line in p.cart.lines
-    ]
-    if items:
-        await conn.execute(
-            """
-            INSERT INTO order_items (order_id, sku, quantity, unit_amount)
-            SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[])
-            """,
-            [oid for oid, _ in items],
-            [line.sku for _, line in items],
-            [line.quantity for _, line in items],
-            [line.unit_amount for _, line in items],
-        )
-    return order_ids
+    return columns
 
 
 async def _move_stock(conn: Connection, movements: list[Movement]) -> None:

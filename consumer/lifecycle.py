@@ -49,7 +49,7 @@ EVENT_STEP: dict[str, int] = {
     "payment_intent.amount_capturable_updated": 4,
     "payment_intent.authorized": 4,  # not a Stripe event: a synonym some teams use
     "payment_intent.succeeded": 5,
-    "payment_intent.canceled": 6,
+    "payment_intent.canceled": 7,  # after charge.expired: the intent's own reason wins
     "charge.expired": 6,
 }
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer import logs
+from consumer import logs, reconcile
 from consumer.migrate import migrate
 from consumer.runtime import tune_gc
 from consumer.settings import ConsumerSettings
@@ -190,6 +190,11 @@ async def check_invariants(url: str, workload: Workload) -> Check:
         )
         if unexplained:
             check.failures.append(f"{unexplained} SKUs whose movements do not sum to the level")
+        # And every check `order-consumer reconcile` makes, on the same database.
+        report = await reconcile.check(conn)
+        check.failures += [
+            f"reconcile: {c.name} {c.violations}" for c in report.checks if c.violations
+        ]
         return check
     finally:
         await conn.close()

@@ -46,7 +46,7 @@ STEP: dict[str, int] = {
     "payment_intent.amount_capturable_updated": 4,
     "payment_intent.authorized": 4,
     "payment_intent.succeeded": 5,
-    "payment_intent.canceled": 6,
+    "payment_intent.canceled": 7,
     "charge.expired": 6,
 }
 AUTHORIZATION_TYPES = frozenset(

@@ -100,17 +100,23 @@ def test_an_authorization_outranks_a_later_first_tier_event_and_canceled_outrank
     assert (facts.status, facts.cancellation_reason, facts.status_created) == ("canceled", "x", 5)
 
 
-def test_an_expiry_and_a_cancel_in_one_second_give_the_reason_of_the_greater_event_id() -> None:
+def test_in_one_second_the_intents_own_cancel_outranks_an_expiry() -> None:
     expired = ev("evt_b", "charge.expired", 40, charge())
     canceled = ev(
         "evt_a", "payment_intent.canceled", 40, pi("canceled", cancellation_reason="automatic")
     )
-    assert model.intent_facts([canceled, expired]).cancellation_reason == "expired"
-    renamed = {**expired, "id": "evt_0"}
-    assert model.intent_facts([renamed, canceled]).cancellation_reason == "automatic"
-    # A later second beats the id.
-    later = {**canceled, "created": 41}
-    assert model.intent_facts([expired, later]).cancellation_reason == "automatic"
+    assert model.intent_facts([canceled, expired]).cancellation_reason == "automatic"
+    assert model.intent_facts([expired, canceled]).cancellation_reason == "automatic"
+    # A later second beats the step.
+    later = {**expired, "created": 41}
+    assert model.intent_facts([canceled, later]).cancellation_reason == "expired"
+
+
+def test_in_one_second_and_one_step_the_greater_event_id_wins() -> None:
+    first = ev("evt_a", "payment_intent.canceled", 40, pi("canceled", cancellation_reason="x"))
+    second = ev("evt_b", "payment_intent.canceled", 40, pi("canceled", cancellation_reason="y"))
+    assert model.intent_facts([second, first]).cancellation_reason == "y"
+    assert model.intent_facts([first, second]).cancellation_reason == "y"
 
 
 def test_facts_do_not_depend_on_the_order_or_repetition_of_events() -> None:

@@ -44,18 +44,7 @@ def payment_intent_key(event: dict[str, Any]) -> str | None:
     that concern no payment intent return None (see `charge_key` for the charge
     events among them).
     """
-    data = event.get("data")
-    obj = data.get("object") if isinstance(data, dict) else None
-    if not isinstance(obj, dict):
-        return None
-    kind = obj.get("object")
-    if kind == "payment_intent":
-        value = obj.get("id")
-    elif kind in _NAME_THEIR_INTENT:
-        value = obj.get("payment_intent")
-    else:
-        return None
-    return value if isinstance(value, str) and value else None
+    return _named(event, "payment_intent", _NAME_THEIR_INTENT, "payment_intent")
 
 
 def charge_key(event: dict[str, Any]) -> str | None:
@@ -68,15 +57,20 @@ def charge_key(event: dict[str, Any]) -> str | None:
     charge's own `id`, or the `charge` a dispute or refund names. Events that
     name no charge either return None.
     """
+    return _named(event, "charge", _NAME_THEIR_CHARGE, "charge")
+
+
+def _named(event: dict[str, Any], kind: str, naming: frozenset[str], field: str) -> str | None:
+    """The id of the `kind` object the event's `data.object` is, or names in `field`."""
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
     if not isinstance(obj, dict):
         return None
-    kind = obj.get("object")
-    if kind == "charge":
+    found = obj.get("object")
+    if found == kind:
         value = obj.get("id")
-    elif kind in _NAME_THEIR_CHARGE:
-        value = obj.get("charge")
+    elif found in naming:
+        value = obj.get(field)
     else:
         return None
     return value if isinstance(value, str) and value else None

@@ -12,13 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer
+from asyncpg.pool import PoolConnectionProxy
 
 from consumer.deadletter import DeadLetters
 from consumer.migrate import check_schema
 from consumer.settings import ConsumerSettings
+
+# A connection of one's own or one lent by the pool: the store and the tools take either.
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+
+def unnest_columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """The first `width` fields of `rows`, one list per column: the arrays of an `unnest`."""
+    return [[row[i] for row in rows] for i in range(width)]
 
 
 async def create_pool(settings: ConsumerSettings) -> asyncpg.Pool:

@@ -17,11 +17,10 @@ An order's status is derived by `consumer.decisions.order_status`.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
+from typing import Any
 
 from consumer.allocation import Cart, CartLine, OrderPlan, allocate, skus_wanted
+from consumer.connections import Connection, unnest_columns
 from consumer.decisions import (
     Allocation,
     CancelOrder,
@@ -34,8 +33,6 @@ from consumer.decisions import (
     order_status,
 )
 from consumer.fold import IntentFold
-
-Connection = asyncpg.Connection | PoolConnectionProxy
 
 # Decisions about an existing order that re-derive its status and copy the facts.
 _REFRESHED_BY = (CancelOrder, RecordCancellation, RecordRefund, RecordDispute)
@@ -158,8 +155,11 @@ async def _insert_orders(
         return {}
     # Orders with no refund, dispute or cancellation yet (nearly all) are
     # written with the columns they set; the rest default.
-    plain = [p for p in plans if _nothing_after(facts_of[p.request.payment_intent_id])]
-    eventful = [p for p in plans if not _nothing_after(facts_of[p.request.payment_intent_id])]
+    plain: list[OrderPlan] = []
+    eventful: list[OrderPlan] = []
+    for p in plans:
+        facts = facts_of[p.request.payment_intent_id]
+        (plain if _nothing_after(facts) else eventful).append(p)
     rows = []
     if plain:
         rows += await conn.fetch(
@@ -170,7 +170,7 @@ async def _insert_orders(
                 $7::text[], $8::text[], $9::bigint[])
             RETURNING id, payment_intent_id
             """,
-            *_order_columns(plain, facts_of)[:9],
+            *unnest_columns(_order_rows(plain, facts_of), 9),
         )
     if eventful:
         rows += await conn.fetch(
@@ -183,7 +183,7 @@ async def _insert_orders(
                 $13::bigint[], $14::text[])
             RETURNING id, payment_intent_id
             """,
-            *_order_columns(eventful, facts_of),
+            *unnest_columns(_order_rows(eventful, facts_of), 14),
         )
     order_ids: dict[str, int] = {r["payment_intent_id"]: r["id"] for r in rows}
     items = [
@@ -215,32 +215,32 @@ def _nothing_after(facts: Facts) -> bool:
     return not (facts.amount_refunded or facts.charge_refunded or facts.dispute or facts.canceled)
 
 
-def _order_columns(plans: list[OrderPlan], facts_of: dict[str, Facts]) -> list[list[object]]:
-    """One array per column: `_ORDER_COLUMNS`, then the five copied from the intent's facts."""
-    columns: list[list[object]] = [[] for _ in range(14)]
+def _order_rows(plans: list[OrderPlan], facts_of: dict[str, Facts]) -> list[tuple[Any, ...]]:
+    """One row per order: `_ORDER_COLUMNS`, then the five copied from the intent's facts."""
+    rows = []
     for p in plans:
         r = p.request
         facts = facts_of[r.payment_intent_id]
         d = facts.dispute
-        values = (
-            r.payment_intent_id,
-            r.cart_id,
-            str(order_status(p.status, facts, r.amount)),
-            str(p.status),
-            p.reason,
-            r.amount,
-            r.currency,
-            r.event_id,
-            r.amount_authorized,
-            facts.amount_refunded,
-            facts.cancellation_reason,
-            d and d.status,
-            d and d.amount,
-            d and d.reason,
+        rows.append(
+            (
+                r.payment_intent_id,
+                r.cart_id,
+                str(order_status(p.status, facts, r.amount)),
+                str(p.status),
+                p.reason,
+                r.amount,
+                r.currency,
+                r.event_id,
+                r.amount_authorized,
+                facts.amount_refunded,
+                facts.cancellation_reason,
+                d and d.status,
+                d and d.amount,
+                d and d.reason,
+            )
         )
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return columns
+    return rows
 
 
 async def _move_stock(conn: Connection, movements: list[Movement]) -> None:
@@ -311,5 +311,5 @@ async def _refresh(conn: Connection, touched: list[IntentFold]) -> None:
                  dispute_amount, dispute_reason)
         WHERE o.id = v.id
         """,
-        *[list(column) for column in zip(*rows, strict=True)],
+        *unnest_columns(rows, 7),
     )

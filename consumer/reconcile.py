@@ -19,15 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
+from consumer.connections import Connection
 from consumer.decisions import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS
 from consumer.errors import Fault, cause, classify, describe
 from consumer.migrate import SchemaBehind, check_schema
 from consumer.preflight import redact
 from consumer.settings import ConsumerSettings
-
-Connection = asyncpg.Connection | PoolConnectionProxy
 
 EXIT_VIOLATIONS = 1
 EXIT_CANNOT_CHECK = 2

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
+from consumer.connections import Connection, unnest_columns
 from consumer.decisions import Allocation, Dispute, Facts, RefundSnapshot
 from consumer.decode import Envelope
 from consumer.fold import (
@@ -33,8 +33,6 @@ from consumer.fold import (
     fold_intent,
 )
 from consumer.orders import write_orders
-
-Connection = asyncpg.Connection | PoolConnectionProxy
 
 
 class ConcurrentIntentWrite(Exception):
@@ -202,30 +200,30 @@ def _facts(row: asyncpg.Record, refunds: dict[str, RefundSnapshot]) -> Facts:
     )
 
 
-def _intent_columns(folds: list[IntentFold]) -> list[list[Any]]:
-    """One array per column of `_INTENT_COLUMNS`, for unnest."""
-    columns: list[list[Any]] = [[] for _ in range(13)]
+def _intent_rows(folds: list[IntentFold]) -> list[tuple[Any, ...]]:
+    """One row per intent, its values in the order of `_INTENT_COLUMNS`."""
+    rows = []
     for fold in folds:
         f = fold.state.facts
         d = f.dispute
-        values = (
-            fold.state.payment_intent_id,
-            f.status,
-            f.status_created,
-            f.status_step,
-            f.status_event_id,
-            f.cancellation_reason,
-            f.charge_amount_refunded,
-            f.charge_refunded,
-            d and d.id,
-            d and d.status,
-            d and d.amount,
-            d and d.reason,
-            d and d.created,
+        rows.append(
+            (
+                fold.state.payment_intent_id,
+                f.status,
+                f.status_created,
+                f.status_step,
+                f.status_event_id,
+                f.cancellation_reason,
+                f.charge_amount_refunded,
+                f.charge_refunded,
+                d and d.id,
+                d and d.status,
+                d and d.amount,
+                d and d.reason,
+                d and d.created,
+            )
         )
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return columns
+    return rows
 
 
 _UNNEST_INTENTS = """
@@ -255,7 +253,7 @@ async def _write_intents(conn: Connection, folds: list[IntentFold]) -> None:
             FROM {_UNNEST_INTENTS} AS v({_INTENT_COLUMNS})
             WHERE p.id = v.id
             """,
-            *_intent_columns(known),
+            *unnest_columns(_intent_rows(known), 13),
         )
     # Most new intents know only their status: their row is written with the
     # status columns alone (the rest default), which halved this insert's cost.
@@ -272,7 +270,7 @@ async def _write_intents(conn: Connection, folds: list[IntentFold]) -> None:
             ON CONFLICT (id) DO NOTHING
             RETURNING id
             """,
-            *_intent_columns(status_only)[:6],
+            *unnest_columns(_intent_rows(status_only), 6),
         )
         inserted += len(rows)
     if everything:
@@ -283,7 +281,7 @@ async def _write_intents(conn: Connection, folds: list[IntentFold]) -> None:
             ON CONFLICT (id) DO NOTHING
             RETURNING id
             """,
-            *_intent_columns(everything),
+            *unnest_columns(_intent_rows(everything), 13),
         )
         inserted += len(rows)
     if inserted != len(new):

@@ -1,7 +1,9 @@
 """`order-consumer` (also `python -m consumer`): migrate, run a group member, or operate.
 
-Commands: `migrate`, `run`, and the operator's tools `reconcile` (check the
-invariants), `dlq` (list and replay dead letters) and `prune` (inbox retention).
+Commands: `migrate`, `run` (a group member, and the outbox relay unless
+RELAY_ENABLED=false), `relay` (the relay alone), and the operator's tools
+`reconcile` (check the invariants), `dlq` (list and replay dead letters),
+`prune` (inbox retention) and `outbox` (what the relay has left and did).
 
 Settings are read from the environment once, here, and passed down. What an
 operator can fix (a setting, a database or broker that is not there, a missing
@@ -20,20 +22,22 @@ import os
 import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from typing import Protocol
 
 import asyncpg
 import structlog
 from pydantic import ValidationError
 
-from consumer import dlq, logs, prune, reconcile
+from consumer import dlq, logs, outbox_tool, prune, reconcile
 from consumer.backoff import StopRequested
-from consumer.bootstrap import bootstrap
+from consumer.bootstrap import bootstrap, build_relay, relay_checks
 from consumer.deadletter import DeadLetterRefused
 from consumer.migrate import migrate
-from consumer.preflight import StartupError, redact
+from consumer.preflight import StartupError, redact, until_ready
+from consumer.relay import Relay, RelayStats
 from consumer.runtime import tune_gc
 from consumer.settings import ConsumerSettings
-from consumer.worker import Worker
+from consumer.worker import RunStats, Worker
 from schemas.config import describe
 
 log = structlog.get_logger("consumer")
@@ -61,7 +65,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="return 0 once no message has arrived for this long",
     )
-    for tool in (reconcile, dlq, prune):
+    relay = commands.add_parser(
+        "relay",
+        help="perform the outbox alone: Stripe actions and order events (`run` does it too)",
+    )
+    relay.add_argument(
+        "--exit-when-idle",
+        action="store_true",
+        help="return 0 once nothing pending can be done now (rows backing off are waited for)",
+    )
+    for tool in (reconcile, dlq, prune, outbox_tool):
         tool.add_parser(commands)
     return parser
 
@@ -86,11 +99,17 @@ async def _migrate(settings: ConsumerSettings) -> int:
 
 async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> int:
     worker = Worker(settings, exit_when_idle_s=exit_when_idle_s, deps=bootstrap(settings))
-    _handle_stop_signals(worker, settings.shutdown_timeout_s)
+    relay = build_relay(settings) if settings.relay_enabled else None
+    _handle_stop_signals([worker, *([relay] if relay else [])], settings.shutdown_timeout_s)
+    relay_stats: RelayStats | None = None
     try:
         async with worker:
             tune_gc()
-            stats = await worker.run()
+            if relay is None:
+                stats = await worker.run()
+            else:
+                async with relay:
+                    stats, relay_stats = await _beside(worker, relay, exit_when_idle_s is not None)
     except StopRequested:
         log.info("consumer_stopped", before="joining the group")
         return 0
@@ -111,12 +130,58 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
         "outcomes": dict(stats.outcomes),
         "orders": dict(stats.orders),
     }
+    if relay_stats is not None:
+        summary["outbox"] = relay_stats.as_dict()
     log.info("consumer_stopped", **summary)
     print(json.dumps(summary), flush=True)
     return 0
 
 
-def _handle_stop_signals(worker: Worker, shutdown_timeout_s: float) -> None:
+async def _beside(worker: Worker, relay: Relay, drain: bool) -> tuple[RunStats, RelayStats]:
+    """The worker, with the relay beside it; a relay that fails for a bug stops the worker."""
+    relay_task = asyncio.create_task(relay.run())
+
+    def on_relay_done(task: asyncio.Task[RelayStats]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            worker.request_stop()
+
+    relay_task.add_done_callback(on_relay_done)
+    try:
+        stats = await worker.run()
+    finally:
+        if drain:
+            relay.drain()  # `--exit-when-idle`: finish what the batches left in the outbox
+        else:
+            relay.request_stop()
+    return stats, await relay_task
+
+
+async def _relay(settings: ConsumerSettings, exit_when_idle: bool) -> int:
+    relay = build_relay(settings)
+    _handle_stop_signals([relay], settings.shutdown_timeout_s)
+    deadline = asyncio.get_running_loop().time() + settings.startup_timeout_s
+    try:
+        for what, check in relay_checks(settings):
+            await until_ready(
+                what, check, settings=settings, stopping=relay.stopping, deadline=deadline
+            )
+    except StopRequested:
+        return 0
+    except StartupError as exc:
+        log.error("cannot_start", error=str(exc))
+        return EXIT_CANNOT_START
+    async with relay:
+        stats = await relay.run(exit_when_idle=exit_when_idle)
+    log.info("relay_stopped", **stats.as_dict())
+    print(json.dumps({"outbox": stats.as_dict()}), flush=True)
+    return 0
+
+
+class _Stoppable(Protocol):
+    def request_stop(self) -> None: ...
+
+
+def _handle_stop_signals(stoppables: list[_Stoppable], shutdown_timeout_s: float) -> None:
     """First SIGTERM/SIGINT: stop by the deadline. Second, or the deadline missed: exit now."""
     loop = asyncio.get_running_loop()
     received: list[signal.Signals] = []
@@ -131,7 +196,8 @@ def _handle_stop_signals(worker: Worker, shutdown_timeout_s: float) -> None:
             log.warning("exiting_now", signal=sig.name, reason="second stop signal")
             os._exit(128 + sig)
         log.info("stop_requested", signal=sig.name, deadline_s=shutdown_timeout_s)
-        worker.request_stop()
+        for stoppable in stoppables:
+            stoppable.request_stop()
         # A backstop beyond the worker's own deadlines, for whatever none of them covers.
         loop.call_later(shutdown_timeout_s + 2.0, overdue)
 
@@ -149,9 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
-    tools = {"reconcile": reconcile.main, "dlq": dlq.main, "prune": prune.main}
+    tools = {
+        "reconcile": reconcile.main,
+        "dlq": dlq.main,
+        "prune": prune.main,
+        "outbox": outbox_tool.main,
+    }
     if args.command in tools:
         return asyncio.run(tools[args.command](args, settings))
+    if args.command == "relay":
+        return asyncio.run(_relay(settings, args.exit_when_idle))
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it

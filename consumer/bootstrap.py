@@ -28,9 +28,13 @@ from aiokafka.errors import KafkaError
 from consumer.connections import abandon_group, create_consumer, create_dead_letters, create_pool
 from consumer.deadletter import Poison
 from consumer.decode import Envelope
+from consumer.order_events import OrderEvents
+from consumer.outbox import CapturePolicy, OutboxPolicy
 from consumer.preflight import check_database, check_topics
+from consumer.relay import Relay
 from consumer.settings import ConsumerSettings
 from consumer.store import BatchResult, apply_batch
+from consumer.stripe_actions import StripeActions
 from schemas import dlq_topic
 
 
@@ -89,6 +93,9 @@ class Dependencies:
 def bootstrap(settings: ConsumerSettings) -> Dependencies:
     """The real dependencies: PostgreSQL through asyncpg, the broker through aiokafka."""
     topics = [settings.kafka_topic, dlq_topic(settings.kafka_topic)]
+    if settings.relay_enabled:
+        topics.append(settings.orders_topic)
+    policy = OutboxPolicy(CapturePolicy(settings.capture_policy))
     return Dependencies(
         checks=(
             ("database", functools.partial(check_database, settings)),
@@ -97,6 +104,38 @@ def bootstrap(settings: ConsumerSettings) -> Dependencies:
         open_pool=functools.partial(create_pool, settings),
         new_consumer=functools.partial(create_consumer, settings),
         new_dead_letters=functools.partial(create_dead_letters, settings),
-        apply_batch=apply_batch,
+        apply_batch=functools.partial(apply_batch, policy=policy),
         abandon_consumer=abandon_group,
+    )
+
+
+def relay_checks(settings: ConsumerSettings) -> list[Check]:
+    """What `order-consumer relay` checks before it starts: the database and the orders topic."""
+    return [
+        ("database", functools.partial(check_database, settings)),
+        ("topics", functools.partial(check_topics, settings, [settings.orders_topic])),
+    ]
+
+
+def build_relay(settings: ConsumerSettings) -> Relay:
+    """The outbox relay, with a pool of its own: one connection per loop."""
+    key = settings.stripe_api_key
+    stripe = None
+    if key is not None:
+        stripe = StripeActions(
+            key.get_secret_value(),
+            api_base=settings.stripe_api_base,
+            timeout_s=settings.stripe_timeout_s,
+        )
+    return Relay(
+        settings,
+        open_pool=functools.partial(create_pool, settings, 2),
+        new_events=functools.partial(
+            OrderEvents,
+            settings.kafka_bootstrap_servers,
+            settings.orders_topic,
+            enable_idempotence=settings.kafka_enable_idempotence,
+            max_request_bytes=settings.kafka_max_request_bytes,
+        ),
+        stripe=stripe,
     )

@@ -32,13 +32,13 @@ def unnest_columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]
     return [[row[i] for row in rows] for i in range(width)]
 
 
-async def create_pool(settings: ConsumerSettings) -> asyncpg.Pool:
+async def create_pool(settings: ConsumerSettings, size: int | None = None) -> asyncpg.Pool:
     """A pool that opens connections on demand (the worker's retries own reconnecting)."""
     idle_in_transaction_ms = 2 * settings.db_statement_timeout_ms
     return await asyncpg.create_pool(
         settings.database_url,
         min_size=0,
-        max_size=settings.db_pool_size,
+        max_size=size or settings.db_pool_size,
         timeout=settings.db_connect_timeout_s,
         init=check_schema,
         server_settings={

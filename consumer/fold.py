@@ -26,6 +26,7 @@ from consumer.decisions import (
     CancelOrder,
     Decision,
     Facts,
+    OrderStatus,
     PlaceOrder,
     RecordCancellation,
     RecordDispute,
@@ -47,6 +48,8 @@ class OrderView(NamedTuple):
     id: int
     allocation: Allocation
     amount: int
+    # As stored before the batch; None when not read (the fold does not need it).
+    status: OrderStatus | None = None
 
 
 NOTHING_KNOWN = Facts()

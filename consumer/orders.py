@@ -11,6 +11,7 @@ Inside the batch's transaction, after the intents' rows are locked and written:
   4. bring every existing order that a decision touched up to date: status,
      amount refunded, cancellation reason, dispute (`CancelOrder`,
      `RecordCancellation`, `RecordRefund`, `RecordDispute`).
+It returns every order it created or changed (`OrderChange`), for the outbox.
 An order's status is derived by `consumer.decisions.order_status`.
 """
 
@@ -33,6 +34,7 @@ from consumer.decisions import (
     order_status,
 )
 from consumer.fold import IntentFold
+from consumer.outbox import OrderChange
 
 # Decisions about an existing order that re-derive its status and copy the facts.
 _REFRESHED_BY = (CancelOrder, RecordCancellation, RecordRefund, RecordDispute)
@@ -41,8 +43,8 @@ _REFRESHED_BY = (CancelOrder, RecordCancellation, RecordRefund, RecordDispute)
 Movement = tuple[str, int, str, int, str]
 
 
-async def write_orders(conn: Connection, folds: list[IntentFold]) -> Counter[str]:
-    """Apply every order decision of the batch; return the new orders' count by status."""
+async def write_orders(conn: Connection, folds: list[IntentFold]) -> list[OrderChange]:
+    """Apply every order decision of the batch; return the orders it created or changed."""
     places: list[tuple[PlaceOrder, Facts]] = []
     cancels: list[tuple[CancelOrder, IntentFold]] = []
     touched: list[IntentFold] = []
@@ -55,7 +57,7 @@ async def write_orders(conn: Connection, folds: list[IntentFold]) -> Counter[str
         if fold.state.order is not None and any(type(d) in _REFRESHED_BY for d in fold.decisions):
             touched.append(fold)
     if not places and not touched:
-        return Counter()
+        return []
     # First paid, first served: the authorization's created, received-at, partition, offset.
     places.sort(key=lambda place: place[0].paid_key)
     to_allocate = [p for p, facts in places if not facts.canceled]
@@ -81,11 +83,13 @@ async def write_orders(conn: Connection, folds: list[IntentFold]) -> Counter[str
         for sku, qty in sorted(p.taken.items())
     ]
     await _move_stock(conn, movements)
-    await _refresh(conn, touched)
-    return Counter(
-        str(order_status(p.status, facts_of[p.request.payment_intent_id], p.request.amount))
-        for p in plans + skipped
-    )
+    changes = []
+    for p in plans + skipped:
+        pid, amount = p.request.payment_intent_id, p.request.amount
+        facts = facts_of[pid]
+        status = order_status(p.status, facts, amount)
+        changes.append(OrderChange(created[pid], pid, None, status, facts.status, amount))
+    return changes + await _refresh(conn, touched)
 
 
 async def _taken_by(
@@ -276,17 +280,20 @@ async def _move_stock(conn: Connection, movements: list[Movement]) -> None:
     )
 
 
-async def _refresh(conn: Connection, touched: list[IntentFold]) -> None:
+async def _refresh(conn: Connection, touched: list[IntentFold]) -> list[OrderChange]:
     """Re-derive the status and copy the facts of existing orders a decision touched."""
     if not touched:
-        return
+        return []
     rows: list[tuple[object, ...]] = []
+    changes: list[OrderChange] = []
     for fold in sorted(touched, key=lambda f: f.state.payment_intent_id):
         order = fold.state.order
         assert order is not None
         facts = fold.state.facts
         d = facts.dispute
         status: OrderStatus = order_status(order.allocation, facts, order.amount)
+        pid = fold.state.payment_intent_id
+        changes.append(OrderChange(order.id, pid, order.status, status, facts.status, order.amount))
         rows.append(
             (
                 order.id,
@@ -313,3 +320,4 @@ async def _refresh(conn: Connection, touched: list[IntentFold]) -> None:
         """,
         *unnest_columns(rows, 7),
     )
+    return changes

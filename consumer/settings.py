@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas import DEFAULT_TOPIC
+from schemas import DEFAULT_ORDERS_TOPIC, DEFAULT_TOPIC
 from schemas.config import check_bootstrap_servers, check_log_level, port_ok
 
 
@@ -55,6 +55,31 @@ class ConsumerSettings(BaseSettings):
     # default grace period of 30 s.
     shutdown_timeout_s: float = Field(default=25.0, gt=0)
 
+    # --- The outbox relay (consumer/relay.py): Stripe actions and order events ---
+    # What a placed order does to its authorization: `never` (the shop captures,
+    # at shipping or from its dashboard) or `on_placed` (capture the order's
+    # amount as soon as its stock is taken). Same on every member.
+    capture_policy: Literal["never", "on_placed"] = "never"
+    # Release the money of a `needs_review` order still unresolved after this
+    # many seconds. Unset: never (an operator decides).
+    needs_review_cancel_after_s: float | None = Field(default=None, gt=0)
+    # Unset: Stripe actions stay pending, reported, until a key is given.
+    stripe_api_key: SecretStr | None = None
+    # Another API address (an emulator, a proxy); unset: Stripe's own.
+    stripe_api_base: str | None = None
+    stripe_timeout_s: float = Field(default=30.0, gt=0)
+    orders_topic: str = Field(default=DEFAULT_ORDERS_TOPIC, min_length=1)
+    # `run` also runs the relay; off for members that should only consume
+    # (then run `order-consumer relay` somewhere).
+    relay_enabled: bool = True
+    relay_batch_size: int = Field(default=500, ge=1)  # order events per claim
+    relay_stripe_concurrency: int = Field(default=8, ge=1)  # Stripe calls per claim, at once
+    relay_poll_interval_s: float = Field(default=0.2, gt=0)
+    # Back-off of one failed action or publish: doubling from the first, capped.
+    relay_retry_initial_s: float = Field(default=1.0, gt=0)
+    relay_retry_max_s: float = Field(default=300.0, gt=0)
+    relay_sweep_interval_s: float = Field(default=60.0, gt=0)
+
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
@@ -80,6 +105,14 @@ class ConsumerSettings(BaseSettings):
     @classmethod
     def _broker_addresses(cls, value: str) -> str:
         return check_bootstrap_servers(value)
+
+    @field_validator("stripe_api_key")
+    @classmethod
+    def _key_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty STRIPE_API_KEY= means unset, not a key that Stripe will refuse.
+        if value is None or not value.get_secret_value().strip():
+            return None
+        return value
 
     @property
     def statement_timeout_s(self) -> float:

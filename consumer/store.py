@@ -8,7 +8,9 @@ The unit of work (DESIGN.md, "The path of one event"):
   4. lock the stock rows touched, in SKU order (invariant 8); give back what
      canceled orders took; allocate stock to new orders in the order their
      payments were authorized; write orders, items, movements and levels;
-  5. bring existing orders up to date (status, refunds, dispute).
+  5. bring existing orders up to date (status, refunds, dispute);
+  6. write the outbox rows those order changes cause: order events and
+     Stripe actions (consumer/outbox.py), for the relay to perform.
 The caller commits Kafka offsets only after this transaction has committed.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from consumer.connections import Connection, unnest_columns
-from consumer.decisions import Allocation, Dispute, Facts, RefundSnapshot
+from consumer.decisions import Allocation, Dispute, Facts, OrderStatus, RefundSnapshot
 from consumer.decode import Envelope
 from consumer.fold import (
     NOTHING_KNOWN,
@@ -33,6 +35,7 @@ from consumer.fold import (
     fold_intent,
 )
 from consumer.orders import write_orders
+from consumer.outbox import DEFAULT_POLICY, OutboxPolicy, enqueue
 
 
 class ConcurrentIntentWrite(Exception):
@@ -66,7 +69,9 @@ class BatchResult:
         )
 
 
-async def apply_batch(conn: Connection, envelopes: list[Envelope]) -> BatchResult:
+async def apply_batch(
+    conn: Connection, envelopes: list[Envelope], policy: OutboxPolicy = DEFAULT_POLICY
+) -> BatchResult:
     """Apply `envelopes` (in Kafka order) in one transaction on `conn`."""
     result = BatchResult(events=len(envelopes))
     async with conn.transaction():
@@ -90,9 +95,10 @@ async def apply_batch(conn: Connection, envelopes: list[Envelope]) -> BatchResul
         # Before any order: from here on this transaction holds every intent's row.
         await _write_intents(conn, folds)
         await _write_refunds(conn, folds, states)
-        orders = await write_orders(conn, folds)
+        changes = await write_orders(conn, folds)
+        await enqueue(conn, changes, policy)
         await _record_outcomes(conn, claimed, folds, result)
-        result.orders.update(orders)
+        result.orders.update(str(c.status) for c in changes if c.previous is None)
     return result
 
 
@@ -150,9 +156,11 @@ async def _lock_intents(conn: Connection, intent_ids: list[str]) -> dict[str, In
         intent_ids,
     )
     orders = {
-        r["payment_intent_id"]: OrderView(r["id"], Allocation(r["allocation"]), r["amount"])
+        r["payment_intent_id"]: OrderView(
+            r["id"], Allocation(r["allocation"]), r["amount"], OrderStatus(r["status"])
+        )
         for r in await conn.fetch(
-            "SELECT id, payment_intent_id, allocation, amount FROM orders"
+            "SELECT id, payment_intent_id, allocation, amount, status FROM orders"
             " WHERE payment_intent_id = ANY($1::text[])",
             intent_ids,
         )

@@ -53,7 +53,8 @@ async def demo(intents: int, consumers: int, keep_database: bool) -> None:
         await admin.close()
         database_url = infra.database_url.rpartition("/")[0] + f"/{database}"
         topic = f"stripe.events.demo-{secrets.token_hex(3)}"
-        await create_topics(infra.kafka_bootstrap_servers, topic, dlq_topic(topic))
+        orders_topic = f"orders.events.demo-{secrets.token_hex(3)}"
+        await create_topics(infra.kafka_bootstrap_servers, topic, dlq_topic(topic), orders_topic)
         log = Path(tempfile.gettempdir()) / f"intentflow-demo-{secrets.token_hex(3)}.log"
 
         env = dict(os.environ)
@@ -61,6 +62,7 @@ async def demo(intents: int, consumers: int, keep_database: bool) -> None:
             KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap_servers,
             KAFKA_ENABLE_IDEMPOTENCE=str(infra.kafka_enable_idempotence).lower(),
             KAFKA_TOPIC=topic,
+            ORDERS_TOPIC=orders_topic,
             KAFKA_GROUP_ID=f"demo-{topic}",
             DATABASE_URL=database_url,
             # Small batches, so cancellations and refunds meet orders placed by earlier ones.
@@ -169,6 +171,17 @@ async def report(
         f"cancellations:           {given_back['units']} units given back by "
         f"{given_back['orders']} canceled orders; {skipped} created canceled (no stock taken)"
     )
+    outbox = await conn.fetch(
+        "SELECT kind, state, count(*) AS n FROM outbox GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    rows = {(r["kind"], r["state"]): r["n"] for r in outbox}
+    published = rows.get(("order_event", "done"), 0)
+    waiting = rows.get(("stripe_action", "pending"), 0)
+    print(f"order events published:  {published} (one per order change, on the orders topic)")
+    print(
+        f"stripe actions:          {waiting} cancels of out_of_stock authorizations wait for "
+        "STRIPE_API_KEY (none given to the demo)"
+    )
     print(f"one order per intent:    {sum(statuses.values()) == len(work.intents)}")
     print(f"movements explain stock: {unexplained == 0}")
     ok = (
@@ -176,6 +189,7 @@ async def report(
         and sum(statuses.values()) == len(work.intents)
         and unexplained == 0
         and absorbed == work.duplicates
+        and published == sum(n for (kind, _), n in rows.items() if kind == "order_event")
     )
     print(f"\n{'all invariants held' if ok else 'INVARIANT VIOLATED'}")
     if not ok:

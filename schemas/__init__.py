@@ -19,6 +19,15 @@ from schemas.contract import (
     encode_key,
     payment_intent_key,
 )
+from schemas.orders import (
+    DEFAULT_ORDERS_TOPIC,
+    HEADER_ORDER_EVENT_TYPE,
+    HEADER_OUTBOX_ID,
+    ORDER_EVENT_SCHEMA_VERSION,
+    ORDER_EVENT_TYPES,
+    OrderEvent,
+    OrderSnapshot,
+)
 from schemas.stripe import (
     Charge,
     Dispute,
@@ -30,18 +39,25 @@ from schemas.stripe import (
 )
 
 __all__ = [
+    "DEFAULT_ORDERS_TOPIC",
     "DEFAULT_TOPIC",
     "HEADER_ERROR",
     "HEADER_ERROR_DETAIL",
     "HEADER_EVENT_ID",
     "HEADER_EVENT_TYPE",
+    "HEADER_ORDER_EVENT_TYPE",
     "HEADER_ORIGINAL_OFFSET",
     "HEADER_ORIGINAL_PARTITION",
+    "HEADER_OUTBOX_ID",
     "HEADER_RECEIVED_AT",
     "HEADER_REPLAYED_FROM",
+    "ORDER_EVENT_SCHEMA_VERSION",
+    "ORDER_EVENT_TYPES",
     "Charge",
     "Dispute",
     "EventData",
+    "OrderEvent",
+    "OrderSnapshot",
     "OtherObject",
     "PaymentIntent",
     "Refund",

@@ -17,7 +17,7 @@ import pytest
 from consumer.migrate import migrate
 from devservices import Services, services
 from devservices.topics import create_topics
-from schemas import dlq_topic
+from schemas import DEFAULT_ORDERS_TOPIC, dlq_topic
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +72,8 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 async def topic(infra: Services) -> str:
     """A topic of this test's own, with 12 partitions, and its dead-letter topic."""
     name = f"stripe.events.{secrets.token_hex(6)}"
-    await create_topics(infra.kafka_bootstrap_servers, name, dlq_topic(name))
+    # The order events topic too: a consumer process runs the relay, which checks it at start.
+    await create_topics(infra.kafka_bootstrap_servers, name, dlq_topic(name), DEFAULT_ORDERS_TOPIC)
     # The broker may answer metadata for a new topic a moment after creating it.
     await asyncio.sleep(0.1)
     return name

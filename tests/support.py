@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
+from pydantic import SecretStr
 
 from consumer.settings import ConsumerSettings
 from devservices import Services
@@ -55,8 +56,14 @@ def consumer_settings(
 
 
 def consumer_env(settings: ConsumerSettings) -> dict[str, str]:
+    """The environment that gives a consumer process `settings` (unset stays unset)."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
+        if value is None:
+            env.pop(name.upper(), None)
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         env[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
     return env
 

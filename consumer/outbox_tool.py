@@ -1,0 +1,112 @@
+"""`order-consumer outbox`: what the relay has left to do, what it did, and a second chance.
+
+  outbox            pending rows by kind, the oldest one's age, finished rows by outcome
+  outbox --failed   the Stripe actions Stripe refused for good, with its code and message
+  outbox retry ID…  make refused rows pending again (after fixing the cause at Stripe)
+`--json` prints one JSON document instead of lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import asyncpg
+
+from consumer.errors import describe
+from consumer.migrate import check_schema
+from consumer.outbox import backlog, finished_by_outcome
+from consumer.preflight import redact
+from consumer.settings import ConsumerSettings
+
+EXIT_CANNOT = 2
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "outbox",
+        help="show the outbox (Stripe actions and order events) and retry refused actions",
+        description="Show pending outbox rows by kind and the oldest one's age, finished rows "
+        "by outcome, or (--failed) the Stripe actions Stripe refused; `retry ID…` makes "
+        "refused rows pending again.",
+    )
+    parser.add_argument("--failed", action="store_true", help="list the refused Stripe actions")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("retry", nargs="*", metavar="retry ID", help="`retry` then outbox ids")
+
+
+async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
+    try:
+        conn = await asyncpg.connect(
+            settings.database_url,
+            timeout=settings.db_connect_timeout_s,
+            server_settings={"application_name": "order-consumer-outbox"},
+        )
+    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        print(
+            f"order-consumer outbox: PostgreSQL at {redact(settings.database_url)} is not usable "
+            f"({describe(e)}): check DATABASE_URL and that the server is up"
+        )
+        return EXIT_CANNOT
+    try:
+        await check_schema(conn)
+        if args.retry:
+            return await _retry(conn, args.retry)
+        report = await (_failed(conn) if args.failed else _status(conn))
+    finally:
+        await conn.close()
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        for line in _lines(report):
+            print(line)
+    return 0
+
+
+async def _status(conn: asyncpg.Connection) -> dict[str, Any]:
+    left = await backlog(conn)
+    return {
+        "pending": left.pending,
+        "oldest_pending_s": round(left.oldest_pending_s, 3),
+        "finished": await finished_by_outcome(conn),
+    }
+
+
+async def _failed(conn: asyncpg.Connection) -> dict[str, Any]:
+    rows = await conn.fetch(
+        "SELECT id, name, payment_intent_id, order_id, attempts, error_code, last_error, done_at"
+        " FROM outbox WHERE state = 'failed' ORDER BY id"
+    )
+    return {"failed": [dict(r) for r in rows]}
+
+
+async def _retry(conn: asyncpg.Connection, words: list[str]) -> int:
+    if words[0] != "retry" or len(words) < 2 or not all(w.isdigit() for w in words[1:]):
+        print("order-consumer outbox: usage: outbox retry ID [ID …] (ids from `outbox --failed`)")
+        return EXIT_CANNOT
+    ids = sorted({int(w) for w in words[1:]})
+    done = await conn.fetch(
+        """
+        UPDATE outbox SET state = 'pending', outcome = NULL, done_at = NULL, due_at = now()
+        WHERE id = ANY($1::bigint[]) AND state = 'failed' RETURNING id
+        """,
+        ids,
+    )
+    again = sorted(r["id"] for r in done)
+    print(json.dumps({"pending_again": again, "not_failed": sorted(set(ids) - set(again))}))
+    return 0
+
+
+def _lines(report: dict[str, Any]) -> list[str]:
+    if "failed" in report:
+        return [
+            f"{r['id']}\t{r['name']}\t{r['payment_intent_id']}\t{r['error_code']}\t{r['last_error']}"
+            for r in report["failed"]
+        ] or ["no refused Stripe actions"]
+    lines = [f"pending {kind}: {n}" for kind, n in sorted(report["pending"].items())]
+    lines.append(f"oldest pending: {report['oldest_pending_s']:g} s")
+    for kind, outcomes in sorted(report["finished"].items()):
+        for outcome, n in sorted(outcomes.items()):
+            lines.append(f"finished {kind} {outcome}: {n}")
+    return lines

@@ -1,0 +1,348 @@
+"""The relay: performs what the outbox holds, then marks it (`order-consumer relay`, and in `run`).
+
+Two loops, so that a slow Stripe never holds up the order events:
+  - order events: claim up to RELAY_BATCH_SIZE due rows, publish them to the
+    order events topic, mark what the broker acknowledged; an intent's later
+    events wait while an earlier one is backing off (consumer/outbox.py, `claim`);
+  - Stripe actions: claim a few due rows, call Stripe for them at once
+    (consumer/stripe_actions.py), record each answer; every RELAY_SWEEP_INTERVAL_S,
+    also ask to release the money of `needs_review` orders older than
+    NEEDS_REVIEW_CANCEL_AFTER_S, when set.
+Each claim is one transaction that holds its rows (`FOR UPDATE SKIP LOCKED`)
+until they are marked, so several relays share the work and a relay that dies
+leaves its rows pending: a retry may call Stripe again (with the same
+idempotency key) or publish again (with the same outbox id), never skip.
+
+A failed action or publish is due again after a back-off (doubling from
+RELAY_RETRY_INITIAL_S up to RELAY_RETRY_MAX_S, or Stripe's `Retry-After` when
+longer). The database or broker away is waited out. Without STRIPE_API_KEY, or
+with a key Stripe refuses, Stripe actions stay pending and are reported.
+
+With `exit_when_idle`, `run` returns once nothing pending can be done now:
+no order event is pending, and no Stripe action is pending that this relay
+could perform (rows backing off are waited for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from aiokafka.errors import KafkaError
+
+from consumer import errors
+from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped
+from consumer.outbox import Action, Claimed, Kind, Mark, backlog, claim, record, sweep_needs_review
+from consumer.settings import ConsumerSettings
+from consumer.stripe_actions import Answer, Outcome
+
+log = structlog.get_logger("relay")
+
+
+class EventSink(Protocol):
+    """What the relay uses of `consumer.order_events.OrderEvents`."""
+
+    topic: str
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def publish(self, rows: Sequence[Claimed]) -> list[KafkaError | None]: ...
+
+
+class StripeApi(Protocol):
+    """What the relay uses of `consumer.stripe_actions.StripeActions`."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def perform(
+        self, action: Action, payment_intent_id: str, params: dict[str, Any], idempotency_key: str
+    ) -> Answer: ...
+
+
+@dataclass
+class RelayStats:
+    actions: Counter[str] = field(default_factory=Counter)  # by outcome
+    published: int = 0
+    publish_failures: int = 0
+    swept: int = 0  # needs_review orders whose money the sweep asked to release
+    database_waits: int = 0
+    # At the last look: pending rows by kind, and the age of the oldest.
+    pending: dict[str, int] = field(default_factory=dict)
+    oldest_pending_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "actions": dict(self.actions),
+            "published": self.published,
+            "publish_failures": self.publish_failures,
+            "swept": self.swept,
+            "database_waits": self.database_waits,
+            "pending": self.pending,
+            "oldest_pending_s": round(self.oldest_pending_s, 3),
+        }
+
+
+class Relay:
+    """Runs the outbox's two loops until stopped, or until idle (`start()`/`stop()`)."""
+
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        *,
+        open_pool: Callable[[], Awaitable[Any]],
+        new_events: Callable[[], EventSink],
+        stripe: StripeApi | None,
+    ) -> None:
+        self.settings = settings
+        self.stats = RelayStats()
+        self._open_pool = open_pool
+        # A factory: a producer whose start() failed cannot be started again.
+        self._new_events = new_events
+        self._events: EventSink | None = None
+        self._stripe = stripe
+        self._draining = False
+        self._pool: Any = None
+        self._stopping = asyncio.Event()
+        self._key_refused = False
+        self._reported_waiting: int | None = None
+        self._next_sweep_at = 0.0  # on the event loop's clock
+
+    async def __aenter__(self) -> Relay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open the pool (it connects on demand); the producer starts in the events loop."""
+        self._pool = await self._open_pool()
+        if self._stripe is not None:
+            await self._stripe.start()
+
+    async def stop(self) -> None:
+        if self._events is not None:
+            await self._events.stop()
+        if self._stripe is not None:
+            await self._stripe.stop()
+        if self._pool is not None:
+            await self._pool.close()
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set by `request_stop`: what the caller's start-up waits watch too."""
+        return self._stopping
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    def drain(self) -> None:
+        """Return from `run` once nothing pending can be done (as `exit_when_idle`)."""
+        self._draining = True
+
+    async def run(self, *, exit_when_idle: bool = False) -> RelayStats:
+        """Both loops; return when stopped, or (with `exit_when_idle`) when nothing can be done."""
+        async with asyncio.TaskGroup() as loops:  # a bug in one stops the other
+            loops.create_task(self._loop(self._events_step, exit_when_idle))
+            loops.create_task(self._loop(self._stripe_step, exit_when_idle))
+        await self._refresh_backlog()
+        return self.stats
+
+    async def _loop(self, step: Callable[[], Awaitable[bool]], exit_when_idle: bool) -> None:
+        with contextlib.suppress(StopRequested):
+            await self._repeat(step, exit_when_idle)
+
+    async def _repeat(self, step: Callable[[], Awaitable[bool]], exit_when_idle: bool) -> None:
+        """Repeat `step` (True: it did something); sleep when idle; wait out the database."""
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                busy = await step()
+                failures = 0
+            except Exception as exc:
+                if errors.classify(exc) is not errors.Fault.ENVIRONMENT:
+                    raise
+                wait_s = delay_s(failures, self.settings.retry_initial_s, self.settings.retry_max_s)
+                failures += 1
+                self.stats.database_waits += 1
+                log.warning(
+                    "relay_waiting",
+                    cause=errors.cause(exc),
+                    error=errors.describe(exc),
+                    retry_in_s=round(wait_s, 2),
+                )
+                await sleep_unless_stopped(self._stopping, wait_s)
+                continue
+            if busy:
+                continue
+            if (exit_when_idle or self._draining) and await self._idle(step):
+                return
+            await sleep_unless_stopped(self._stopping, self.settings.relay_poll_interval_s)
+
+    async def _idle(self, step: Callable[[], Awaitable[bool]]) -> bool:
+        """Whether nothing this loop could do is pending (rows backing off count as doable)."""
+        left = await self._refresh_backlog()
+        if step == self._events_step:
+            return left.get(Kind.ORDER_EVENT, 0) == 0
+        waiting = left.get(Kind.STRIPE_ACTION, 0)
+        if waiting and (self._stripe is None or self._key_refused):
+            return True
+        return waiting == 0
+
+    async def _refresh_backlog(self) -> dict[str, int]:
+        try:
+            async with self._pool.acquire() as conn:
+                now = await backlog(conn)
+        except Exception as exc:
+            if errors.classify(exc) is not errors.Fault.ENVIRONMENT:
+                raise
+            return self.stats.pending
+        self.stats.pending = now.pending
+        self.stats.oldest_pending_s = now.oldest_pending_s
+        return now.pending
+
+    # --- Order events -----------------------------------------------------------------
+
+    async def _events_step(self) -> bool:
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await claim(conn, Kind.ORDER_EVENT, self.settings.relay_batch_size)
+            if not rows:
+                return False
+            results = await (await self._producer()).publish(rows)
+            await record(conn, self._publish_marks(rows, results))
+        return True
+
+    async def _producer(self) -> EventSink:
+        if self._events is None:
+            events = self._new_events()
+            await events.start()  # a failure is the broker's: waited out by the loop
+            self._events = events
+        return self._events
+
+    def _publish_marks(
+        self, rows: Sequence[Claimed], results: Sequence[KafkaError | None]
+    ) -> list[Mark]:
+        """Done for what the broker acknowledged, up to an intent's first failure; the rest later.
+
+        An intent's events after its first failure stay pending even when they
+        were acknowledged: they are published again after it, so a reader that
+        keeps the highest outbox id per order never ends on an older snapshot.
+        """
+        marks: list[Mark] = []
+        failed_intents: set[str] = set()
+        for row, error in zip(rows, results, strict=True):
+            if error is None and row.payment_intent_id not in failed_intents:
+                marks.append(Mark(row.id, "published"))
+                self.stats.published += 1
+                continue
+            if error is None:
+                continue  # published, but after an earlier failure of its intent: again later
+            failed_intents.add(row.payment_intent_id)
+            self.stats.publish_failures += 1
+            retry_in_s = self._backoff_s(row.attempts)
+            log.warning(
+                "order_event_not_published",
+                outbox_id=row.id,
+                error=errors.describe(error),
+                retry_in_s=round(retry_in_s, 2),
+            )
+            marks.append(
+                Mark(row.id, "retry", type(error).__name__, errors.describe(error), retry_in_s)
+            )
+        return marks
+
+    # --- Stripe actions ---------------------------------------------------------------
+
+    async def _stripe_step(self) -> bool:
+        swept = await self._sweep()
+        if self._stripe is None or self._key_refused:
+            await self._report_waiting()
+            return False
+        stripe = self._stripe
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await claim(conn, Kind.STRIPE_ACTION, self.settings.relay_stripe_concurrency)
+            if not rows:
+                return swept
+            answers = await asyncio.gather(*(self._perform(stripe, row) for row in rows))
+            marks = [self._action_mark(r, a) for r, a in zip(rows, answers, strict=True)]
+            await record(conn, marks)
+        return True
+
+    async def _perform(self, stripe: StripeApi, row: Claimed) -> Answer:
+        action = Action(row.name)
+        # Our own record already says the goal is reached: no call needed.
+        if row.intent_status == ("canceled" if action is Action.CANCEL else "succeeded"):
+            return Answer(Outcome.ALREADY_DONE, None, f"the payment intent is {row.intent_status}")
+        assert row.idempotency_key is not None  # the table's check: every action has one
+        return await stripe.perform(
+            action, row.payment_intent_id, json.loads(row.payload), row.idempotency_key
+        )
+
+    def _action_mark(self, row: Claimed, answer: Answer) -> Mark:
+        fields = {
+            "outbox_id": row.id,
+            "action": row.name,
+            "payment_intent_id": row.payment_intent_id,
+            "code": answer.code,
+            "error": answer.message,
+        }
+        if answer.outcome in (Outcome.SUCCEEDED, Outcome.ALREADY_DONE):
+            self.stats.actions[answer.outcome] += 1
+            log.info("stripe_action_done", outcome=str(answer.outcome), **fields)
+            return Mark(row.id, str(answer.outcome), answer.code, answer.message)
+        if answer.outcome is Outcome.REJECTED:
+            self.stats.actions[answer.outcome] += 1
+            log.error("stripe_action_rejected", **fields)
+            return Mark(row.id, str(answer.outcome), answer.code, answer.message)
+        retry_in_s = max(self._backoff_s(row.attempts), answer.retry_after_s or 0.0)
+        if answer.outcome is Outcome.BLOCKED:
+            self._key_refused = True
+            retry_in_s = self.settings.relay_retry_max_s
+            log.error(
+                "stripe_key_refused",
+                hint="Stripe refused STRIPE_API_KEY: set a valid secret or restricted key "
+                "with write access to PaymentIntents; the actions stay pending",
+                **fields,
+            )
+        else:
+            log.warning("stripe_action_retry", retry_in_s=round(retry_in_s, 2), **fields)
+        self.stats.actions[answer.outcome] += 1
+        return Mark(row.id, "retry", answer.code, answer.message, retry_in_s)
+
+    async def _sweep(self) -> bool:
+        after_s = self.settings.needs_review_cancel_after_s
+        if after_s is None:
+            return False
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_sweep_at:
+            return False
+        self._next_sweep_at = loop.time() + self.settings.relay_sweep_interval_s
+        async with self._pool.acquire() as conn:
+            added = await sweep_needs_review(conn, after_s)
+        if added:
+            self.stats.swept += added
+            log.info("needs_review_release_asked", orders=added, older_than_s=after_s)
+        return added > 0
+
+    async def _report_waiting(self) -> None:
+        """Say (once per change) how many Stripe actions wait for a usable key."""
+        async with self._pool.acquire() as conn:
+            waiting = (await backlog(conn)).pending.get(Kind.STRIPE_ACTION, 0)
+        if waiting and waiting != self._reported_waiting:
+            why = "Stripe refused STRIPE_API_KEY" if self._key_refused else "no STRIPE_API_KEY"
+            log.warning(
+                "stripe_actions_waiting",
+                pending=waiting,
+                hint=f"{why}: the actions stay pending until a usable key is given",
+            )
+        self._reported_waiting = waiting
+
+    def _backoff_s(self, attempts: int) -> float:
+        s = self.settings
+        return delay_s(attempts, s.relay_retry_initial_s, s.relay_retry_max_s)

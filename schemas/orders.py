@@ -1,0 +1,78 @@
+"""The order events the consumer publishes on `orders.events`: what the rest of the business reads.
+
+One message per change of an order, keyed by payment intent id, in the order
+the changes were committed for each intent. The value is the whole order as it
+stood after the change (a snapshot, not a diff), so a reader that keeps, per
+order, the message with the highest `outbox_id` is correct whatever it missed
+in between or received twice. Delivery is at least once: the header
+`outbox-id` (the same number as the body's `outbox_id`) names the message, and
+a copy carries the same one.
+
+`type` is `order.<status>` when the order was created or its status changed,
+and `order.updated` when something else the snapshot shows changed (a partial
+refund, a dispute's status). `previous_status` is null on creation.
+
+Adding a field is compatible; removing or renaming one raises `schema_version`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict
+
+DEFAULT_ORDERS_TOPIC = "orders.events"
+HEADER_OUTBOX_ID = "outbox-id"
+HEADER_ORDER_EVENT_TYPE = "order-event-type"
+ORDER_EVENT_SCHEMA_VERSION = 1
+
+OrderStatusName = Literal[
+    "placed", "out_of_stock", "needs_review", "canceled", "refunded", "disputed"
+]
+ORDER_EVENT_TYPES = frozenset([f"order.{s}" for s in get_args(OrderStatusName)] + ["order.updated"])
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OrderLine(_Frozen):
+    sku: str
+    quantity: int
+    unit_amount: int  # in the currency's smallest unit
+
+
+class OrderDispute(_Frozen):
+    status: str  # Stripe's dispute status
+    amount: int
+    reason: str | None
+
+
+class OrderSnapshot(_Frozen):
+    id: int
+    payment_intent_id: str
+    cart_id: str | None
+    status: OrderStatusName
+    # What allocation decided when the order was created: placed, out_of_stock,
+    # needs_review, or skipped (the intent was canceled before it was authorized).
+    allocation: Literal["placed", "out_of_stock", "needs_review", "skipped"]
+    status_reason: str | None  # why needs_review or out_of_stock, e.g. `authorization_short`
+    amount: int
+    amount_authorized: int | None
+    amount_refunded: int
+    currency: str
+    cancellation_reason: str | None  # Stripe's, once the intent is canceled
+    dispute: OrderDispute | None
+    items: tuple[OrderLine, ...]
+    created_at: datetime
+    updated_at: datetime
+
+
+class OrderEvent(_Frozen):
+    schema_version: Literal[1]
+    outbox_id: int
+    type: str  # one of ORDER_EVENT_TYPES
+    previous_status: OrderStatusName | None
+    occurred_at: datetime  # when the change was committed
+    order: OrderSnapshot

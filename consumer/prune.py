@@ -16,7 +16,8 @@ reset to earlier offsets, a new group, `order-consumer dlq replay`). So:
      of the two retentions;
   3. `delete_batches`: delete rows processed before (the database's now -
      older_than), oldest first, `batch_size` rows per statement, each
-     statement its own short transaction.
+     statement its own short transaction; then the order events the relay
+     published before the same line (`delete_published`).
 Beside a consumer, which only inserts new rows (processed_at = now()) and
 never locks old ones, the delete skips rows another session has locked and
 never waits on the consumer; the consumer can wait on a delete only for an
@@ -192,6 +193,23 @@ SELECT count(*) FROM gone
 """
 
 
+# Published order events older than the cutoff go too. Stripe actions stay: they
+# are the record of what intentflow did to customers' money, one row per order
+# at most, and their unique index is what keeps an action from being asked twice.
+_DELETE_PUBLISHED = """
+WITH doomed AS (
+    SELECT id FROM outbox
+    WHERE kind = 'order_event' AND state = 'done' AND done_at < $1
+    ORDER BY done_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM outbox x USING doomed d WHERE x.id = d.id RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+
 async def cutoff(conn: asyncpg.Connection, older_than: timedelta) -> datetime:
     """The line to prune before. The database's clock wrote processed_at, so it draws it;
     drawn once per run, so that rows ageing past it meanwhile do not keep a run going."""
@@ -205,6 +223,17 @@ async def delete_batches(
     """Delete inbox rows processed `before`, oldest first; yield each batch's count."""
     while True:
         count = int(await conn.fetchval(_DELETE_BATCH, before, batch_size))
+        if count == 0:
+            return
+        yield count
+
+
+async def delete_published(
+    conn: asyncpg.Connection, before: datetime, batch_size: int
+) -> AsyncIterator[int]:
+    """Delete order events published `before`, oldest first; yield each batch's count."""
+    while True:
+        count = int(await conn.fetchval(_DELETE_PUBLISHED, before, batch_size))
         if count == 0:
             return
         yield count
@@ -269,13 +298,15 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
         )
     except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         return _unusable(e, settings)
-    deleted = batches = 0
+    deleted = batches = published = 0
     try:
         await check_schema(conn)
         before = await cutoff(conn, args.older_than)
         async for count in delete_batches(conn, before, args.batch_size):
             deleted += count
             batches += 1
+        async for count in delete_published(conn, before, args.batch_size):
+            published += count
     except SchemaBehind as exc:
         return _refuse(str(exc))
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -285,7 +316,7 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
         await conn.close()
     print(
         f"order-consumer prune: deleted {deleted} inbox rows processed before "
-        f"{before.isoformat()} in {batches} batches"
+        f"{before.isoformat()} in {batches} batches, and {published} published order events"
     )
     return 0
 

@@ -276,9 +276,13 @@ class Relay:
 
     async def _perform(self, stripe: StripeApi, row: Claimed) -> Answer:
         action = Action(row.name)
-        # Our own record already says the goal is reached: no call needed.
+        # What the webhooks already told us settles some actions without a call.
         if row.intent_status == ("canceled" if action is Action.CANCEL else "succeeded"):
             return Answer(Outcome.ALREADY_DONE, None, f"the payment intent is {row.intent_status}")
+        if action is Action.CAPTURE and row.intent_status == "canceled":
+            # Canceled or expired since the order was placed: its stock came back
+            # with the cancellation, and there is nothing left to capture.
+            return Answer(Outcome.NOT_NEEDED, None, "the payment intent is canceled")
         assert row.idempotency_key is not None  # the table's check: every action has one
         return await stripe.perform(
             action, row.payment_intent_id, json.loads(row.payload), row.idempotency_key
@@ -292,7 +296,7 @@ class Relay:
             "code": answer.code,
             "error": answer.message,
         }
-        if answer.outcome in (Outcome.SUCCEEDED, Outcome.ALREADY_DONE):
+        if answer.outcome in (Outcome.SUCCEEDED, Outcome.ALREADY_DONE, Outcome.NOT_NEEDED):
             self.stats.actions[answer.outcome] += 1
             log.info("stripe_action_done", outcome=str(answer.outcome), **fields)
             return Mark(row.id, str(answer.outcome), answer.code, answer.message)

@@ -11,6 +11,8 @@ The answer, as the relay records it (`Answer.outcome`):
   - `already_done`: Stripe refused, and the intent turns out to be where the
     action would have put it (canceled, or captured): someone got there first,
     or an earlier attempt of ours did and Stripe no longer has its key;
+  - `not_needed` (decided by the relay without a call): a capture whose intent
+    was canceled or expired meanwhile;
   - `rejected`: a permanent refusal for any other reason (the intent was
     captured, so it cannot be canceled; the authorization expired), with
     Stripe's code and message; not retried;
@@ -37,6 +39,7 @@ _GOAL = {Action.CANCEL: "canceled", Action.CAPTURE: "succeeded"}
 class Outcome(StrEnum):
     SUCCEEDED = "succeeded"
     ALREADY_DONE = "already_done"
+    NOT_NEEDED = "not_needed"  # a capture whose intent was canceled meanwhile (the relay's call)
     REJECTED = "rejected"
     RETRY = "retry"
     BLOCKED = "blocked"
@@ -110,7 +113,7 @@ class StripeActions:
 
 def classify(exc: stripe.StripeError) -> Answer:
     """What the relay does about one error from the stripe library."""
-    code = exc.code or _error_type(exc)
+    code = exc.code or _error_code(exc)
     message = exc.user_message or str(exc) or type(exc).__name__
     headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
     should_retry = headers.get("stripe-should-retry")
@@ -133,9 +136,12 @@ def classify(exc: stripe.StripeError) -> Answer:
     return Answer(Outcome.REJECTED, code, message)
 
 
-def _error_type(exc: stripe.StripeError) -> str | None:
+def _error_code(exc: stripe.StripeError) -> str | None:
+    """Stripe's code (`rate_limit` lives only on the error object), else its error type."""
     error = exc.error
-    return getattr(error, "type", None) if error is not None else None
+    if error is None:
+        return None
+    return getattr(error, "code", None) or getattr(error, "type", None)
 
 
 def _retry_after_s(value: str | None) -> float | None:

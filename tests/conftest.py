@@ -18,6 +18,11 @@ from consumer.migrate import migrate
 from devservices import Services, services
 from devservices.topics import create_topics
 from schemas import DEFAULT_ORDERS_TOPIC, dlq_topic
+from tests.stripe_emulator import stripe_emulator, stripe_proxy
+
+# A Stripe emulator (localstripe) for the whole session, and a recording,
+# fault-injecting proxy in front of it per test.
+__all__ = ["stripe_emulator", "stripe_proxy"]
 
 
 @pytest.fixture(scope="session")

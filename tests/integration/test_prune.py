@@ -185,7 +185,7 @@ async def test_only_rows_older_than_the_age_are_deleted_in_batches_of_the_given_
 
     assert (code, err) == (0, "")
     assert out.startswith("order-consumer prune: deleted 23 inbox rows processed before ")
-    assert out.endswith(" in 5 batches\n")
+    assert out.endswith(" in 5 batches, and 0 published order events\n")
     assert await inbox_ids(db) == kept
 
 
@@ -292,3 +292,49 @@ def test_durations_read_as_operators_write_them(text: str, seconds: int) -> None
     span = prune.duration(text)
     assert span.total_seconds() == seconds
     assert prune.duration(prune.show(span)) == span
+
+
+async def test_published_order_events_older_than_the_age_go_and_stripe_actions_stay(
+    infra: Services,
+    database_url: str,
+    db: asyncpg.Connection,
+    topic: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = consumer_settings(infra, database_url, topic)
+
+    async def row(kind: str, state: str, age: str, name: str) -> int:
+        key = f"intentflow:{name}:pi_{age}" if kind == "stripe_action" else None
+        return int(
+            await db.fetchval(
+                """
+                INSERT INTO outbox (kind, name, payment_intent_id, order_id, payload,
+                                    idempotency_key, state, done_at)
+                VALUES ($1, $2, 'pi_' || $3, 1, '{}',
+                        $5, $4, CASE WHEN $4 = 'pending' THEN NULL
+                                     ELSE now() - $3::interval END)
+                RETURNING id
+                """,
+                kind,
+                name,
+                age,
+                state,
+                key,
+            )
+        )
+
+    old_published = await row("order_event", "done", "11 days", "order.placed")
+    kept = {
+        await row("order_event", "done", "1 day", "order.placed"),
+        await row("order_event", "pending", "12 days", "order.refunded"),
+        await row("stripe_action", "done", "13 days", "cancel_payment_intent"),
+        await row("stripe_action", "failed", "14 days", "capture_payment_intent"),
+    }
+
+    code, out, err = await run(settings, capsys, "--older-than", "10d", "--topic-retention", "7d")
+
+    assert (code, err) == (0, "")
+    assert out.endswith(", and 1 published order events\n")
+    left = {r["id"] for r in await db.fetch("SELECT id FROM outbox")}
+    assert left == kept
+    assert old_published not in left

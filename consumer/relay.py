@@ -109,9 +109,12 @@ class Relay:
         self._draining = False
         self._pool: Any = None
         self._stopping = asyncio.Event()
-        self._key_refused = False
+        # On the event loop's clock: until when Stripe's refusal of our key holds
+        # the Stripe actions back, when the next sweep and the next backlog report are due.
+        self._key_refused_until = 0.0
         self._reported_waiting: int | None = None
-        self._next_sweep_at = 0.0  # on the event loop's clock
+        self._next_sweep_at = 0.0
+        self._next_report_at = 0.0
 
     async def __aenter__(self) -> Relay:
         await self.start()
@@ -195,6 +198,10 @@ class Relay:
             return True
         return waiting == 0
 
+    @property
+    def _key_refused(self) -> bool:
+        return asyncio.get_running_loop().time() < self._key_refused_until
+
     async def _refresh_backlog(self) -> dict[str, int]:
         try:
             async with self._pool.acquire() as conn:
@@ -260,6 +267,7 @@ class Relay:
     # --- Stripe actions ---------------------------------------------------------------
 
     async def _stripe_step(self) -> bool:
+        await self._report_backlog()
         swept = await self._sweep()
         if self._stripe is None or self._key_refused:
             await self._report_waiting()
@@ -306,8 +314,8 @@ class Relay:
             return Mark(row.id, str(answer.outcome), answer.code, answer.message)
         retry_in_s = max(self._backoff_s(row.attempts), answer.retry_after_s or 0.0)
         if answer.outcome is Outcome.BLOCKED:
-            self._key_refused = True
             retry_in_s = self.settings.relay_retry_max_s
+            self._key_refused_until = asyncio.get_running_loop().time() + retry_in_s
             log.error(
                 "stripe_key_refused",
                 hint="Stripe refused STRIPE_API_KEY: set a valid secret or restricted key "
@@ -333,6 +341,15 @@ class Relay:
             self.stats.swept += added
             log.info("needs_review_release_asked", orders=added, older_than_s=after_s)
         return added > 0
+
+    async def _report_backlog(self) -> None:
+        """Log the outbox's depth and oldest pending age every RELAY_SWEEP_INTERVAL_S."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_report_at:
+            return
+        self._next_report_at = now + self.settings.relay_sweep_interval_s
+        await self._refresh_backlog()
+        log.info("outbox_backlog", **self.stats.as_dict())
 
     async def _report_waiting(self) -> None:
         """Say (once per change) how many Stripe actions wait for a usable key."""

@@ -74,5 +74,5 @@ class OrderEvent(_Frozen):
     outbox_id: int
     type: str  # one of ORDER_EVENT_TYPES
     previous_status: OrderStatusName | None
-    occurred_at: datetime  # when the change was committed
+    occurred_at: datetime  # the time of the transaction that made the change
     order: OrderSnapshot

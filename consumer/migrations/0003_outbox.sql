@@ -42,3 +42,14 @@ CREATE INDEX outbox_done_at_idx ON outbox (done_at) WHERE state <> 'pending';
 
 -- The relay's sweep for needs_review orders older than NEEDS_REVIEW_CANCEL_AFTER_S.
 CREATE INDEX orders_needs_review_idx ON orders (created_at) WHERE status = 'needs_review';
+
+-- Upgrading: an out_of_stock order whose money is still held gets its cancel
+-- now, as it would have had it been created under version 3. Performed only
+-- once the relay has STRIPE_API_KEY. Earlier order changes get no order event.
+INSERT INTO outbox (kind, name, payment_intent_id, order_id, payload, idempotency_key)
+SELECT 'stripe_action', 'cancel_payment_intent', o.payment_intent_id, o.id,
+       '{"cancellation_reason": "abandoned"}',
+       'intentflow:cancel_payment_intent:' || o.payment_intent_id
+FROM orders o JOIN payment_intents p ON p.id = o.payment_intent_id
+WHERE o.status = 'out_of_stock' AND p.status = 'requires_capture'
+ORDER BY o.payment_intent_id;

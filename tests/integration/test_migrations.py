@@ -1,4 +1,7 @@
 """Upgrading a database that version 1 of the schema (and its consumer) wrote."""
+# Each migration's upgrade of existing rows is checked here: version 2 gives back
+# the stock of orders canceled under version 1; version 3 asks to release the money
+# of out_of_stock orders still held.
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from consumer.migrate import available, migrate
 from devservices import Services
 
 
-async def test_an_intent_canceled_under_version_1_gets_its_order_stock_back_on_upgrade(
+async def test_upgrading_from_version_1_restores_canceled_stock_and_releases_held_money(
     infra: Services,
 ) -> None:
     admin = await asyncpg.connect(infra.database_url)
@@ -19,7 +22,8 @@ async def test_an_intent_canceled_under_version_1_gets_its_order_stock_back_on_u
     conn = await asyncpg.connect(infra.database_url.rpartition("/")[0] + f"/{name}")
     try:
         # Version 1, as its consumer left it: pi_1 canceled after its order was
-        # placed (3 units of sku-a taken), pi_2 placed and still authorized.
+        # placed (3 units of sku-a taken), pi_2 placed and still authorized, pi_3
+        # out_of_stock with its money still held.
         first = available()[0]
         assert first.version == 1
         await conn.execute(first.sql)
@@ -34,17 +38,19 @@ async def test_an_intent_canceled_under_version_1_gets_its_order_stock_back_on_u
             await conn.execute(
                 """
                 INSERT INTO payment_intents (id, status, last_event_id) VALUES
-                    ('pi_1', 'canceled', 'evt_cancel'), ('pi_2', 'requires_capture', 'evt_2');
+                    ('pi_1', 'canceled', 'evt_cancel'), ('pi_2', 'requires_capture', 'evt_2'),
+                    ('pi_3', 'requires_capture', 'evt_3');
                 INSERT INTO orders
                     (id, payment_intent_id, cart_id, status, amount, currency, source_event_id)
                 VALUES (1, 'pi_1', 'c1', 'placed', 300, 'usd', 'evt_1'),
-                       (2, 'pi_2', 'c2', 'placed', 200, 'usd', 'evt_2');
+                       (2, 'pi_2', 'c2', 'placed', 200, 'usd', 'evt_2'),
+                       (3, 'pi_3', 'c3', 'out_of_stock', 900, 'usd', 'evt_3');
                 INSERT INTO order_items (order_id, sku, quantity, unit_amount)
                 VALUES (1, 'sku-a', 3, 100), (2, 'sku-a', 2, 100);
                 INSERT INTO inventory_movements (sku, quantity_delta, reason, order_id, event_id)
                 VALUES ('sku-a', -3, 'order', 1, 'evt_1'), ('sku-a', -2, 'order', 2, 'evt_2');
                 INSERT INTO processed_events (event_id, event_type)
-                VALUES ('evt_1', 'a'), ('evt_2', 'a'), ('evt_cancel', 'c');
+                VALUES ('evt_1', 'a'), ('evt_2', 'a'), ('evt_3', 'a'), ('evt_cancel', 'c');
                 UPDATE inventory_levels SET stocked_quantity = 5;
                 """
             )
@@ -54,7 +60,26 @@ async def test_an_intent_canceled_under_version_1_gets_its_order_stock_back_on_u
         orders = {r["id"]: tuple(r) for r in await conn.fetch(
             "SELECT id, status, allocation FROM orders ORDER BY id"
         )}  # fmt: skip
-        assert orders == {1: (1, "canceled", "placed"), 2: (2, "placed", "placed")}
+        assert orders == {
+            1: (1, "canceled", "placed"),
+            2: (2, "placed", "placed"),
+            3: (3, "out_of_stock", "out_of_stock"),
+        }
+        outbox = await conn.fetch(
+            "SELECT kind, name, payment_intent_id, order_id, payload::text, idempotency_key,"
+            " state FROM outbox"
+        )
+        assert [tuple(r) for r in outbox] == [
+            (
+                "stripe_action",
+                "cancel_payment_intent",
+                "pi_3",
+                3,
+                '{"cancellation_reason": "abandoned"}',
+                "intentflow:cancel_payment_intent:pi_3",
+                "pending",
+            )
+        ]
         assert await conn.fetchval("SELECT stocked_quantity FROM inventory_levels") == 8
         back = await conn.fetch(
             "SELECT order_id, quantity_delta, event_id FROM inventory_movements"

@@ -169,6 +169,10 @@ BREAKAGES: dict[str, list[str]] = {
         # A refund the intent never saw (or one the order missed).
         "UPDATE orders SET amount_refunded = 100 WHERE payment_intent_id = 'pi_0'",
     ],
+    "held_money_of_unfillable_order_released": [
+        # The cancel that the out_of_stock order's batch asked for, lost.
+        "DELETE FROM outbox WHERE kind = 'stripe_action' AND payment_intent_id = 'pi_2'",
+    ],
 }
 
 

@@ -25,6 +25,7 @@ from consumer.decisions import (
     Allocation,
     CancelOrder,
     Decision,
+    Dispute,
     Facts,
     OrderStatus,
     PlaceOrder,
@@ -156,6 +157,12 @@ def _decide(
         before.charge_refunded,
     ):
         decisions.append(RecordRefund(pid))
-    if facts.dispute != before.dispute:
+    if _shown(facts.dispute) != _shown(before.dispute):
         decisions.append(RecordDispute(pid))
     return tuple(decisions)
+
+
+def _shown(dispute: Dispute | None) -> tuple[str, int, str] | None:
+    """What an order shows of its dispute: a newer snapshot that changes none of it
+    (`charge.dispute.funds_withdrawn`, mostly) is no news to the order or its readers."""
+    return None if dispute is None else (dispute.status, dispute.amount, dispute.reason)

@@ -276,7 +276,7 @@ async def record(conn: Connection, marks: Sequence[Mark]) -> None:
             UPDATE outbox x
             SET state = CASE WHEN v.outcome = 'rejected' THEN 'failed' ELSE 'done' END,
                 outcome = v.outcome, error_code = v.code, last_error = v.error,
-                attempts = x.attempts + 1, done_at = now()
+                attempts = x.attempts + 1, done_at = clock_timestamp()
             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
                 AS v(id, outcome, code, error)
             WHERE x.id = v.id
@@ -288,7 +288,7 @@ async def record(conn: Connection, marks: Sequence[Mark]) -> None:
             """
             UPDATE outbox x
             SET attempts = x.attempts + 1, error_code = v.code, last_error = v.error,
-                due_at = now() + make_interval(secs => v.delay)
+                due_at = clock_timestamp() + make_interval(secs => v.delay)
             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[])
                 AS v(id, code, error, delay)
             WHERE x.id = v.id

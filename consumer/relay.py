@@ -252,6 +252,18 @@ class Relay:
                 continue  # published, but after an earlier failure of its intent: again later
             failed_intents.add(row.payment_intent_id)
             self.stats.publish_failures += 1
+            if errors.classify(error) is errors.Fault.FATAL:
+                # Too large, not authorized: retrying cannot help, and the intent's
+                # later events (whole snapshots) must not wait behind it for good.
+                log.error(
+                    "order_event_refused",
+                    outbox_id=row.id,
+                    error=errors.describe(error),
+                    hint="fix the cause (KAFKA_MAX_REQUEST_BYTES and the topic's "
+                    "max.message.bytes, or the ACLs), then `order-consumer outbox retry ID`",
+                )
+                marks.append(Mark(row.id, "rejected", type(error).__name__, errors.describe(error)))
+                continue
             retry_in_s = self._backoff_s(row.attempts)
             log.warning(
                 "order_event_not_published",

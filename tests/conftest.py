@@ -18,7 +18,8 @@ from consumer.migrate import migrate
 from devservices import Services, services
 from devservices.topics import create_topics
 from schemas import DEFAULT_ORDERS_TOPIC, dlq_topic
-from tests.stripe_emulator import stripe_emulator, stripe_proxy
+from tests.stripe_emulator import stripe_emulator
+from tests.stripe_proxy import stripe_proxy
 
 # A Stripe emulator (localstripe) for the whole session, and a recording,
 # fault-injecting proxy in front of it per test.

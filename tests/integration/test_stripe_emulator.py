@@ -23,10 +23,10 @@ import stripe
 from tests.stripe_emulator import (
     TEST_API_KEY,
     StripeEmulator,
-    StripeProxy,
     create_manual_capture_intent,
     retrieve_intent,
 )
+from tests.stripe_proxy import StripeProxy
 
 
 @pytest.fixture

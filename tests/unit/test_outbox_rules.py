@@ -1,0 +1,329 @@
+"""The outbox's pure rules: which Stripe action an order change calls for, what an order
+event is called, how the relay marks a published batch, and how a Stripe error is read.
+
+consumer/outbox.py (`stripe_actions_for`, `OrderChange.event_type`), consumer/relay.py
+(`Relay._publish_marks`, no I/O: the relay is built on factories it never calls here)
+and consumer/stripe_actions.py (`classify`, on errors built as the `stripe` library
+builds them). The same rules run end to end in tests/integration/test_order_events.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import stripe
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, RequestTimedOutError
+
+from consumer.decisions import OrderStatus
+from consumer.outbox import (
+    CANCELLATION_REASON,
+    Action,
+    ActionRow,
+    CapturePolicy,
+    Claimed,
+    Kind,
+    Mark,
+    OrderChange,
+    OutboxPolicy,
+    idempotency_key,
+    stripe_actions_for,
+)
+from consumer.relay import Relay
+from consumer.settings import ConsumerSettings
+from consumer.stripe_actions import Answer, Outcome, classify
+
+NEVER = OutboxPolicy(CapturePolicy.NEVER)
+ON_PLACED = OutboxPolicy(CapturePolicy.ON_PLACED)
+
+
+def change(
+    status: OrderStatus,
+    *,
+    previous: OrderStatus | None = None,
+    intent_status: str | None = "requires_capture",
+    amount: int = 2500,
+) -> OrderChange:
+    return OrderChange(7, "pi_1", previous, status, intent_status, amount)
+
+
+# --- stripe_actions_for -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", [NEVER, ON_PLACED], ids=["never", "on_placed"])
+def test_a_new_out_of_stock_order_while_the_money_is_held_cancels_it(policy: OutboxPolicy) -> None:
+    row = stripe_actions_for(change(OrderStatus.OUT_OF_STOCK), policy)
+
+    assert row == ActionRow(Action.CANCEL, "pi_1", 7, {"cancellation_reason": CANCELLATION_REASON})
+    assert CANCELLATION_REASON == "abandoned"  # one of the four reasons Stripe accepts
+    assert row.idempotency_key == "intentflow:cancel_payment_intent:pi_1"
+
+
+def test_a_new_placed_order_under_on_placed_captures_the_order_amount() -> None:
+    row = stripe_actions_for(change(OrderStatus.PLACED, amount=4200), ON_PLACED)
+
+    assert row == ActionRow(Action.CAPTURE, "pi_1", 7, {"amount_to_capture": 4200})
+    assert row.idempotency_key == idempotency_key(Action.CAPTURE, "pi_1")
+
+
+def test_a_new_placed_order_under_never_asks_nothing_of_stripe() -> None:
+    assert stripe_actions_for(change(OrderStatus.PLACED), NEVER) is None
+
+
+@pytest.mark.parametrize("status", [OrderStatus.OUT_OF_STOCK, OrderStatus.PLACED])
+@pytest.mark.parametrize(
+    "intent_status", ["succeeded", "canceled", "processing", "requires_payment_method", None]
+)
+def test_no_action_unless_the_intent_still_holds_the_money(
+    status: OrderStatus, intent_status: str | None
+) -> None:
+    assert stripe_actions_for(change(status, intent_status=intent_status), ON_PLACED) is None
+
+
+@pytest.mark.parametrize(
+    ("previous", "status"),
+    [
+        (OrderStatus.OUT_OF_STOCK, OrderStatus.OUT_OF_STOCK),  # e.g. a partial refund of it
+        (OrderStatus.PLACED, OrderStatus.PLACED),
+        (OrderStatus.PLACED, OrderStatus.REFUNDED),
+        (OrderStatus.NEEDS_REVIEW, OrderStatus.DISPUTED),
+    ],
+)
+def test_a_change_to_an_existing_order_asks_nothing_of_stripe(
+    previous: OrderStatus, status: OrderStatus
+) -> None:
+    assert stripe_actions_for(change(status, previous=previous), ON_PLACED) is None
+
+
+@pytest.mark.parametrize(
+    "status", [OrderStatus.NEEDS_REVIEW, OrderStatus.CANCELED, OrderStatus.DISPUTED]
+)
+def test_a_new_order_that_is_neither_placed_nor_out_of_stock_asks_nothing(
+    status: OrderStatus,
+) -> None:
+    # needs_review waits for a person (or the relay's sweep), never for this rule.
+    assert stripe_actions_for(change(status), ON_PLACED) is None
+
+
+# --- OrderChange.event_type ------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", list(OrderStatus))
+def test_a_created_order_is_announced_by_its_status(status: OrderStatus) -> None:
+    assert change(status).event_type == f"order.{status.value}"
+
+
+@pytest.mark.parametrize(
+    ("previous", "status", "expected"),
+    [
+        (OrderStatus.PLACED, OrderStatus.REFUNDED, "order.refunded"),
+        (OrderStatus.REFUNDED, OrderStatus.DISPUTED, "order.disputed"),
+        (OrderStatus.PLACED, OrderStatus.CANCELED, "order.canceled"),
+        (OrderStatus.DISPUTED, OrderStatus.PLACED, "order.placed"),  # a dispute won
+        (OrderStatus.PLACED, OrderStatus.PLACED, "order.updated"),  # a partial refund
+        (OrderStatus.DISPUTED, OrderStatus.DISPUTED, "order.updated"),  # the dispute moved on
+    ],
+)
+def test_a_changed_order_is_announced_by_its_new_status_or_as_updated(
+    previous: OrderStatus, status: OrderStatus, expected: str
+) -> None:
+    assert change(status, previous=previous).event_type == expected
+
+
+# --- Relay._publish_marks --------------------------------------------------------
+
+
+def _relay(**overrides: Any) -> Relay:
+    """A relay that is never started: its factories fail if anything asks for I/O."""
+
+    def no_io() -> Any:
+        raise AssertionError("the marks are decided without I/O")
+
+    settings = ConsumerSettings(
+        relay_retry_initial_s=2.0, relay_retry_max_s=60.0, stripe_api_key=None, **overrides
+    )
+    return Relay(settings, open_pool=no_io, new_events=no_io, stripe=None)
+
+
+def claimed(outbox_id: int, pid: str, attempts: int = 0) -> Claimed:
+    payload = f'{{"outbox_id": {outbox_id}}}'
+    return Claimed(outbox_id, Kind.ORDER_EVENT, "order.updated", pid, payload, None, attempts, None)
+
+
+def test_every_acknowledged_row_is_marked_published() -> None:
+    relay = _relay()
+    rows = [claimed(1, "pi_a"), claimed(2, "pi_b"), claimed(3, "pi_c")]
+
+    marks = relay._publish_marks(rows, [None, None, None])
+
+    assert marks == [Mark(1, "published"), Mark(2, "published"), Mark(3, "published")]
+    assert (relay.stats.published, relay.stats.publish_failures) == (3, 0)
+
+
+def test_a_failed_row_is_due_again_after_its_backoff_and_counted() -> None:
+    relay = _relay()
+    rows = [claimed(1, "pi_a", attempts=3), claimed(2, "pi_b")]
+
+    marks = relay._publish_marks(rows, [KafkaTimeoutError(), None])
+
+    failed, published = marks
+    assert published == Mark(2, "published")
+    assert (failed.id, failed.outcome, failed.error_code) == (1, "retry", "KafkaTimeoutError")
+    # Attempt 3: doubling from 2 s is 16 s, jittered over the upper half.
+    assert failed.retry_in_s is not None and 8.0 <= failed.retry_in_s <= 16.0
+    assert (relay.stats.published, relay.stats.publish_failures) == (1, 1)
+
+
+def test_the_backoff_is_capped_by_relay_retry_max_s() -> None:
+    relay = _relay()
+
+    [mark] = relay._publish_marks([claimed(1, "pi_a", attempts=30)], [RequestTimedOutError()])
+
+    assert mark.retry_in_s is not None and 30.0 <= mark.retry_in_s <= 60.0
+
+
+def test_an_intents_rows_after_its_failure_stay_pending_even_when_acknowledged() -> None:
+    relay = _relay()
+    rows = [
+        claimed(1, "pi_a"),
+        claimed(2, "pi_b"),
+        claimed(3, "pi_a"),
+        claimed(4, "pi_b"),  # acknowledged, but pi_b's row 2 was not: published again later
+        claimed(5, "pi_b"),  # a second failure of the same intent: counted, due again
+        claimed(6, "pi_c"),
+    ]
+
+    results = [None, KafkaTimeoutError(), None, None, RequestTimedOutError(), None]
+
+    marks = relay._publish_marks(rows, results)
+
+    assert [(m.id, m.outcome) for m in marks] == [
+        (1, "published"),
+        (2, "retry"),
+        (3, "published"),
+        (5, "retry"),
+        (6, "published"),
+    ]
+    assert (relay.stats.published, relay.stats.publish_failures) == (3, 2)
+
+
+def test_a_row_the_broker_refuses_for_good_is_failed_and_holds_nothing_back() -> None:
+    relay = _relay()
+    rows = [claimed(1, "pi_a"), claimed(2, "pi_b")]
+
+    marks = relay._publish_marks(rows, [MessageSizeTooLargeError(), None])
+
+    refused, published = marks
+    assert (refused.id, refused.outcome, refused.error_code) == (
+        1,
+        "rejected",
+        "MessageSizeTooLargeError",
+    )
+    assert refused.retry_in_s is None  # recorded `failed`: `outbox retry` after the fix
+    assert published == Mark(2, "published")
+    assert relay.stats.publish_failures == 1
+
+
+# --- classify --------------------------------------------------------------------
+# The errors are built with the arguments the library's own requestor passes
+# (stripe/_api_requestor.py, `specific_v1_api_error`).
+
+
+def invalid_request(message: str, **fields: Any) -> stripe.InvalidRequestError:
+    """A 400/404 as the library raises it (its constructor carries no annotations)."""
+    fields.setdefault("param", None)
+    fields.setdefault("http_status", 400)
+    return stripe.InvalidRequestError(message, **fields)  # type: ignore[no-untyped-call]
+
+
+def test_a_rate_limit_is_retried_after_stripes_retry_after() -> None:
+    exc = stripe.RateLimitError("Too many requests", http_status=429, headers={"Retry-After": "3"})
+
+    assert classify(exc) == Answer(Outcome.RETRY, None, "Too many requests", 3.0)
+
+
+def test_a_retry_after_that_is_not_seconds_is_ignored() -> None:
+    headers = {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}
+    exc = stripe.RateLimitError("Too many requests", http_status=429, headers=headers)
+
+    assert classify(exc).retry_after_s is None
+    assert classify(exc).outcome is Outcome.RETRY
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_server_error_is_retried(status: int) -> None:
+    answer = classify(stripe.APIError("Stripe is having a moment", http_status=status))
+
+    assert (answer.outcome, answer.retry_after_s) == (Outcome.RETRY, None)
+
+
+def test_a_connection_failure_is_retried() -> None:
+    exc = stripe.APIConnectionError("Network error: connection reset")  # type: ignore[no-untyped-call]
+    answer = classify(exc)
+
+    assert answer.outcome is Outcome.RETRY
+    assert answer.message == "Network error: connection reset"
+
+
+def test_an_unexpected_state_is_rejected_with_stripes_code() -> None:
+    exc = invalid_request(
+        "This PaymentIntent's status is succeeded", code="payment_intent_unexpected_state"
+    )
+
+    assert classify(exc) == Answer(
+        Outcome.REJECTED,
+        "payment_intent_unexpected_state",
+        "This PaymentIntent's status is succeeded",
+    )
+
+
+def test_the_error_type_stands_in_for_a_missing_code() -> None:
+    body = {"error": {"type": "invalid_request_error", "message": "No such payment_intent"}}
+    exc = invalid_request("No such payment_intent", param="intent", http_status=404, json_body=body)
+
+    assert classify(exc) == Answer(
+        Outcome.REJECTED, "invalid_request_error", "No such payment_intent"
+    )
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        stripe.AuthenticationError("Invalid API Key provided: sk_test_****", http_status=401),
+        stripe.PermissionError("The provided key does not have access", http_status=403),
+        # Blocked even when Stripe says a retry could succeed: only a new key helps.
+        stripe.AuthenticationError(
+            "Expired", http_status=401, headers={"Stripe-Should-Retry": "true"}
+        ),
+    ],
+    ids=["401", "403", "401-should-retry"],
+)
+def test_a_refused_key_blocks(exc: stripe.StripeError) -> None:
+    assert classify(exc).outcome is Outcome.BLOCKED
+
+
+def test_an_idempotency_conflict_is_rejected() -> None:
+    message = "Keys for idempotent requests can only be used with the same parameters"
+    exc = stripe.IdempotencyError(message, http_status=409)
+
+    assert classify(exc).outcome is Outcome.REJECTED
+
+
+def test_a_plain_conflict_is_a_lock_and_retried() -> None:
+    body = {"error": {"type": "invalid_request_error", "code": "lock_timeout"}}
+    message = "This object cannot be accessed right now"
+    exc = stripe.APIError(message, http_status=409, json_body=body)
+
+    assert classify(exc) == Answer(Outcome.RETRY, "lock_timeout", message)
+
+
+def test_stripe_should_retry_false_overrides_a_server_error() -> None:
+    exc = stripe.APIError("Do not retry", http_status=500, headers={"Stripe-Should-Retry": "false"})
+
+    assert classify(exc).outcome is Outcome.REJECTED
+
+
+def test_stripe_should_retry_true_overrides_a_client_error() -> None:
+    exc = invalid_request("Try again", headers={"stripe-should-retry": "true"})
+
+    assert classify(exc).outcome is Outcome.RETRY

@@ -88,8 +88,33 @@ async def write_orders(conn: Connection, folds: list[IntentFold]) -> list[OrderC
         pid, amount = p.request.payment_intent_id, p.request.amount
         facts = facts_of[pid]
         status = order_status(p.status, facts, amount)
-        changes.append(OrderChange(created[pid], pid, None, status, facts.status, amount))
+        snapshot = _snapshot(p, created[pid], status, facts)
+        changes.append(OrderChange(created[pid], pid, None, status, facts.status, amount, snapshot))
     return changes + await _refresh(conn, touched)
+
+
+def _snapshot(plan: OrderPlan, order_id: int, status: OrderStatus, facts: Facts) -> dict[str, Any]:
+    """A new order as its event shows it (schemas/orders.py), from what was just written."""
+    r = plan.request
+    d = facts.dispute
+    return {
+        "id": order_id,
+        "payment_intent_id": r.payment_intent_id,
+        "cart_id": r.cart_id,
+        "status": str(status),
+        "allocation": str(plan.status),
+        "status_reason": plan.reason,
+        "amount": r.amount,
+        "amount_authorized": r.amount_authorized,
+        "amount_refunded": facts.amount_refunded,
+        "currency": r.currency,
+        "cancellation_reason": facts.cancellation_reason,
+        "dispute": d and {"status": d.status, "amount": d.amount, "reason": d.reason},
+        "items": [
+            {"sku": line.sku, "quantity": line.quantity, "unit_amount": line.unit_amount}
+            for line in (plan.cart.lines if plan.cart is not None else ())
+        ],
+    }
 
 
 async def _taken_by(

@@ -8,6 +8,9 @@ in between or received twice. Delivery is at least once: the header
 `outbox-id` (the same number as the body's `outbox_id`) names the message, and
 a copy carries the same one.
 
+`occurred_at` is the time of the transaction that made the change; the order's
+creation time is its first event's (`previous_status` null).
+
 `type` is `order.<status>` when the order was created or its status changed,
 and `order.updated` when something else the snapshot shows changed (a partial
 refund, a dispute's status). `previous_status` is null on creation.
@@ -65,8 +68,6 @@ class OrderSnapshot(_Frozen):
     cancellation_reason: str | None  # Stripe's, once the intent is canceled
     dispute: OrderDispute | None
     items: tuple[OrderLine, ...]
-    created_at: datetime
-    updated_at: datetime
 
 
 class OrderEvent(_Frozen):

@@ -29,8 +29,18 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from consumer.bootstrap import build_relay
 from consumer.connections import create_pool
+from consumer.decisions import OrderStatus
 from consumer.order_events import OrderEvents
-from consumer.outbox import Claimed, Kind, Mark, claim, record
+from consumer.outbox import (
+    Claimed,
+    Kind,
+    Mark,
+    OrderChange,
+    OutboxPolicy,
+    claim,
+    enqueue,
+    record,
+)
 from consumer.relay import Relay, RelayStats
 from consumer.settings import ConsumerSettings
 from consumer.store import apply_batch
@@ -593,3 +603,53 @@ async def test_run_publishes_the_order_events_of_what_it_applied_before_it_exits
     )
     assert {p.event.order.payment_intent_id for p in records} == {f"pi_{i}" for i in range(5)}
     assert await pending_by_kind(db) == {}
+
+
+async def test_a_new_orders_event_built_in_memory_is_the_one_read_back_from_its_rows(
+    db: asyncpg.Connection,
+) -> None:
+    """New orders' events are serialised from the writer's plan (consumer/outbox.py,
+    `_enqueue_built`); changed orders' are read back from the rows in SQL
+    (`_enqueue_read_back`). For orders of every kind both give the same document."""
+    await seed_stock(db, {"sku-a": 3, "sku-b": 1})
+    await seed_cart(db, "cart-p", [("sku-a", 2, 500), ("sku-b", 1, 700), ("sku-a", 1, 500)])
+    await seed_cart(db, "cart-s", [("sku-b", 5, 100)])
+    await seed_cart(db, "cart-c", [("sku-a", 1, 100)])
+    payloads = [
+        events.intent_event("pi_placed", amount=2200, cart_id="cart-p"),
+        events.intent_event("pi_short", amount=500, cart_id="cart-s"),
+        events.intent_event("pi_review", amount=999, cart_id="cart-missing"),
+        events.intent_event("pi_canceled", amount=100, cart_id="cart-c", status="canceled"),
+    ]
+    await apply_batch(db, [envelope(p, i) for i, p in enumerate(payloads)])
+    await apply_batch(
+        db, [envelope(events.intent_event("pi_canceled", amount=100, cart_id="cart-c"), 9)]
+    )
+    built = {
+        r["order_id"]: (r["name"], json.loads(r["payload"]))
+        for r in await db.fetch(
+            "SELECT order_id, name, payload::text FROM outbox WHERE kind = 'order_event'"
+        )
+    }
+    statuses = {r["status"] for r in await db.fetch("SELECT status FROM orders")}
+    assert statuses == {"placed", "out_of_stock", "needs_review", "canceled"}
+
+    async with db.transaction():
+        await db.execute("DELETE FROM outbox")
+        orders = await db.fetch("SELECT id, payment_intent_id, status, amount FROM orders")
+        changes = [
+            OrderChange(
+                r["id"], r["payment_intent_id"], None, OrderStatus(r["status"]), None, r["amount"]
+            )
+            for r in orders
+        ]
+        await enqueue(db, changes, OutboxPolicy())
+        read_back = {
+            r["order_id"]: (r["name"], json.loads(r["payload"]))
+            for r in await db.fetch(
+                "SELECT order_id, name, payload::text FROM outbox WHERE kind = 'order_event'"
+            )
+        }
+
+    assert len(built) == 4
+    assert read_back == built

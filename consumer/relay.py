@@ -37,7 +37,7 @@ import structlog
 from aiokafka.errors import KafkaError
 
 from consumer import errors
-from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped
+from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
 from consumer.outbox import Action, Claimed, Kind, Mark, backlog, claim, record, sweep_needs_review
 from consumer.settings import ConsumerSettings
 from consumer.stripe_actions import Answer, Outcome
@@ -166,7 +166,11 @@ class Relay:
         failures = 0
         while not self._stopping.is_set():
             try:
-                busy = await step()
+                # A stop cuts a step short: its claim rolls back and its rows stay
+                # pending. Safe at any point: a call Stripe already acted on is
+                # made again with the same idempotency key, an event published
+                # again with the same outbox id.
+                busy = await unless_stopped(self._stopping, step())
                 failures = 0
             except Exception as exc:
                 if errors.classify(exc) is not errors.Fault.ENVIRONMENT:

@@ -47,7 +47,7 @@ from tests.stripe_emulator import (
     retrieve_intent,
 )
 from tests.stripe_proxy import RecordedRequest, StripeProxy
-from tests.support import consumer_env, consumer_settings, seed_cart, seed_stock
+from tests.support import consumer_env, consumer_settings, eventually, seed_cart, seed_stock
 
 SKU = "sku-mug"
 UNIT_AMOUNT = 1500
@@ -715,3 +715,39 @@ async def test_without_the_setting_needs_review_orders_keep_their_hold(shop: Sho
     assert shop.proxy.requests == []
     assert await stripe_actions(shop.db) == 0
     assert (await retrieve_intent(shop.emulator.base_url, pid))["status"] == "requires_capture"
+
+
+async def test_a_stop_during_a_hanging_stripe_call_exits_at_once_and_loses_nothing(
+    shop: Shop,
+) -> None:
+    """SIGTERM while Stripe hangs: the relay returns well inside SHUTDOWN_TIMEOUT_S, the
+    claim rolls back, and the next relay calls again with the same key."""
+    await seed_stock(shop.db, {SKU: 0})
+    held = await authorize(shop, quantity=1)
+    pid = held.payment_intent_id
+    shop.proxy.delay_s = 12.0  # far longer than a stop may take
+    settings = shop.settings_with(stripe_timeout_s=60.0, shutdown_timeout_s=25.0)
+    process = await start_relay_process(settings)
+    try:
+        await eventually(lambda: bool(shop.proxy.requests), 20)  # the call is in its hands
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 10)
+        took_s = loop.time() - asked
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert took_s < 5.0  # not the 12 s call, nor the 25 s deadline and its backstop
+    assert state_of(await action_row(shop.db, pid, Action.CANCEL)) == NEVER_TRIED
+
+    shop.proxy.delay_s = 0.0
+    await run_relay(shop.settings)
+
+    keys = [c.idempotency_key for c in cancels(shop.proxy, pid)]
+    assert keys == [key_of(Action.CANCEL, pid)] * 2
+    assert state_of(await action_row(shop.db, pid, Action.CANCEL)) == SUCCEEDED_FIRST_TIME
+    assert (await retrieve_intent(shop.emulator.base_url, pid))["status"] == "canceled"

@@ -127,9 +127,18 @@ def build_relay(settings: ConsumerSettings) -> Relay:
             api_base=settings.stripe_api_base,
             timeout_s=settings.stripe_timeout_s,
         )
+    # A claim's transaction waits for its Stripe calls (a call, and a read on a
+    # refusal) or for the broker's acks: the session may be idle in it that long.
+    # Ended sooner, Stripe would act, its answer be lost with the session, and
+    # the call be made again each time.
+    idle_in_transaction_ms = int(
+        max(2 * settings.db_statement_timeout_ms, (2 * settings.stripe_timeout_s + 10) * 1000)
+    )
     return Relay(
         settings,
-        open_pool=functools.partial(create_pool, settings, 2),
+        open_pool=functools.partial(
+            create_pool, settings, 2, idle_in_transaction_ms=idle_in_transaction_ms
+        ),
         new_events=functools.partial(
             OrderEvents,
             settings.kafka_bootstrap_servers,

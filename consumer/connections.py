@@ -32,9 +32,11 @@ def unnest_columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]
     return [[row[i] for row in rows] for i in range(width)]
 
 
-async def create_pool(settings: ConsumerSettings, size: int | None = None) -> asyncpg.Pool:
+async def create_pool(
+    settings: ConsumerSettings, size: int | None = None, idle_in_transaction_ms: int | None = None
+) -> asyncpg.Pool:
     """A pool that opens connections on demand (the worker's retries own reconnecting)."""
-    idle_in_transaction_ms = 2 * settings.db_statement_timeout_ms
+    idle_in_transaction_ms = idle_in_transaction_ms or 2 * settings.db_statement_timeout_ms
     return await asyncpg.create_pool(
         settings.database_url,
         min_size=0,

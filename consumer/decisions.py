@@ -160,4 +160,14 @@ class RecordDispute:
     payment_intent_id: str
 
 
-Decision = PlaceOrder | CancelOrder | RecordCancellation | RecordRefund | RecordDispute
+@dataclass(frozen=True, slots=True)
+class RecordPayment:
+    """The intent's Stripe status changed otherwise than to canceled (a capture, mostly):
+    nothing of the order's own changes, but its readers learn where the money is."""
+
+    payment_intent_id: str
+
+
+Decision = (
+    PlaceOrder | CancelOrder | RecordCancellation | RecordRefund | RecordDispute | RecordPayment
+)

@@ -9,7 +9,9 @@ changed between the facts before the batch and after it:
   (`CancelOrder`), once; a later change of the reason only is copied
   (`RecordCancellation`);
 - an existing order whose intent's refunds or dispute changed is brought up to
-  date (`RecordRefund`, `RecordDispute`).
+  date (`RecordRefund`, `RecordDispute`);
+- an existing order whose intent's Stripe status changed otherwise (a capture)
+  is announced to its readers (`RecordPayment`).
 
 An event that changes no fact is recorded as `stale`; one without a meaning
 here as `ignored`. Because facts merge the same way in any order, the final
@@ -31,6 +33,7 @@ from consumer.decisions import (
     PlaceOrder,
     RecordCancellation,
     RecordDispute,
+    RecordPayment,
     RecordRefund,
 )
 from consumer.lifecycle import EVENT_STEP, authorized_amount, meaning_of
@@ -152,6 +155,8 @@ def _decide(
         decisions.append(CancelOrder(pid, facts.status_event_id or ""))
     elif facts.canceled and facts.cancellation_reason != before.cancellation_reason:
         decisions.append(RecordCancellation(pid))
+    elif facts.status != before.status:
+        decisions.append(RecordPayment(pid))
     if (facts.amount_refunded, facts.charge_refunded) != (
         before.amount_refunded,
         before.charge_refunded,

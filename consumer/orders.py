@@ -30,6 +30,7 @@ from consumer.decisions import (
     PlaceOrder,
     RecordCancellation,
     RecordDispute,
+    RecordPayment,
     RecordRefund,
     order_status,
 )
@@ -37,7 +38,7 @@ from consumer.fold import IntentFold
 from consumer.outbox import OrderChange
 
 # Decisions about an existing order that re-derive its status and copy the facts.
-_REFRESHED_BY = (CancelOrder, RecordCancellation, RecordRefund, RecordDispute)
+_REFRESHED_BY = (CancelOrder, RecordCancellation, RecordRefund, RecordDispute, RecordPayment)
 
 # (sku, delta, reason, order id, event id)
 Movement = tuple[str, int, str, int, str]
@@ -108,6 +109,7 @@ def _snapshot(plan: OrderPlan, order_id: int, status: OrderStatus, facts: Facts)
         "amount_authorized": r.amount_authorized,
         "amount_refunded": facts.amount_refunded,
         "currency": r.currency,
+        "payment_status": facts.status,
         "cancellation_reason": facts.cancellation_reason,
         "dispute": d and {"status": d.status, "amount": d.amount, "reason": d.reason},
         "items": [

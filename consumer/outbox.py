@@ -175,6 +175,7 @@ async def _enqueue_read_back(conn: Connection, changes: Sequence[OrderChange]) -
                     'status_reason', o.status_reason, 'amount', o.amount,
                     'amount_authorized', o.amount_authorized,
                     'amount_refunded', o.amount_refunded, 'currency', o.currency,
+                    'payment_status', p.status,
                     'cancellation_reason', o.cancellation_reason,
                     'dispute', CASE WHEN o.dispute_status IS NULL THEN NULL ELSE
                         json_build_object('status', o.dispute_status,
@@ -187,6 +188,7 @@ async def _enqueue_read_back(conn: Connection, changes: Sequence[OrderChange]) -
         FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY
             AS v(order_id, type, previous, n)
         JOIN orders o ON o.id = v.order_id
+        JOIN payment_intents p ON p.id = o.payment_intent_id
         ORDER BY v.n
         """,
         [c.order_id for c in changes],
@@ -251,8 +253,11 @@ class Claimed(NamedTuple):
     intent_status: str | None  # for Stripe actions: the intent's status as we know it
 
 
-async def claim(conn: Connection, kind: Kind, limit: int) -> list[Claimed]:
-    """Lock up to `limit` due rows of `kind` that no other relay holds (in a transaction).
+async def claim(
+    conn: Connection, kind: Kind, limit: int, names: Sequence[str] | None = None
+) -> list[Claimed]:
+    """Lock up to `limit` due rows of `kind` (of `names` only, when given) that no
+    other relay holds (in a transaction).
 
     An order event is due only when none of its intent's earlier events is
     pending: a relay never publishes an intent's events out of order, even
@@ -269,6 +274,7 @@ async def claim(conn: Connection, kind: Kind, limit: int) -> list[Claimed]:
                x.idempotency_key, x.attempts, p.status AS intent_status
         FROM outbox x LEFT JOIN payment_intents p ON p.id = x.payment_intent_id
         WHERE x.state = 'pending' AND x.kind = $1 AND x.due_at <= now()
+          AND ($3::text[] IS NULL OR x.name = ANY($3::text[]))
           AND (x.kind <> 'order_event' OR NOT EXISTS (
                 SELECT 1 FROM outbox e
                 WHERE e.state = 'pending' AND e.kind = 'order_event'
@@ -279,6 +285,7 @@ async def claim(conn: Connection, kind: Kind, limit: int) -> list[Claimed]:
         """,
         str(kind),
         limit,
+        None if names is None else list(names),
     )
     return [
         Claimed(
@@ -337,26 +344,28 @@ async def record(conn: Connection, marks: Sequence[Mark]) -> None:
 
 
 class Backlog(NamedTuple):
-    """What is left to do, for `--exit-when-idle`, the stats and `outbox status`."""
+    """What is left to do, for `--exit-when-idle`, the stats and `order-consumer outbox`."""
 
-    pending: dict[str, int]  # by kind
-    oldest_pending_s: float  # age of the oldest pending row, 0 when none
-    due_in_s: dict[str, float]  # by kind: seconds until the next pending row is due (0: now)
+    pending: dict[str, int]  # by kind, every kind (0 when none)
+    actions: dict[str, int]  # pending Stripe actions by name
+    oldest_pending_s: float | None  # age of the oldest pending row; None when none
 
 
 async def backlog(conn: Connection) -> Backlog:
     rows = await conn.fetch(
         """
-        SELECT kind, count(*) AS n,
-               extract(epoch FROM now() - min(created_at))::float8 AS oldest_s,
-               greatest(0, extract(epoch FROM min(due_at) - now()))::float8 AS due_in_s
-        FROM outbox WHERE state = 'pending' GROUP BY kind
+        SELECT kind, name, count(*) AS n,
+               extract(epoch FROM clock_timestamp() - min(created_at))::float8 AS oldest_s
+        FROM outbox WHERE state = 'pending' GROUP BY kind, name
         """
     )
+    pending = dict.fromkeys(map(str, Kind), 0)
+    for r in rows:
+        pending[r["kind"]] += r["n"]
     return Backlog(
-        pending={r["kind"]: r["n"] for r in rows},
-        oldest_pending_s=max((r["oldest_s"] for r in rows), default=0.0),
-        due_in_s={r["kind"]: r["due_in_s"] for r in rows},
+        pending=pending,
+        actions={r["name"]: r["n"] for r in rows if r["kind"] == Kind.STRIPE_ACTION},
+        oldest_pending_s=max((r["oldest_s"] for r in rows), default=None),
     )
 
 

@@ -1,7 +1,7 @@
 """`order-consumer outbox`: what the relay has left to do, what it did, and a second chance.
 
   outbox            pending rows by kind, the oldest one's age, finished rows by outcome
-  outbox --failed   the Stripe actions Stripe refused for good, with its code and message
+  outbox --failed   the rows refused for good (Stripe actions, order events), with why
   outbox retry ID…  make refused rows pending again (after fixing the cause at Stripe)
 `--json` prints one JSON document instead of lines.
 """
@@ -28,10 +28,10 @@ def add_parser(commands: Any) -> None:
         "outbox",
         help="show the outbox (Stripe actions and order events) and retry refused actions",
         description="Show pending outbox rows by kind and the oldest one's age, finished rows "
-        "by outcome, or (--failed) the Stripe actions Stripe refused; `retry ID…` makes "
+        "by outcome, or (--failed) the rows refused for good; `retry ID…` makes "
         "refused rows pending again.",
     )
-    parser.add_argument("--failed", action="store_true", help="list the refused Stripe actions")
+    parser.add_argument("--failed", action="store_true", help="list the rows refused for good")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("retry", nargs="*", metavar="retry ID", help="`retry` then outbox ids")
 
@@ -68,7 +68,9 @@ async def _status(conn: asyncpg.Connection) -> dict[str, Any]:
     left = await backlog(conn)
     return {
         "pending": left.pending,
-        "oldest_pending_s": round(left.oldest_pending_s, 3),
+        "oldest_pending_s": (
+            None if left.oldest_pending_s is None else round(left.oldest_pending_s, 3)
+        ),
         "finished": await finished_by_outcome(conn),
     }
 
@@ -103,9 +105,10 @@ def _lines(report: dict[str, Any]) -> list[str]:
         return [
             f"{r['id']}\t{r['name']}\t{r['payment_intent_id']}\t{r['error_code']}\t{r['last_error']}"
             for r in report["failed"]
-        ] or ["no refused Stripe actions"]
+        ] or ["no refused rows"]
     lines = [f"pending {kind}: {n}" for kind, n in sorted(report["pending"].items())]
-    lines.append(f"oldest pending: {report['oldest_pending_s']:g} s")
+    oldest = report["oldest_pending_s"]
+    lines.append("nothing pending" if oldest is None else f"oldest pending: {oldest:g} s")
     for kind, outcomes in sorted(report["finished"].items()):
         for outcome, n in sorted(outcomes.items()):
             lines.append(f"finished {kind} {outcome}: {n}")

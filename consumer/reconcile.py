@@ -209,16 +209,18 @@ CHECKS: list[tuple[str, str]] = [
         """,
     ),
     (
-        # Money held for goods we cannot deliver is released: the cancel is asked
-        # for in the transaction that made the order out_of_stock (consumer/outbox.py).
+        # Money held for goods we cannot deliver is being released: the cancel is
+        # asked for in the transaction that made the order out_of_stock
+        # (consumer/outbox.py), and Stripe has not refused it for good.
         "held_money_of_unfillable_order_released",
         """
-        SELECT o.id AS order_id, o.payment_intent_id
+        SELECT o.id AS order_id, o.payment_intent_id,
+               coalesce(x.state, 'never asked') AS cancel
         FROM orders o JOIN payment_intents p ON p.id = o.payment_intent_id
+        LEFT JOIN outbox x ON x.kind = 'stripe_action' AND x.name = 'cancel_payment_intent'
+                          AND x.payment_intent_id = o.payment_intent_id
         WHERE o.status = 'out_of_stock' AND p.status = 'requires_capture'
-          AND NOT EXISTS (SELECT 1 FROM outbox x
-                          WHERE x.kind = 'stripe_action' AND x.name = 'cancel_payment_intent'
-                            AND x.payment_intent_id = o.payment_intent_id)
+          AND (x.id IS NULL OR x.state = 'failed')
         ORDER BY o.id
         """,
     ),

@@ -34,15 +34,31 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from consumer import errors
 from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
-from consumer.outbox import Action, Claimed, Kind, Mark, backlog, claim, record, sweep_needs_review
+from consumer.outbox import (
+    Action,
+    Backlog,
+    CapturePolicy,
+    Claimed,
+    Kind,
+    Mark,
+    backlog,
+    claim,
+    record,
+    sweep_needs_review,
+)
 from consumer.settings import ConsumerSettings
 from consumer.stripe_actions import Answer, Outcome
 
 log = structlog.get_logger("relay")
+
+CAPTURED_FIRST = (
+    "the payment intent was captured before its authorization could be released: "
+    "refund the customer at Stripe (intentflow never refunds)"
+)
 
 
 class EventSink(Protocol):
@@ -72,9 +88,9 @@ class RelayStats:
     publish_failures: int = 0
     swept: int = 0  # needs_review orders whose money the sweep asked to release
     database_waits: int = 0
-    # At the last look: pending rows by kind, and the age of the oldest.
+    # At the last look: pending rows by kind, and the age of the oldest (None: none).
     pending: dict[str, int] = field(default_factory=dict)
-    oldest_pending_s: float = 0.0
+    oldest_pending_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -84,7 +100,9 @@ class RelayStats:
             "swept": self.swept,
             "database_waits": self.database_waits,
             "pending": self.pending,
-            "oldest_pending_s": round(self.oldest_pending_s, 3),
+            "oldest_pending_s": (
+                None if self.oldest_pending_s is None else round(self.oldest_pending_s, 3)
+            ),
         }
 
 
@@ -195,28 +213,40 @@ class Relay:
     async def _idle(self, step: Callable[[], Awaitable[bool]]) -> bool:
         """Whether nothing this loop could do is pending (rows backing off count as doable)."""
         left = await self._refresh_backlog()
+        if left is None:
+            return False  # the database is away: not idle, only waiting
         if step == self._events_step:
-            return left.get(Kind.ORDER_EVENT, 0) == 0
-        waiting = left.get(Kind.STRIPE_ACTION, 0)
-        if waiting and (self._stripe is None or self._key_refused):
-            return True
-        return waiting == 0
+            return left.pending[Kind.ORDER_EVENT] == 0
+        return self._doable(left) == 0
+
+    def _actions_allowed(self) -> list[str]:
+        """The Stripe actions this relay performs: a capture only under its own
+        CAPTURE_POLICY=on_placed, whatever the member that asked for it had."""
+        if CapturePolicy(self.settings.capture_policy) is CapturePolicy.ON_PLACED:
+            return [Action.CANCEL, Action.CAPTURE]
+        return [Action.CANCEL]
+
+    def _doable(self, left: Backlog) -> int:
+        if self._stripe is None or self._key_refused:
+            return 0
+        allowed = self._actions_allowed()
+        return sum(n for name, n in left.actions.items() if name in allowed)
 
     @property
     def _key_refused(self) -> bool:
         return asyncio.get_running_loop().time() < self._key_refused_until
 
-    async def _refresh_backlog(self) -> dict[str, int]:
+    async def _refresh_backlog(self) -> Backlog | None:
         try:
             async with self._pool.acquire() as conn:
                 now = await backlog(conn)
         except Exception as exc:
             if errors.classify(exc) is not errors.Fault.ENVIRONMENT:
                 raise
-            return self.stats.pending
+            return None
         self.stats.pending = now.pending
         self.stats.oldest_pending_s = now.oldest_pending_s
-        return now.pending
+        return now
 
     # --- Order events -----------------------------------------------------------------
 
@@ -225,7 +255,15 @@ class Relay:
             rows = await claim(conn, Kind.ORDER_EVENT, self.settings.relay_batch_size)
             if not rows:
                 return False
-            results = await (await self._producer()).publish(rows)
+            producer = await self._producer()
+            try:
+                # The claim's transaction waits for the acks: bounded well inside
+                # the database's idle-in-transaction timeout (twice this).
+                async with asyncio.timeout(self.settings.statement_timeout_s):
+                    results = await producer.publish(rows)
+            except TimeoutError:
+                # Unacknowledged in time: all due again (copies may land; same ids).
+                results = [KafkaTimeoutError("no acknowledgement in time")] * len(rows)
             await record(conn, self._publish_marks(rows, results))
         return True
 
@@ -286,12 +324,19 @@ class Relay:
         await self._report_backlog()
         swept = await self._sweep()
         if self._stripe is None or self._key_refused:
-            await self._report_waiting()
+            async with self._pool.acquire() as conn:
+                await self._report_waiting(await backlog(conn))
             return False
         stripe = self._stripe
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await claim(conn, Kind.STRIPE_ACTION, self.settings.relay_stripe_concurrency)
+            rows = await claim(
+                conn,
+                Kind.STRIPE_ACTION,
+                self.settings.relay_stripe_concurrency,
+                self._actions_allowed(),
+            )
             if not rows:
+                await self._report_waiting(await backlog(conn))
                 return swept
             answers = await asyncio.gather(*(self._perform(stripe, row) for row in rows))
             marks = [self._action_mark(r, a) for r, a in zip(rows, answers, strict=True)]
@@ -307,6 +352,9 @@ class Relay:
             # Canceled or expired since the order was placed: its stock came back
             # with the cancellation, and there is nothing left to capture.
             return Answer(Outcome.NOT_NEEDED, None, "the payment intent is canceled")
+        if action is Action.CANCEL and row.intent_status == "succeeded":
+            # Captured (by the shop, or automatically) before we could release it.
+            return Answer(Outcome.REJECTED, "payment_intent_captured", CAPTURED_FIRST)
         assert row.idempotency_key is not None  # the table's check: every action has one
         return await stripe.perform(
             action, row.payment_intent_id, json.loads(row.payload), row.idempotency_key
@@ -367,17 +415,21 @@ class Relay:
         await self._refresh_backlog()
         log.info("outbox_backlog", **self.stats.as_dict())
 
-    async def _report_waiting(self) -> None:
-        """Say (once per change) how many Stripe actions wait for a usable key."""
-        async with self._pool.acquire() as conn:
-            waiting = (await backlog(conn)).pending.get(Kind.STRIPE_ACTION, 0)
-        if waiting and waiting != self._reported_waiting:
+    async def _report_waiting(self, left: Backlog) -> None:
+        """Say (once per change) how many Stripe actions wait for what this relay lacks."""
+        if self._stripe is None or self._key_refused:
+            waiting = sum(left.actions.values())
             why = "Stripe refused STRIPE_API_KEY" if self._key_refused else "no STRIPE_API_KEY"
-            log.warning(
-                "stripe_actions_waiting",
-                pending=waiting,
-                hint=f"{why}: the actions stay pending until a usable key is given",
+            hint = f"{why}: the actions stay pending until a usable key is given"
+        else:
+            allowed = self._actions_allowed()
+            waiting = sum(n for name, n in left.actions.items() if name not in allowed)
+            hint = (
+                "captures asked for under CAPTURE_POLICY=on_placed; this relay's policy is "
+                f"{self.settings.capture_policy}: they wait for a relay with on_placed"
             )
+        if waiting and waiting != self._reported_waiting:
+            log.warning("stripe_actions_waiting", pending=waiting, hint=hint)
         self._reported_waiting = waiting
 
     def _backoff_s(self, attempts: int) -> float:

@@ -11,8 +11,8 @@ The answer, as the relay records it (`Answer.outcome`):
   - `already_done`: Stripe refused, and the intent turns out to be where the
     action would have put it (canceled, or captured): someone got there first,
     or an earlier attempt of ours did and Stripe no longer has its key;
-  - `not_needed` (decided by the relay without a call): a capture whose intent
-    was canceled or expired meanwhile;
+  - `not_needed`: a capture whose intent was canceled or expired meanwhile
+    (Stripe refused, or the relay knew from the webhooks and made no call);
   - `rejected`: a permanent refusal for any other reason (the intent was
     captured, so it cannot be canceled; the authorization expired), with
     Stripe's code and message; not retried;
@@ -104,6 +104,9 @@ class StripeActions:
             return refusal
         if intent.status == _GOAL[action]:
             return Answer(Outcome.ALREADY_DONE, refusal.code, refusal.message)
+        if action is Action.CAPTURE and intent.status == "canceled":
+            # Canceled or expired before our webhooks said so: nothing to capture.
+            return Answer(Outcome.NOT_NEEDED, refusal.code, refusal.message)
         return Answer(
             Outcome.REJECTED,
             refusal.code,

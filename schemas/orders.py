@@ -12,8 +12,8 @@ a copy carries the same one.
 creation time is its first event's (`previous_status` null).
 
 `type` is `order.<status>` when the order was created or its status changed,
-and `order.updated` when something else the snapshot shows changed (a partial
-refund, a dispute's status). `previous_status` is null on creation.
+and `order.updated` when something else the snapshot shows changed (a capture,
+a partial refund, a dispute's status). `previous_status` is null on creation.
 
 Adding a field is compatible; removing or renaming one raises `schema_version`.
 """
@@ -65,6 +65,9 @@ class OrderSnapshot(_Frozen):
     amount_authorized: int | None
     amount_refunded: int
     currency: str
+    # The payment intent's Stripe status: `requires_capture` while the money is
+    # held, `succeeded` once captured, `canceled` once released.
+    payment_status: str | None
     cancellation_reason: str | None  # Stripe's, once the intent is canceled
     dispute: OrderDispute | None
     items: tuple[OrderLine, ...]

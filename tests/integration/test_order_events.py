@@ -214,36 +214,39 @@ async def test_an_orders_life_is_published_in_order_as_validated_snapshots(
     pid = "pi_life"
 
     await apply(db, story(pid, "cart-1", total, 0))
-    await apply(db, capture(pid, "cart-1", total, T + 5))  # the snapshot does not change
-    assert len((await outbox_events(db))[pid]) == 1
+    await apply(db, capture(pid, "cart-1", total, T + 5))  # the money is taken: announced
+    assert len((await outbox_events(db))[pid]) == 2
     for step in (1, 2, 3):
         await apply(db, story(pid, "cart-1", total, step))
     stats = await relay_once(settings)
 
-    records = await published(infra, orders_topic, expected=4)
-    assert (stats.published, stats.publish_failures) == (4, 0)
-    assert len(records) == 4, "a clean run publishes each event once"
+    records = await published(infra, orders_topic, expected=5)
+    assert (stats.published, stats.publish_failures) == (5, 0)
+    assert len(records) == 5, "a clean run publishes each event once"
     ids = [p.outbox_id for p in records]
-    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert ids == sorted(ids) and len(set(ids)) == 5
     assert ids == (await outbox_events(db))[pid]
     seen = [
         (
             p.event.type,
             p.event.previous_status,
             p.event.order.status,
+            p.event.order.payment_status,
             p.event.order.amount_refunded,
             p.event.order.dispute and p.event.order.dispute.model_dump(),
         )
         for p in records
     ]
     assert seen == [
-        ("order.placed", None, "placed", 0, None),
-        ("order.updated", "placed", "placed", 625, None),
-        ("order.refunded", "placed", "refunded", 2500, None),
+        ("order.placed", None, "placed", "requires_capture", 0, None),
+        ("order.updated", "placed", "placed", "succeeded", 0, None),
+        ("order.updated", "placed", "placed", "succeeded", 625, None),
+        ("order.refunded", "placed", "refunded", "succeeded", 2500, None),
         (
             "order.disputed",
             "refunded",
             "disputed",
+            "succeeded",
             2500,
             {"status": "needs_response", "amount": 2500, "reason": "fraudulent"},
         ),
@@ -558,7 +561,7 @@ async def test_relay_command_publishes_and_leaves_stripe_actions_pending_without
     assert process.returncode == 0, stderr.decode()[-3000:]
     summary = json.loads(stdout.decode().strip().splitlines()[-1])["outbox"]
     assert (summary["published"], summary["publish_failures"]) == (3, 0)
-    assert summary["pending"] == {"stripe_action": 1}
+    assert summary["pending"] == {"stripe_action": 1, "order_event": 0}
     assert summary["actions"] == {}
     assert "stripe_actions_waiting" in stderr.decode()
     action = await db.fetchrow(
@@ -596,7 +599,8 @@ async def test_run_publishes_the_order_events_of_what_it_applied_before_it_exits
     assert summary["events"] == 5
     assert summary["orders"] == {"placed": 5}
     outbox = summary["outbox"]
-    assert (outbox["published"], outbox["publish_failures"], outbox["pending"]) == (5, 0, {})
+    assert (outbox["published"], outbox["publish_failures"]) == (5, 0)
+    assert outbox["pending"] == {"stripe_action": 0, "order_event": 0}
     records = await published(infra, orders_topic, expected=5)
     assert sorted(p.outbox_id for p in records) == sorted(
         i for ids in (await outbox_events(db)).values() for i in ids

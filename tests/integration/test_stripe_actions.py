@@ -592,7 +592,7 @@ async def test_without_a_key_stripe_actions_stay_pending_and_are_reported(shop: 
     exited = await relay_process(shop.settings_with(stripe_api_key=None))
 
     assert exited.returncode == 0
-    assert exited.summary["outbox"]["pending"] == {"stripe_action": 1}
+    assert exited.summary["outbox"]["pending"] == {"stripe_action": 1, "order_event": 0}
     assert exited.summary["outbox"]["actions"] == {}
     [waiting] = exited.logged("stripe_actions_waiting")
     assert waiting["pending"] == 1
@@ -612,7 +612,7 @@ async def test_a_key_stripe_refuses_blocks_the_actions_without_dropping_them(
     exited = await relay_process(shop.settings_with(stripe_api_key="pk_test_publishable"))
 
     assert exited.returncode == 0
-    assert exited.summary["outbox"]["pending"] == {"stripe_action": 1}
+    assert exited.summary["outbox"]["pending"] == {"stripe_action": 1, "order_event": 0}
     assert exited.summary["outbox"]["actions"] == {"blocked": 1}
     [refused] = exited.logged("stripe_key_refused")
     assert refused["payment_intent_id"] == pid

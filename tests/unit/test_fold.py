@@ -14,6 +14,7 @@ from consumer.decisions import (
     PlaceOrder,
     RecordCancellation,
     RecordDispute,
+    RecordPayment,
     RecordRefund,
 )
 from consumer.fold import IntentFold, IntentState, OrderView, Outcome, fold_intent
@@ -123,8 +124,12 @@ def test_a_captured_payment_counts_what_was_received() -> None:
 def test_an_intent_that_already_has_an_order_gets_no_second_one() -> None:
     existing = with_order(fold_intent(NEW, [ev("requires_capture")]))
     fold = fold_intent(existing, [ev("succeeded", created=T0 + 60)])
-    assert fold.decisions == ()
+    # The capture is announced to the order's readers; no second order.
+    assert fold.decisions == (RecordPayment("pi_1"),)
     assert fold.state.facts.status == "succeeded"
+    # The same status again is no news.
+    again = fold_intent(fold.state, [ev("succeeded", created=T0 + 61)])
+    assert again.decisions == ()
 
 
 def test_capture_after_authorization_in_one_batch_is_one_order() -> None:

@@ -1,0 +1,409 @@
+"""A review of the outbox and its relay (issue 8): Stripe at its worst, an operator at 3 a.m.
+
+Each test states what a reader of the README may rely on. Those marked DEFECT
+fail against the code they were written for, and say why in their docstring;
+the others show that a guarantee holds. Orders are made as in
+tests/integration/test_stripe_actions.py (whose helpers these reuse): an intent
+on localstripe behind the recording, fault-injecting proxy, its authorization
+applied with `consumer.store.apply_batch`, the relay run in this process or as
+`order-consumer run` / `relay`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+
+from consumer.bootstrap import build_relay
+from consumer.connections import create_pool
+from consumer.outbox import Action, Kind, backlog, claim
+from consumer.reconcile import check
+from consumer.relay import Relay
+from devservices import Services
+from devservices.topics import create_topics
+from loadtest import events
+from tests.integration.test_stripe_actions import (
+    NEVER_TRIED,
+    SKU,
+    SUCCEEDED_FIRST_TIME,
+    UNIT_AMOUNT,
+    Shop,
+    action_row,
+    apply,
+    authorize,
+    cancels,
+    captures,
+    key_of,
+    order_status,
+    outbox_command,
+    run_relay,
+    state_of,
+    stripe_directly,
+)
+from tests.stripe_emulator import TEST_API_KEY, StripeEmulator, retrieve_intent
+from tests.stripe_proxy import StripeProxy
+from tests.support import consumer_env, consumer_settings, eventually, seed_cart, seed_stock
+
+
+@pytest.fixture
+async def shop(
+    infra: Services,
+    database_url: str,
+    db: asyncpg.Connection,
+    stripe_emulator: StripeEmulator,
+    stripe_proxy: StripeProxy,
+) -> Shop:
+    """As in test_stripe_actions.py: this test's database, Stripe behind a fresh proxy."""
+    orders_topic = f"orders.events.{secrets.token_hex(6)}"
+    await create_topics(infra.kafka_bootstrap_servers, orders_topic, partitions=1)
+    settings = consumer_settings(
+        infra,
+        database_url,
+        f"stripe.events.{secrets.token_hex(6)}",  # the relay reads no events topic
+        orders_topic=orders_topic,
+        stripe_api_key=TEST_API_KEY,
+        stripe_api_base=stripe_proxy.base_url,
+        stripe_timeout_s=10.0,
+        relay_retry_initial_s=0.05,
+        relay_retry_max_s=0.5,
+        relay_poll_interval_s=0.05,
+        startup_timeout_s=20.0,
+    )
+    return Shop(db, stripe_emulator, stripe_proxy, settings)
+
+
+# --- Shutdown: SHUTDOWN_TIMEOUT_S while a claim waits for Stripe -------------------------
+
+
+async def test_sigterm_to_run_during_a_stripe_call_returns_within_shutdown_timeout_s(
+    shop: Shop, infra: Services, topic: str
+) -> None:
+    """HOLDS (since 8238b29): README, failure policy: on SIGTERM `run` "returns within
+    SHUTDOWN_TIMEOUT_S ... exit 0", also while the relay beside the worker holds a
+    claim waiting for Stripe; the claim rolls back. (`relay` alone: the test in
+    test_stripe_actions.py.) Before 8238b29 the backstop in consumer/__main__.py
+    killed the process at SHUTDOWN_TIMEOUT_S + 2 s, exit 1."""
+    await seed_stock(shop.db, {SKU: 0})
+    pid = (await authorize(shop, quantity=1)).payment_intent_id
+    # Longer than SHUTDOWN_TIMEOUT_S and its 2 s backstop; short, for the proxy's teardown.
+    shop.proxy.delay_s = 6.0
+    settings = consumer_settings(
+        infra,
+        shop.settings.database_url,
+        topic,
+        stripe_api_key=shop.settings.stripe_api_key,
+        stripe_api_base=shop.proxy.base_url,
+        stripe_timeout_s=60.0,
+        shutdown_timeout_s=3.0,
+        relay_poll_interval_s=0.05,
+        startup_timeout_s=20.0,
+    )
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "consumer", "run"),
+        env=consumer_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await eventually(lambda: bool(cancels(shop.proxy, pid)), 30)  # in Stripe's hands
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 15)
+        took_s = loop.time() - asked
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    exiting_now = [line for line in stderr.decode().splitlines() if "exiting_now" in line]
+    assert (process.returncode, exiting_now) == (0, []), f"after {took_s:.1f} s: {exiting_now}"
+    assert took_s < settings.shutdown_timeout_s + 1.0
+    # Nothing was recorded: the next relay calls again with the same key.
+    assert state_of(await action_row(shop.db, pid, Action.CANCEL)) == NEVER_TRIED
+
+
+async def test_a_stripe_slower_than_the_idle_in_transaction_timeout_is_not_called_in_a_loop(
+    shop: Shop,
+) -> None:
+    """DEFECT (spin): a claim's transaction waits for Stripe, and the pool's sessions
+    are killed after 2 x DB_STATEMENT_TIMEOUT_MS idle in a transaction
+    (consumer/connections.py `create_pool`). settings.py says "two calls must fit
+    well inside" it, but nothing checks STRIPE_TIMEOUT_S against it: with a Stripe
+    slower than that, every answer is lost with the session, the row is never
+    marked done (and mostly not even counted, so barely backed off), and the relay
+    calls Stripe again and again. README: "a setting that cannot work ... does not start"."""
+    await seed_stock(shop.db, {SKU: 0})
+    pid = (await authorize(shop, quantity=1)).payment_intent_id
+    shop.proxy.delay_s = 1.5  # slow, but well inside STRIPE_TIMEOUT_S
+    settings = shop.settings_with(db_statement_timeout_ms=500, stripe_timeout_s=10.0)
+
+    relay = build_relay(settings)
+    finished = True
+    async with relay:
+        try:
+            await asyncio.wait_for(relay.run(exit_when_idle=True), 8)
+        except TimeoutError:
+            finished = False
+
+    row = await action_row(shop.db, pid, Action.CANCEL)
+    calls = [(c.status, c.upstream_status) for c in cancels(shop.proxy, pid)]
+    assert (finished, len(calls), row["state"]) == (True, 1, "done"), (
+        f"relay finished: {finished}; cancel calls {calls}; row {state_of(row)};"
+        f" database waits {relay.stats.database_waits}"
+    )
+
+
+# --- What the operator is told ---------------------------------------------------------
+
+
+async def test_reconcile_reports_held_money_whose_cancel_stripe_refused(shop: Shop) -> None:
+    """DEFECT (misleading): `reconcile`'s `held_money_of_unfillable_order_released`
+    (consumer/reconcile.py) only asks whether a cancel row exists, in any state. A
+    cancel Stripe refused for good (`failed`) leaves the customer's money held for
+    seven days while reconcile says the money was released."""
+    await seed_stock(shop.db, {SKU: 0})
+    pid = (await authorize(shop, quantity=1)).payment_intent_id
+    shop.proxy.fail_next(1, 400, path_contains="/cancel")
+
+    stats = await run_relay(shop.settings)
+
+    assert dict(stats.actions) == {"rejected": 1}
+    assert (await action_row(shop.db, pid, Action.CANCEL))["state"] == "failed"
+    assert (await retrieve_intent(shop.emulator.base_url, pid))["status"] == "requires_capture"
+    report = await check(shop.db)
+    assert "held_money_of_unfillable_order_released" in report.failed(), [
+        c.line() for c in report.checks if c.name.startswith("held_money")
+    ]
+
+
+async def test_the_outbox_command_prints_every_kind_as_the_readme_shows(
+    shop: Shop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DEFECT (cosmetic): the README shows `pending order_event: 0` beside the
+    pending Stripe actions, and an operator's alert may grep for it; the command
+    prints a line only for kinds with a pending row (consumer/outbox_tool.py
+    `_lines`, from `backlog`'s GROUP BY), and with nothing pending at all just
+    `oldest pending: 0 s`."""
+    await seed_stock(shop.db, {SKU: 0})
+    await authorize(shop, quantity=1)
+    # The order's event was published: only the Stripe action is pending.
+    await shop.db.execute(
+        "UPDATE outbox SET state = 'done', outcome = 'published', done_at = now()"
+        " WHERE kind = 'order_event'"
+    )
+
+    code, out = await outbox_command(shop.settings, capsys)
+
+    assert code == 0
+    lines = out.splitlines()
+    assert "pending stripe_action: 1" in lines
+    assert "pending order_event: 0" in lines, out
+
+
+async def test_outbox_retry_of_a_row_that_did_not_fail_changes_nothing(
+    shop: Shop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HOLDS: `outbox retry` on a done row, or an id that does not exist, reopens
+    nothing and says so; the relay then calls Stripe no more."""
+    await seed_stock(shop.db, {SKU: 0})
+    pid = (await authorize(shop, quantity=1)).payment_intent_id
+    await run_relay(shop.settings)
+    row = await action_row(shop.db, pid, Action.CANCEL)
+    assert state_of(row) == SUCCEEDED_FIRST_TIME
+
+    code, out = await outbox_command(shop.settings, capsys, "retry", str(row["id"]), "999999")
+
+    assert code == 0
+    assert json.loads(out) == {"pending_again": [], "not_failed": [row["id"], 999999]}
+    await run_relay(shop.settings)
+    assert len(cancels(shop.proxy, pid)) == 1
+    assert state_of(await action_row(shop.db, pid, Action.CANCEL)) == SUCCEEDED_FIRST_TIME
+
+
+# --- Money ---------------------------------------------------------------------------
+
+
+async def test_a_relay_whose_capture_policy_is_never_captures_nothing(shop: Shop) -> None:
+    """DEFECT (money): CAPTURE_POLICY is applied only when a batch writes the outbox
+    (consumer/outbox.py `stripe_actions_for`); the relay performs whatever capture
+    rows exist (consumer/relay.py `_perform`). A member still on `on_placed` (a
+    rolling change, a mistyped deployment), or a policy turned back to `never`
+    while captures wait for a key or back off, has customers' money captured by
+    relays configured `never`: README, "`CAPTURE_POLICY=never` (default) ... nothing"."""
+    await seed_stock(shop.db, {SKU: 5})
+    on_placed = shop.settings_with(capture_policy="on_placed")
+    pid = (await authorize(shop, quantity=1, settings=on_placed)).payment_intent_id
+    assert await order_status(shop.db, pid) == "placed"
+
+    await run_relay(shop.settings_with(capture_policy="never"))
+
+    intent = await retrieve_intent(shop.emulator.base_url, pid)
+    assert (len(captures(shop.proxy, pid)), intent["status"]) == (0, "requires_capture")
+
+
+async def order_event_payload(db: asyncpg.Connection, pid: str) -> dict[str, Any]:
+    """The intent's one order event as stored, less what differs between any two orders."""
+    raw = await db.fetchval(
+        "SELECT payload::text FROM outbox WHERE kind = 'order_event' AND payment_intent_id = $1",
+        pid,
+    )
+    payload: dict[str, Any] = json.loads(raw)
+    order = {
+        k: v for k, v in payload["order"].items() if k not in ("id", "payment_intent_id", "cart_id")
+    }
+    return {**payload, "order": order}
+
+
+async def test_an_out_of_stock_event_tells_captured_money_from_a_held_authorization(
+    db: asyncpg.Connection,
+) -> None:
+    """DEFECT (misleading, money): README: "An intent captured automatically ...
+    whose order is `out_of_stock` needs a refund from the shop; its
+    `order.out_of_stock` event says so." It does not: the snapshot
+    (schemas/orders.py) has no intent status or captured amount, so the event of
+    an order whose money was taken is the same as that of one whose hold the relay
+    releases. Nothing else tells the business a refund is due."""
+    await seed_stock(db, {SKU: 0})
+    for name in ("held", "taken"):
+        await seed_cart(db, f"cart-{name}", [(SKU, 1, UNIT_AMOUNT)])
+    held = events.intent_event("pi_held", amount=UNIT_AMOUNT, cart_id="cart-held")
+    taken = events.intent_event(
+        "pi_taken", amount=UNIT_AMOUNT, cart_id="cart-taken", status="succeeded"
+    )
+    taken["data"]["object"]["capture_method"] = "automatic"
+    await apply(db, held, taken)
+    assert {await order_status(db, p) for p in ("pi_held", "pi_taken")} == {"out_of_stock"}
+    actions = await db.fetch(
+        "SELECT payment_intent_id, name FROM outbox WHERE kind = 'stripe_action'"
+    )
+    assert [tuple(a) for a in actions] == [("pi_held", "cancel_payment_intent")]
+
+    assert await order_event_payload(db, "pi_taken") != await order_event_payload(db, "pi_held")
+
+
+async def test_money_captured_for_an_out_of_stock_order_is_announced(shop: Shop) -> None:
+    """DEFECT (misleading, money): the shop captures an `out_of_stock` order's
+    authorization from its dashboard before our cancel reaches Stripe. The
+    `payment_intent.succeeded` webhook changes nothing an order event shows
+    (consumer/fold.py `_decide` has no decision for it), so no event is published;
+    the relay's cancel is then refused and `failed`. The business never hears that
+    it holds money for goods it cannot ship."""
+    await seed_stock(shop.db, {SKU: 0})
+    held = await authorize(shop, quantity=1)
+    pid = held.payment_intent_id
+    await stripe_directly(shop.emulator, pid, "capture")
+    captured = events.event(
+        await retrieve_intent(shop.emulator.base_url, pid), "payment_intent.succeeded"
+    )
+    captured["created"] = held.event["created"] + 1
+    captured["data"]["object"]["amount_received"] = held.amount
+    before = await shop.db.fetchval(
+        "SELECT count(*) FROM outbox WHERE kind = 'order_event' AND payment_intent_id = $1", pid
+    )
+
+    result = await apply(shop.db, captured)
+
+    assert result.claimed == 1
+    assert await order_status(shop.db, pid) == "out_of_stock"
+    after = await shop.db.fetchval(
+        "SELECT count(*) FROM outbox WHERE kind = 'order_event' AND payment_intent_id = $1", pid
+    )
+    assert after == before + 1, "no order event says the money of an unfillable order was taken"
+
+
+# --- Stripe's answers ----------------------------------------------------------------
+
+
+async def test_idempotency_key_in_use_is_retried_with_the_same_key(shop: Shop) -> None:
+    """HOLDS: Stripe answers 409 `idempotency_key_in_use` while an earlier request
+    with the key is still running (a relay killed mid-call, its successor already
+    calling): the stripe library makes it an APIError, not an IdempotencyError, and
+    the relay retries it with the same key."""
+    await seed_stock(shop.db, {SKU: 0})
+    pid = (await authorize(shop, quantity=1)).payment_intent_id
+    in_use = {
+        "error": {
+            "type": "idempotency_error",
+            "code": "idempotency_key_in_use",
+            "message": "There is currently another in-progress request using this "
+            "Idempotent Key (that probably means you submitted twice, and the other request "
+            "is still going through).",
+        }
+    }
+    shop.proxy.fail_next(1, 409, path_contains="/cancel", body=in_use)
+
+    stats = await run_relay(shop.settings)
+
+    assert dict(stats.actions) == {"retry": 1, "succeeded": 1}
+    first, second = cancels(shop.proxy, pid)
+    assert (first.status, second.status) == (409, 200)
+    assert first.idempotency_key == second.idempotency_key == key_of(Action.CANCEL, pid)
+    assert (await retrieve_intent(shop.emulator.base_url, pid))["status"] == "canceled"
+
+
+# --- A large backlog -----------------------------------------------------------------
+
+
+async def test_a_claim_over_ten_thousand_pending_events_stays_cheap(
+    infra: Services, database_url: str, db: asyncpg.Connection
+) -> None:
+    """HOLDS: 10,000 pending order events, half of them backing off at the head of
+    the queue and the rest one per intent behind an earlier event of their own:
+    one claim of RELAY_BATCH_SIZE and one backlog read each take well under a
+    second, and a claim takes at most one event per intent."""
+    await db.execute(
+        """
+        INSERT INTO outbox (kind, name, payment_intent_id, order_id, payload, due_at)
+        SELECT 'order_event', 'order.placed', 'pi_' || (g % 5000), g, '{"order": {}}',
+               CASE WHEN g < 5000 THEN now() + interval '1 hour' ELSE now() END
+        FROM generate_series(0, 9999) g
+        """
+    )
+    await db.execute("ANALYZE outbox")
+    settings = consumer_settings(infra, database_url, "stripe.events.unused")
+    pool = await create_pool(settings, 1)
+    try:
+        async with pool.acquire() as conn:
+            started = time.perf_counter()
+            async with conn.transaction():
+                rows = await claim(conn, Kind.ORDER_EVENT, settings.relay_batch_size)
+            claim_s = time.perf_counter() - started
+            started = time.perf_counter()
+            left = await backlog(conn)
+            backlog_s = time.perf_counter() - started
+    finally:
+        await pool.close()
+
+    # Every intent's first event is backing off: nothing is due.
+    assert rows == []
+    assert left.pending == {"order_event": 10_000, "stripe_action": 0}
+    assert (claim_s, backlog_s) < (0.5, 0.5)
+    await db.execute("UPDATE outbox SET due_at = now()")
+    async with db.transaction():
+        rows = await claim(db, Kind.ORDER_EVENT, 500)
+    assert len(rows) == 500
+    assert len({r.payment_intent_id for r in rows}) == 500
+
+
+async def test_relay_exits_when_idle_with_only_keyless_actions_left(shop: Shop) -> None:
+    """HOLDS: `--exit-when-idle` returns when the only rows left are Stripe
+    actions without a key, even while the sweep keeps finding nothing."""
+    await seed_stock(shop.db, {SKU: 0})
+    await authorize(shop, quantity=1)
+    relay: Relay = build_relay(
+        shop.settings_with(stripe_api_key=None, needs_review_cancel_after_s=1)
+    )
+    async with asyncio.timeout(20), relay:
+        stats = await relay.run(exit_when_idle=True)
+    assert stats.pending == {"stripe_action": 1, "order_event": 0}
+    assert shop.proxy.requests == []

@@ -38,6 +38,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from consumer import errors
 from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
+from consumer.order_events import publish_marks
 from consumer.outbox import (
     Action,
     Backlog,
@@ -51,14 +52,9 @@ from consumer.outbox import (
     sweep_needs_review,
 )
 from consumer.settings import ConsumerSettings
-from consumer.stripe_actions import Answer, Outcome
+from consumer.stripe_actions import Answer, Outcome, settled_by_webhooks
 
 log = structlog.get_logger("relay")
-
-CAPTURED_FIRST = (
-    "the payment intent was captured before its authorization could be released: "
-    "refund the customer at Stripe (intentflow never refunds)"
-)
 
 
 class EventSink(Protocol):
@@ -277,45 +273,9 @@ class Relay:
     def _publish_marks(
         self, rows: Sequence[Claimed], results: Sequence[KafkaError | None]
     ) -> list[Mark]:
-        """Done for what the broker acknowledged, up to an intent's first failure; the rest later.
-
-        An intent's events after its first failure stay pending even when they
-        were acknowledged: they are published again after it, so a reader that
-        keeps the highest outbox id per order never ends on an older snapshot.
-        """
-        marks: list[Mark] = []
-        failed_intents: set[str] = set()
-        for row, error in zip(rows, results, strict=True):
-            if error is None and row.payment_intent_id not in failed_intents:
-                marks.append(Mark(row.id, "published"))
-                self.stats.published += 1
-                continue
-            if error is None:
-                continue  # published, but after an earlier failure of its intent: again later
-            failed_intents.add(row.payment_intent_id)
-            self.stats.publish_failures += 1
-            if errors.classify(error) is errors.Fault.FATAL:
-                # Too large, not authorized: retrying cannot help, and the intent's
-                # later events (whole snapshots) must not wait behind it for good.
-                log.error(
-                    "order_event_refused",
-                    outbox_id=row.id,
-                    error=errors.describe(error),
-                    hint="fix the cause (KAFKA_MAX_REQUEST_BYTES and the topic's "
-                    "max.message.bytes, or the ACLs), then `order-consumer outbox retry ID`",
-                )
-                marks.append(Mark(row.id, "rejected", type(error).__name__, errors.describe(error)))
-                continue
-            retry_in_s = self._backoff_s(row.attempts)
-            log.warning(
-                "order_event_not_published",
-                outbox_id=row.id,
-                error=errors.describe(error),
-                retry_in_s=round(retry_in_s, 2),
-            )
-            marks.append(
-                Mark(row.id, "retry", type(error).__name__, errors.describe(error), retry_in_s)
-            )
+        marks = publish_marks(rows, results, self._backoff_s)
+        self.stats.published += sum(m.outcome == "published" for m in marks)
+        self.stats.publish_failures += sum(m.outcome != "published" for m in marks)
         return marks
 
     # --- Stripe actions ---------------------------------------------------------------
@@ -345,16 +305,9 @@ class Relay:
 
     async def _perform(self, stripe: StripeApi, row: Claimed) -> Answer:
         action = Action(row.name)
-        # What the webhooks already told us settles some actions without a call.
-        if row.intent_status == ("canceled" if action is Action.CANCEL else "succeeded"):
-            return Answer(Outcome.ALREADY_DONE, None, f"the payment intent is {row.intent_status}")
-        if action is Action.CAPTURE and row.intent_status == "canceled":
-            # Canceled or expired since the order was placed: its stock came back
-            # with the cancellation, and there is nothing left to capture.
-            return Answer(Outcome.NOT_NEEDED, None, "the payment intent is canceled")
-        if action is Action.CANCEL and row.intent_status == "succeeded":
-            # Captured (by the shop, or automatically) before we could release it.
-            return Answer(Outcome.REJECTED, "payment_intent_captured", CAPTURED_FIRST)
+        settled = settled_by_webhooks(action, row.intent_status)
+        if settled is not None:
+            return settled
         assert row.idempotency_key is not None  # the table's check: every action has one
         return await stripe.perform(
             action, row.payment_intent_id, json.loads(row.payload), row.idempotency_key

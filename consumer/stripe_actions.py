@@ -53,6 +53,26 @@ class Answer:
     retry_after_s: float | None = None
 
 
+CAPTURED_FIRST = (
+    "the payment intent was captured before its authorization could be released: "
+    "refund the customer at Stripe (intentflow never refunds)"
+)
+
+
+def settled_by_webhooks(action: Action, intent_status: str | None) -> Answer | None:
+    """The answer our own record of the intent (its webhooks) already gives, without a call."""
+    if intent_status == _GOAL[action]:
+        return Answer(Outcome.ALREADY_DONE, None, f"the payment intent is {intent_status}")
+    if action is Action.CAPTURE and intent_status == "canceled":
+        # Canceled or expired since the order was placed: its stock came back
+        # with the cancellation, and there is nothing left to capture.
+        return Answer(Outcome.NOT_NEEDED, None, "the payment intent is canceled")
+    if action is Action.CANCEL and intent_status == "succeeded":
+        # Captured (by the shop, or automatically) before we could release it.
+        return Answer(Outcome.REJECTED, "payment_intent_captured", CAPTURED_FIRST)
+    return None
+
+
 class StripeActions:
     """The Stripe API as the relay uses it (`start()`/`stop()` for the HTTP client)."""
 

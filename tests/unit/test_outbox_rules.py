@@ -31,7 +31,7 @@ from consumer.outbox import (
 )
 from consumer.relay import Relay
 from consumer.settings import ConsumerSettings
-from consumer.stripe_actions import Answer, Outcome, classify
+from consumer.stripe_actions import Answer, Outcome, classify, settled_by_webhooks
 
 NEVER = OutboxPolicy(CapturePolicy.NEVER)
 ON_PLACED = OutboxPolicy(CapturePolicy.ON_PLACED)
@@ -327,3 +327,25 @@ def test_stripe_should_retry_true_overrides_a_client_error() -> None:
     exc = invalid_request("Try again", headers={"stripe-should-retry": "true"})
 
     assert classify(exc).outcome is Outcome.RETRY
+
+
+# --- settled_by_webhooks ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("action", "intent_status", "expected"),
+    [
+        (Action.CANCEL, "canceled", ("already_done", None)),
+        (Action.CAPTURE, "succeeded", ("already_done", None)),
+        (Action.CAPTURE, "canceled", ("not_needed", None)),
+        (Action.CANCEL, "succeeded", ("rejected", "payment_intent_captured")),
+        (Action.CANCEL, "requires_capture", None),
+        (Action.CAPTURE, "requires_capture", None),
+        (Action.CANCEL, None, None),
+    ],
+)
+def test_what_the_webhooks_already_settle_without_a_call(
+    action: Action, intent_status: str | None, expected: tuple[str, str | None] | None
+) -> None:
+    answer = settled_by_webhooks(action, intent_status)
+    assert (answer and (str(answer.outcome), answer.code)) == expected

@@ -12,13 +12,12 @@ deduplicates on (`original-partition`, `original-offset`).
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from consumer.producer import Producer
 from schemas import (
     HEADER_ERROR,
     HEADER_ERROR_DETAIL,
@@ -77,42 +76,22 @@ class DeadLetters:
         max_request_bytes: int = 1024 * 1024,
     ) -> None:
         self.topic = dlq_topic(topic)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            acks="all",
+        self._producer = Producer(
+            bootstrap_servers,
+            self.topic,
             enable_idempotence=enable_idempotence,
-            max_request_size=max_request_bytes,
+            max_request_bytes=max_request_bytes,
         )
 
     async def start(self) -> None:
-        try:
-            await self._producer.start()
-        except BaseException:
-            await self._producer.stop()
-            raise
+        await self._producer.start()
 
     async def stop(self) -> None:
         await self._producer.stop()
 
     async def send(self, poison: list[Poison]) -> list[tuple[Poison, KafkaError]]:
         """Publish every poisoned record; return those the broker did not acknowledge, with why."""
-        sent: list[tuple[Poison, asyncio.Future[Any] | KafkaError]] = []
-        for p in poison:
-            try:
-                ack = await self._producer.send(
-                    self.topic, p.record.value, key=p.record.key, headers=dead_letter_headers(p)
-                )
-            except KafkaError as exc:  # refused before sending: too large, no metadata
-                sent.append((p, exc))
-            else:
-                sent.append((p, ack))
-        failed: list[tuple[Poison, KafkaError]] = []
-        for p, outcome in sent:
-            if isinstance(outcome, KafkaError):
-                failed.append((p, outcome))
-                continue
-            try:
-                await outcome
-            except KafkaError as exc:
-                failed.append((p, exc))
-        return failed
+        results = await self._producer.send_all(
+            [(p.record.value, p.record.key, dead_letter_headers(p)) for p in poison]
+        )
+        return [(p, error) for p, error in zip(poison, results, strict=True) if error is not None]

@@ -9,16 +9,14 @@ them again, with the same outbox ids.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from consumer import errors
 from consumer.outbox import Claimed, Mark
+from consumer.producer import Producer
 from schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, encode_key
 
 log = structlog.get_logger("relay")
@@ -36,54 +34,35 @@ class OrderEvents:
         max_request_bytes: int = 1024 * 1024,
     ) -> None:
         self.topic = topic
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            acks="all",
+        self._producer = Producer(
+            bootstrap_servers,
+            topic,
             enable_idempotence=enable_idempotence,
-            max_request_size=max_request_bytes,
+            max_request_bytes=max_request_bytes,
             linger_ms=5,
         )
 
     async def start(self) -> None:
-        try:
-            await self._producer.start()
-        except BaseException:
-            await self._producer.stop()
-            raise
+        await self._producer.start()
 
     async def stop(self) -> None:
         await self._producer.stop()
 
     async def publish(self, rows: Sequence[Claimed]) -> list[KafkaError | None]:
         """Send every row, in order; return for each None (acknowledged) or why not."""
-        sent: list[asyncio.Future[Any] | KafkaError] = []
-        for row in rows:
-            try:
-                ack = await self._producer.send(
-                    self.topic,
+        return await self._producer.send_all(
+            [
+                (
                     row.payload.encode(),
-                    key=encode_key(row.payment_intent_id),
-                    headers=[
+                    encode_key(row.payment_intent_id),
+                    [
                         (HEADER_OUTBOX_ID, str(row.id).encode()),
                         (HEADER_ORDER_EVENT_TYPE, row.name.encode()),
                     ],
                 )
-            except KafkaError as exc:  # refused before sending: too large, no metadata
-                sent.append(exc)
-            else:
-                sent.append(ack)
-        results: list[KafkaError | None] = []
-        for outcome in sent:
-            if isinstance(outcome, KafkaError):
-                results.append(outcome)
-                continue
-            try:
-                await outcome
-            except KafkaError as exc:
-                results.append(exc)
-            else:
-                results.append(None)
-        return results
+                for row in rows
+            ]
+        )
 
 
 def publish_marks(

@@ -41,7 +41,7 @@ from consumer.outbox import (
     enqueue,
     record,
 )
-from consumer.relay import Relay, RelayStats
+from consumer.relay import Relay
 from consumer.settings import ConsumerSettings
 from consumer.store import apply_batch
 from devservices import Services
@@ -49,6 +49,7 @@ from devservices.topics import create_topics
 from loadtest import events
 from schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, OrderEvent, encode_key
 from tests.integration.store_support import envelope
+from tests.integration.stripe_support import run_relay, start_consumer
 from tests.support import (
     ConsumerProcess,
     consumer_env,
@@ -86,6 +87,15 @@ async def new_orders_topic(infra: Services) -> str:
     await create_topics(infra.kafka_bootstrap_servers, name)
     await asyncio.sleep(0.1)  # the broker may answer metadata a moment after creating
     return name
+
+
+async def relay_settings(infra: Services, database_url: str, **overrides: Any) -> ConsumerSettings:
+    """Settings for a relay that publishes to an orders topic of this test's own
+    (`settings.orders_topic`) and reads no events topic."""
+    orders_topic = await new_orders_topic(infra)
+    return consumer_settings(
+        infra, database_url, "stripe.events.unused", orders_topic=orders_topic, **overrides
+    )
 
 
 async def published(
@@ -169,13 +179,6 @@ async def apply(db: asyncpg.Connection, *evts: dict[str, Any]) -> None:
     await apply_batch(db, [envelope(e, next(_offsets)) for e in evts])
 
 
-async def relay_once(settings: ConsumerSettings) -> RelayStats:
-    """The relay as `order-consumer relay --exit-when-idle` runs it, in this process."""
-    async with asyncio.timeout(60):
-        async with build_relay(settings) as relay:
-            return await relay.run(exit_when_idle=True)
-
-
 def authorization(pid: str, cart_id: str, amount: int, at: int = T) -> dict[str, Any]:
     intent = events.payment_intent(pid, amount=amount, cart_id=cart_id, created=T)
     return stamped(intent, "payment_intent.amount_capturable_updated", at)
@@ -202,13 +205,19 @@ def story(pid: str, cart_id: str, amount: int, step: int) -> dict[str, Any]:
     )
 
 
+async def order_stories(db: asyncpg.Connection, intents: Sequence[str], steps: int) -> None:
+    """A cart of one sku-a (1000) per intent, then the first `steps` steps of each intent's
+    `story`: one batch a step, every intent in it."""
+    for pid in intents:
+        await seed_cart(db, f"cart-{pid}", [("sku-a", 1, 1000)])
+    for step in range(steps):
+        await apply(db, *(story(pid, f"cart-{pid}", 1000, step) for pid in intents))
+
+
 async def test_an_orders_life_is_published_in_order_as_validated_snapshots(
     infra: Services, database_url: str, db: asyncpg.Connection
 ) -> None:
-    orders_topic = await new_orders_topic(infra)
-    settings = consumer_settings(
-        infra, database_url, "stripe.events.unused", orders_topic=orders_topic
-    )
+    settings = await relay_settings(infra, database_url)
     await seed_stock(db, {"sku-a": 10, "sku-b": 10})
     total = await seed_cart(db, "cart-1", [("sku-a", 2, 1000), ("sku-b", 1, 500)])
     pid = "pi_life"
@@ -218,9 +227,9 @@ async def test_an_orders_life_is_published_in_order_as_validated_snapshots(
     assert len((await outbox_events(db))[pid]) == 2
     for step in (1, 2, 3):
         await apply(db, story(pid, "cart-1", total, step))
-    stats = await relay_once(settings)
+    stats = await run_relay(settings, timeout_s=60)
 
-    records = await published(infra, orders_topic, expected=5)
+    records = await published(infra, settings.orders_topic, expected=5)
     assert (stats.published, stats.publish_failures) == (5, 0)
     assert len(records) == 5, "a clean run publishes each event once"
     ids = [p.outbox_id for p in records]
@@ -309,11 +318,7 @@ async def test_a_claim_takes_one_event_per_intent_and_skips_rows_another_relay_h
     database_url: str, db: asyncpg.Connection
 ) -> None:
     await seed_stock(db, {"sku-a": 100})
-    intents = ["pi_a", "pi_b", "pi_c"]
-    for pid in intents:
-        await seed_cart(db, f"cart-{pid}", [("sku-a", 1, 1000)])
-    for step in range(2):
-        await apply(db, *(story(pid, f"cart-{pid}", 1000, step) for pid in intents))
+    await order_stories(db, ["pi_a", "pi_b", "pi_c"], steps=2)
     rows = await outbox_events(db)
     (a1, a2), (b1, b2), (c1, _) = rows["pi_a"], rows["pi_b"], rows["pi_c"]
     one = await asyncpg.connect(database_url)
@@ -337,20 +342,13 @@ async def test_a_claim_takes_one_event_per_intent_and_skips_rows_another_relay_h
 async def test_two_relays_publish_every_intents_events_in_order_and_complete(
     infra: Services, database_url: str, db: asyncpg.Connection
 ) -> None:
-    orders_topic = await new_orders_topic(infra)
     # Small claims, so that the two relays take turns on neighbouring rows.
-    settings = consumer_settings(
-        infra, database_url, "stripe.events.unused", orders_topic=orders_topic, relay_batch_size=3
-    )
+    settings = await relay_settings(infra, database_url, relay_batch_size=3)
     await seed_stock(db, {"sku-a": 1000})
     intents = [f"pi_{i:02d}" for i in range(40)]
-    for pid in intents:
-        await seed_cart(db, f"cart-{pid}", [("sku-a", 1, 1000)])
     # Four intents at a time through their four steps: one intent's rows are four ids apart.
     for start in range(0, len(intents), 4):
-        group = intents[start : start + 4]
-        for step in range(4):
-            await apply(db, *(story(pid, f"cart-{pid}", 1000, step) for pid in group))
+        await order_stories(db, intents[start : start + 4], steps=4)
     in_table = await outbox_events(db)
     assert sum(map(len, in_table.values())) == 160
 
@@ -362,7 +360,7 @@ async def test_two_relays_publish_every_intents_events_in_order_and_complete(
     # Each row is marked by exactly one relay: a claimed row is locked until marked.
     assert sum(s.published for s in stats) == 160
     assert sum(s.publish_failures for s in stats) == 0
-    records = await published(infra, orders_topic, expected=160)
+    records = await published(infra, settings.orders_topic, expected=160)
     assert_in_order_and_complete(ids_by_intent(records), in_table)
     assert await pending_by_kind(db) == {}
 
@@ -407,21 +405,11 @@ class FlakyEvents:
 async def test_a_failed_publish_holds_back_only_its_own_intents_later_events(
     infra: Services, database_url: str, db: asyncpg.Connection
 ) -> None:
-    orders_topic = await new_orders_topic(infra)
-    settings = consumer_settings(
-        infra,
-        database_url,
-        "stripe.events.unused",
-        orders_topic=orders_topic,
-        relay_retry_initial_s=0.1,
-        relay_retry_max_s=0.4,
+    settings = await relay_settings(
+        infra, database_url, relay_retry_initial_s=0.1, relay_retry_max_s=0.4
     )
     await seed_stock(db, {"sku-a": 100})
-    intents = [f"pi_{i}" for i in range(6)]
-    for pid in intents:
-        await seed_cart(db, f"cart-{pid}", [("sku-a", 1, 1000)])
-    for step in range(3):
-        await apply(db, *(story(pid, f"cart-{pid}", 1000, step) for pid in intents))
+    await order_stories(db, [f"pi_{i}" for i in range(6)], steps=3)
     in_table = await outbox_events(db)
     target = "pi_2"
     failing_id, *later = in_table[target]
@@ -431,7 +419,7 @@ async def test_a_failed_publish_holds_back_only_its_own_intents_later_events(
     def new_events() -> FlakyEvents:
         real = OrderEvents(
             settings.kafka_bootstrap_servers,
-            orders_topic,
+            settings.orders_topic,
             enable_idempotence=settings.kafka_enable_idempotence,
         )
         sink.append(FlakyEvents(real, failing_id, others))
@@ -455,7 +443,7 @@ async def test_a_failed_publish_holds_back_only_its_own_intents_later_events(
     asked_before = {i for ids, _ in flaky.calls[:first_success] for i in ids}
     assert asked_before.isdisjoint(later)
     assert others <= {i for _, acked in flaky.calls[:first_success] for i in acked}
-    records = await published(infra, orders_topic, expected=18)
+    records = await published(infra, settings.orders_topic, expected=18)
     assert_in_order_and_complete(ids_by_intent(records), in_table)
     row = await db.fetchrow("SELECT state, outcome, attempts FROM outbox WHERE id = $1", failing_id)
     assert row is not None
@@ -484,16 +472,9 @@ async def run_crashing_relay(settings: ConsumerSettings, when: str) -> list[dict
 async def test_a_relay_killed_mid_batch_leaves_copies_never_gaps(
     infra: Services, database_url: str, db: asyncpg.Connection, when: str
 ) -> None:
-    orders_topic = await new_orders_topic(infra)
-    settings = consumer_settings(
-        infra, database_url, "stripe.events.unused", orders_topic=orders_topic, relay_batch_size=5
-    )
+    settings = await relay_settings(infra, database_url, relay_batch_size=5)
     await seed_stock(db, {"sku-a": 100})
-    intents = [f"pi_{i:02d}" for i in range(12)]
-    for pid in intents:
-        await seed_cart(db, f"cart-{pid}", [("sku-a", 1, 1000)])
-    for step in range(2):
-        await apply(db, *(story(pid, f"cart-{pid}", 1000, step) for pid in intents))
+    await order_stories(db, [f"pi_{i:02d}" for i in range(12)], steps=2)
     in_table = await outbox_events(db)
 
     first, last = await run_crashing_relay(settings, when)
@@ -502,10 +483,10 @@ async def test_a_relay_killed_mid_batch_leaves_copies_never_gaps(
     assert len(first["acknowledged"]) == len(crashed) == 5
     assert last["acknowledged"] == (crashed if when == "after_acks" else [])
     left_by_the_crash = await pending_by_kind(db)
-    stats = await relay_once(settings)
+    stats = await run_relay(settings, timeout_s=60)
 
     copies = 2 if when == "after_acks" else 1
-    records = await published(infra, orders_topic, expected=24 - 5 + 5 * copies)
+    records = await published(infra, settings.orders_topic, expected=24 - 5 + 5 * copies)
     # What a reader relies on first: nothing missing, each intent in order.
     assert_in_order_and_complete(ids_by_intent(records), in_table)
     by_id: dict[int, list[Published]] = {}
@@ -526,10 +507,7 @@ async def test_a_relay_killed_mid_batch_leaves_copies_never_gaps(
 async def test_relay_command_publishes_and_leaves_stripe_actions_pending_without_a_key(
     infra: Services, database_url: str, db: asyncpg.Connection
 ) -> None:
-    orders_topic = await new_orders_topic(infra)
-    settings = consumer_settings(
-        infra, database_url, "stripe.events.unused", orders_topic=orders_topic, stripe_api_key=None
-    )
+    settings = await relay_settings(infra, database_url, stripe_api_key=None)
     await seed_stock(db, {"sku-a": 1, "sku-b": 5})
     await seed_cart(db, "cart-first", [("sku-a", 1, 1000)])
     await seed_cart(db, "cart-second", [("sku-a", 1, 1000)])  # the one unit went to the first
@@ -546,16 +524,7 @@ async def test_relay_command_publishes_and_leaves_stripe_actions_pending_without
     }
     assert statuses == {"pi_first": "placed", "pi_second": "out_of_stock", "pi_other": "placed"}
 
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "consumer",
-        "relay",
-        "--exit-when-idle",
-        env=consumer_env(settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    process = await start_consumer(settings, "relay", "--exit-when-idle")
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
 
     assert process.returncode == 0, stderr.decode()[-3000:]
@@ -576,7 +545,7 @@ async def test_relay_command_publishes_and_leaves_stripe_actions_pending_without
         "pending",
         0,
     )
-    records = await published(infra, orders_topic, expected=3)
+    records = await published(infra, settings.orders_topic, expected=3)
     assert sorted((p.event.order.payment_intent_id, p.type) for p in records) == [
         ("pi_first", "order.placed"),
         ("pi_other", "order.placed"),

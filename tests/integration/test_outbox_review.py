@@ -1,11 +1,13 @@
 """A review of the outbox and its relay (issue 8): Stripe at its worst, an operator at 3 a.m.
 
-Each test states what a reader of the README may rely on. Those marked DEFECT
-fail against the code they were written for, and say why in their docstring;
-the others show that a guarantee holds. Orders are made as in
-tests/integration/test_stripe_actions.py (whose helpers these reuse): an intent
-on localstripe behind the recording, fault-injecting proxy, its authorization
-applied with `consumer.store.apply_batch`, the relay run in this process or as
+Each test states what a reader of the README may rely on. Six of them failed
+against the code they were written for (each docstring says what the review
+found); the fixes followed, and the tests stay as regressions. The others
+showed from the start that a guarantee holds. Orders are made as in
+tests/integration/test_stripe_actions.py, with the same helpers
+(tests/integration/stripe_support.py): an intent on localstripe behind the
+recording, fault-injecting proxy, its authorization applied with
+`consumer.store.apply_batch`, the relay run in this process or as
 `order-consumer run` / `relay`.
 """
 
@@ -13,10 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
-import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -29,9 +27,8 @@ from consumer.outbox import Action, Kind, backlog, claim
 from consumer.reconcile import check
 from consumer.relay import Relay
 from devservices import Services
-from devservices.topics import create_topics
 from loadtest import events
-from tests.integration.test_stripe_actions import (
+from tests.integration.stripe_support import (
     NEVER_TRIED,
     SKU,
     SUCCEEDED_FIRST_TIME,
@@ -46,39 +43,17 @@ from tests.integration.test_stripe_actions import (
     order_status,
     outbox_command,
     run_relay,
+    shop,
+    start_consumer,
     state_of,
+    stop_with_sigterm,
     stripe_directly,
 )
-from tests.stripe_emulator import TEST_API_KEY, StripeEmulator, retrieve_intent
-from tests.stripe_proxy import StripeProxy
-from tests.support import consumer_env, consumer_settings, eventually, seed_cart, seed_stock
+from tests.stripe_emulator import retrieve_intent
+from tests.support import consumer_settings, seed_cart, seed_stock
 
-
-@pytest.fixture
-async def shop(
-    infra: Services,
-    database_url: str,
-    db: asyncpg.Connection,
-    stripe_emulator: StripeEmulator,
-    stripe_proxy: StripeProxy,
-) -> Shop:
-    """As in test_stripe_actions.py: this test's database, Stripe behind a fresh proxy."""
-    orders_topic = f"orders.events.{secrets.token_hex(6)}"
-    await create_topics(infra.kafka_bootstrap_servers, orders_topic, partitions=1)
-    settings = consumer_settings(
-        infra,
-        database_url,
-        f"stripe.events.{secrets.token_hex(6)}",  # the relay reads no events topic
-        orders_topic=orders_topic,
-        stripe_api_key=TEST_API_KEY,
-        stripe_api_base=stripe_proxy.base_url,
-        stripe_timeout_s=10.0,
-        relay_retry_initial_s=0.05,
-        relay_retry_max_s=0.5,
-        relay_poll_interval_s=0.05,
-        startup_timeout_s=20.0,
-    )
-    return Shop(db, stripe_emulator, stripe_proxy, settings)
+# The fixture, imported for pytest to find (listed so that ruff sees it used).
+__all__ = ["shop"]
 
 
 # --- Shutdown: SHUTDOWN_TIMEOUT_S while a claim waits for Stripe -------------------------
@@ -87,7 +62,7 @@ async def shop(
 async def test_sigterm_to_run_during_a_stripe_call_returns_within_shutdown_timeout_s(
     shop: Shop, infra: Services, topic: str
 ) -> None:
-    """HOLDS (since 8238b29): README, failure policy: on SIGTERM `run` "returns within
+    """README, failure policy: on SIGTERM `run` "returns within
     SHUTDOWN_TIMEOUT_S ... exit 0", also while the relay beside the worker holds a
     claim waiting for Stripe; the claim rolls back. (`relay` alone: the test in
     test_stripe_actions.py.) Before 8238b29 the backstop in consumer/__main__.py
@@ -107,23 +82,13 @@ async def test_sigterm_to_run_during_a_stripe_call_returns_within_shutdown_timeo
         relay_poll_interval_s=0.05,
         startup_timeout_s=20.0,
     )
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "consumer", "run"),
-        env=consumer_env(settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    process = await start_consumer(settings, "run")
+    stderr, took_s = await stop_with_sigterm(
+        process,
+        lambda: bool(cancels(shop.proxy, pid)),  # in Stripe's hands
+        ready_within_s=30,
+        exit_within_s=15,
     )
-    try:
-        await eventually(lambda: bool(cancels(shop.proxy, pid)), 30)  # in Stripe's hands
-        loop = asyncio.get_running_loop()
-        asked = loop.time()
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), 15)
-        took_s = loop.time() - asked
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
     exiting_now = [line for line in stderr.decode().splitlines() if "exiting_now" in line]
     assert (process.returncode, exiting_now) == (0, []), f"after {took_s:.1f} s: {exiting_now}"
@@ -135,13 +100,12 @@ async def test_sigterm_to_run_during_a_stripe_call_returns_within_shutdown_timeo
 async def test_a_stripe_slower_than_the_idle_in_transaction_timeout_is_not_called_in_a_loop(
     shop: Shop,
 ) -> None:
-    """DEFECT (spin): a claim's transaction waits for Stripe, and the pool's sessions
-    are killed after 2 x DB_STATEMENT_TIMEOUT_MS idle in a transaction
-    (consumer/connections.py `create_pool`). settings.py says "two calls must fit
-    well inside" it, but nothing checks STRIPE_TIMEOUT_S against it: with a Stripe
-    slower than that, every answer is lost with the session, the row is never
-    marked done (and mostly not even counted, so barely backed off), and the relay
-    calls Stripe again and again. README: "a setting that cannot work ... does not start"."""
+    """A Stripe slower than the worker's idle-in-transaction limit is not called in a loop.
+    A claim keeps its transaction open while Stripe answers; PostgreSQL ends a session
+    idle in a transaction after its limit, and the answer would be lost with it, the
+    row never marked, and Stripe called again and again. The relay's own pool allows
+    twice STRIPE_TIMEOUT_S and more (consumer/bootstrap.py `build_relay`). Found by the
+    review: the worker's limit (2 x DB_STATEMENT_TIMEOUT_MS) applied to the relay."""
     await seed_stock(shop.db, {SKU: 0})
     pid = (await authorize(shop, quantity=1)).payment_intent_id
     shop.proxy.delay_s = 1.5  # slow, but well inside STRIPE_TIMEOUT_S
@@ -167,10 +131,9 @@ async def test_a_stripe_slower_than_the_idle_in_transaction_timeout_is_not_calle
 
 
 async def test_reconcile_reports_held_money_whose_cancel_stripe_refused(shop: Shop) -> None:
-    """DEFECT (misleading): `reconcile`'s `held_money_of_unfillable_order_released`
-    (consumer/reconcile.py) only asks whether a cancel row exists, in any state. A
-    cancel Stripe refused for good (`failed`) leaves the customer's money held for
-    seven days while reconcile says the money was released."""
+    """`reconcile` reports money still held when Stripe refused the cancel for good:
+    a `failed` cancel leaves the customer's money held for up to seven days. Found by
+    the review: the check asked only whether a cancel row existed, in any state."""
     await seed_stock(shop.db, {SKU: 0})
     pid = (await authorize(shop, quantity=1)).payment_intent_id
     shop.proxy.fail_next(1, 400, path_contains="/cancel")
@@ -189,11 +152,9 @@ async def test_reconcile_reports_held_money_whose_cancel_stripe_refused(shop: Sh
 async def test_the_outbox_command_prints_every_kind_as_the_readme_shows(
     shop: Shop, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """DEFECT (cosmetic): the README shows `pending order_event: 0` beside the
-    pending Stripe actions, and an operator's alert may grep for it; the command
-    prints a line only for kinds with a pending row (consumer/outbox_tool.py
-    `_lines`, from `backlog`'s GROUP BY), and with nothing pending at all just
-    `oldest pending: 0 s`."""
+    """`order-consumer outbox` prints every kind, as the README shows (an operator's alert
+    may grep for `pending order_event: 0`), and `nothing pending` rather than an age of
+    0 s. Found by the review: only kinds with a pending row were printed."""
     await seed_stock(shop.db, {SKU: 0})
     await authorize(shop, quantity=1)
     # The order's event was published: only the Stripe action is pending.
@@ -213,7 +174,7 @@ async def test_the_outbox_command_prints_every_kind_as_the_readme_shows(
 async def test_outbox_retry_of_a_row_that_did_not_fail_changes_nothing(
     shop: Shop, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """HOLDS: `outbox retry` on a done row, or an id that does not exist, reopens
+    """`outbox retry` on a done row, or an id that does not exist, reopens
     nothing and says so; the relay then calls Stripe no more."""
     await seed_stock(shop.db, {SKU: 0})
     pid = (await authorize(shop, quantity=1)).payment_intent_id
@@ -234,12 +195,10 @@ async def test_outbox_retry_of_a_row_that_did_not_fail_changes_nothing(
 
 
 async def test_a_relay_whose_capture_policy_is_never_captures_nothing(shop: Shop) -> None:
-    """DEFECT (money): CAPTURE_POLICY is applied only when a batch writes the outbox
-    (consumer/outbox.py `stripe_actions_for`); the relay performs whatever capture
-    rows exist (consumer/relay.py `_perform`). A member still on `on_placed` (a
-    rolling change, a mistyped deployment), or a policy turned back to `never`
-    while captures wait for a key or back off, has customers' money captured by
-    relays configured `never`: README, "`CAPTURE_POLICY=never` (default) ... nothing"."""
+    """A relay set to CAPTURE_POLICY=never captures nothing, whatever capture rows another
+    member (still on `on_placed` during a rollout) asked for: they wait, reported, for
+    a relay with `on_placed`. Found by the review: the policy applied only when a batch
+    wrote the outbox, and any relay performed every capture row."""
     await seed_stock(shop.db, {SKU: 5})
     on_placed = shop.settings_with(capture_policy="on_placed")
     pid = (await authorize(shop, quantity=1, settings=on_placed)).payment_intent_id
@@ -267,12 +226,10 @@ async def order_event_payload(db: asyncpg.Connection, pid: str) -> dict[str, Any
 async def test_an_out_of_stock_event_tells_captured_money_from_a_held_authorization(
     db: asyncpg.Connection,
 ) -> None:
-    """DEFECT (misleading, money): README: "An intent captured automatically ...
-    whose order is `out_of_stock` needs a refund from the shop; its
-    `order.out_of_stock` event says so." It does not: the snapshot
-    (schemas/orders.py) has no intent status or captured amount, so the event of
-    an order whose money was taken is the same as that of one whose hold the relay
-    releases. Nothing else tells the business a refund is due."""
+    """An out_of_stock order whose money was captured (automatically, or from the
+    dashboard) publishes an event that says so (`payment_status`), unlike one whose
+    hold the relay will release. Found by the review: the snapshot had no intent
+    status, and the README's "its `order.out_of_stock` event says so" was untrue."""
     await seed_stock(db, {SKU: 0})
     for name in ("held", "taken"):
         await seed_cart(db, f"cart-{name}", [(SKU, 1, UNIT_AMOUNT)])
@@ -292,11 +249,10 @@ async def test_an_out_of_stock_event_tells_captured_money_from_a_held_authorizat
 
 
 async def test_money_captured_for_an_out_of_stock_order_is_announced(shop: Shop) -> None:
-    """DEFECT (misleading, money): the shop captures an `out_of_stock` order's
-    authorization from its dashboard before our cancel reaches Stripe. The
-    `payment_intent.succeeded` webhook changes nothing an order event shows
-    (consumer/fold.py `_decide` has no decision for it), so no event is published;
-    the relay's cancel is then refused and `failed`. The business never hears that
+    """The shop captures an `out_of_stock` order's authorization before our cancel
+    reaches Stripe: the capture is announced (`order.updated`, `payment_status`
+    succeeded), and the cancel is recorded refused without a call. Found by the review:
+    a capture changed nothing an order event showed, so the business never heard that
     it holds money for goods it cannot ship."""
     await seed_stock(shop.db, {SKU: 0})
     held = await authorize(shop, quantity=1)
@@ -325,7 +281,7 @@ async def test_money_captured_for_an_out_of_stock_order_is_announced(shop: Shop)
 
 
 async def test_idempotency_key_in_use_is_retried_with_the_same_key(shop: Shop) -> None:
-    """HOLDS: Stripe answers 409 `idempotency_key_in_use` while an earlier request
+    """Stripe answers 409 `idempotency_key_in_use` while an earlier request
     with the key is still running (a relay killed mid-call, its successor already
     calling): the stripe library makes it an APIError, not an IdempotencyError, and
     the relay retries it with the same key."""
@@ -357,7 +313,7 @@ async def test_idempotency_key_in_use_is_retried_with_the_same_key(shop: Shop) -
 async def test_a_claim_over_ten_thousand_pending_events_stays_cheap(
     infra: Services, database_url: str, db: asyncpg.Connection
 ) -> None:
-    """HOLDS: 10,000 pending order events, half of them backing off at the head of
+    """10,000 pending order events, half of them backing off at the head of
     the queue and the rest one per intent behind an earlier event of their own:
     one claim of RELAY_BATCH_SIZE and one backlog read each take well under a
     second, and a claim takes at most one event per intent."""
@@ -396,7 +352,7 @@ async def test_a_claim_over_ten_thousand_pending_events_stays_cheap(
 
 
 async def test_relay_exits_when_idle_with_only_keyless_actions_left(shop: Shop) -> None:
-    """HOLDS: `--exit-when-idle` returns when the only rows left are Stripe
+    """`--exit-when-idle` returns when the only rows left are Stripe
     actions without a key, even while the sweep keeps finding nothing."""
     await seed_stock(shop.db, {SKU: 0})
     await authorize(shop, quantity=1)

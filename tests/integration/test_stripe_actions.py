@@ -5,7 +5,9 @@ authorization event is applied with `consumer.store.apply_batch`, and the outbox
 the action the order calls for. The relay then runs in this process (`build_relay`) or
 as `order-consumer relay --exit-when-idle`. Each test checks three records of what
 happened: the requests the proxy saw, the intent as the emulator keeps it, and the
-outbox row (state, outcome, attempts, error code and message).
+outbox row (state, outcome, attempts, error code and message). The shop, the orders
+and the relay runners these tests share with test_outbox_review.py are in
+stripe_support.py.
 
 localstripe differs from Stripe where these tests lean on it: it keeps no idempotency
 keys (a repeated cancel is refused with 400 "Bad request" and no code, where Stripe
@@ -14,229 +16,52 @@ would replay its first answer), and it refuses any key that does not start with 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import secrets
 import signal
-import subprocess
-import sys
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 
-from consumer import outbox_tool
 from consumer.bootstrap import build_relay
-from consumer.outbox import Action, ActionRow, CapturePolicy, OutboxPolicy, insert_actions
+from consumer.outbox import Action, ActionRow, insert_actions
 from consumer.reconcile import check
-from consumer.relay import RelayStats
-from consumer.settings import ConsumerSettings
-from consumer.store import BatchResult, apply_batch
-from devservices import Services
-from devservices.topics import create_topics
 from loadtest import events
-from tests.integration.store_support import envelope
-from tests.stripe_emulator import (
-    TEST_API_KEY,
-    StripeEmulator,
-    create_manual_capture_intent,
-    retrieve_intent,
+from tests.integration.stripe_support import (
+    NEVER_TRIED,
+    SKU,
+    SUCCEEDED_FIRST_TIME,
+    Authorized,
+    Shop,
+    action_row,
+    apply,
+    authorize,
+    cancels,
+    captures,
+    hold,
+    key_of,
+    order_status,
+    outbox_command,
+    reaped,
+    relay_process,
+    run_relay,
+    shop,
+    start_consumer,
+    state_of,
+    stop_with_sigterm,
+    stripe_directly,
 )
-from tests.stripe_proxy import RecordedRequest, StripeProxy
-from tests.support import consumer_env, consumer_settings, eventually, seed_cart, seed_stock
+from tests.stripe_emulator import StripeEmulator, retrieve_intent
+from tests.support import seed_stock
 
-SKU = "sku-mug"
-UNIT_AMOUNT = 1500
-_AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
-# An outbox row's (state, outcome, attempts, error_code, last_error).
-SUCCEEDED_FIRST_TIME = ("done", "succeeded", 1, None, None)
-NEVER_TRIED = ("pending", None, 0, None, None)
-
-
-@dataclass
-class Shop:
-    """One test's database, its Stripe (the emulator behind a fresh proxy), and relay settings."""
-
-    db: asyncpg.Connection
-    emulator: StripeEmulator
-    proxy: StripeProxy
-    settings: ConsumerSettings
-
-    def settings_with(self, **overrides: Any) -> ConsumerSettings:
-        values = self.settings.model_dump()
-        values.update(overrides)
-        return ConsumerSettings(**values)
-
-
-@dataclass(frozen=True)
-class Authorized:
-    """An intent held on the emulator, and the authorization event the consumer applied."""
-
-    payment_intent_id: str
-    amount: int
-    event: dict[str, Any]
-
-
-@pytest.fixture
-async def shop(
-    infra: Services,
-    database_url: str,
-    db: asyncpg.Connection,
-    stripe_emulator: StripeEmulator,
-    stripe_proxy: StripeProxy,
-) -> Shop:
-    orders_topic = f"orders.events.{secrets.token_hex(6)}"
-    await create_topics(infra.kafka_bootstrap_servers, orders_topic, partitions=1)
-    settings = consumer_settings(
-        infra,
-        database_url,
-        # The relay reads no events topic; this one is never created.
-        f"stripe.events.{secrets.token_hex(6)}",
-        orders_topic=orders_topic,
-        stripe_api_key=TEST_API_KEY,
-        stripe_api_base=stripe_proxy.base_url,
-        stripe_timeout_s=10.0,
-        relay_retry_initial_s=0.05,
-        relay_retry_max_s=0.5,
-        relay_poll_interval_s=0.05,
-        startup_timeout_s=20.0,
-    )
-    return Shop(db, stripe_emulator, stripe_proxy, settings)
-
-
-async def apply(
-    db: asyncpg.Connection, *payloads: dict[str, Any], policy: OutboxPolicy | None = None
-) -> BatchResult:
-    """One batch, as a consumer applies it."""
-    batch = [envelope(p, offset=i) for i, p in enumerate(payloads)]
-    return await apply_batch(db, batch, policy=policy or OutboxPolicy())
-
-
-async def hold(shop: Shop, *, quantity: int, with_cart: bool = True) -> Authorized:
-    """An intent on the emulator paying for `quantity` of SKU (cart seeded unless told not)."""
-    cart_id = f"cart-{secrets.token_hex(4)}"
-    amount = quantity * UNIT_AMOUNT
-    if with_cart:
-        await seed_cart(shop.db, cart_id, [(SKU, quantity, UNIT_AMOUNT)])
-    made = await create_manual_capture_intent(
-        shop.emulator.base_url, cart_id=cart_id, amount=amount, currency="usd"
-    )
-    assert made["status"] == "requires_capture"
-    event = events.intent_event(made["id"], amount=amount, cart_id=cart_id)
-    assert (event["type"], event["data"]["object"]["status"]) == (
-        "payment_intent.amount_capturable_updated",
-        "requires_capture",
-    )
-    return Authorized(made["id"], amount, event)
-
-
-def policy_of(settings: ConsumerSettings) -> OutboxPolicy:
-    """What a consumer with `settings` writes to the outbox (as consumer.bootstrap builds it)."""
-    return OutboxPolicy(CapturePolicy(settings.capture_policy))
-
-
-async def authorize(
-    shop: Shop,
-    *,
-    quantity: int,
-    with_cart: bool = True,
-    settings: ConsumerSettings | None = None,
-) -> Authorized:
-    """`hold`, then a consumer with `settings` applies the authorization in a batch of its own."""
-    held = await hold(shop, quantity=quantity, with_cart=with_cart)
-    await apply(shop.db, held.event, policy=policy_of(settings or shop.settings))
-    return held
-
-
-async def run_relay(settings: ConsumerSettings, timeout_s: float = 20) -> RelayStats:
-    relay = build_relay(settings)
-    async with asyncio.timeout(timeout_s), relay:
-        return await relay.run(exit_when_idle=True)
-
-
-async def start_relay_process(settings: ConsumerSettings) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "consumer", "relay", "--exit-when-idle"),
-        env=consumer_env(settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-@dataclass(frozen=True)
-class Exited:
-    returncode: int
-    summary: dict[str, Any]  # the `{"outbox": …}` line
-    log: list[dict[str, Any]]  # the JSON log lines
-
-    def logged(self, event: str) -> list[dict[str, Any]]:
-        return [line for line in self.log if line.get("event") == event]
-
-
-async def relay_process(settings: ConsumerSettings, timeout_s: float = 30) -> Exited:
-    """`order-consumer relay --exit-when-idle` until it exits by itself."""
-    process = await start_relay_process(settings)
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    out_lines = stdout.decode().strip().splitlines()
-    log = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
-    summary = json.loads(out_lines[-1]) if out_lines else {}
-    return Exited(process.returncode, summary, log)
-
-
-async def action_row(db: asyncpg.Connection, pid: str, action: Action) -> dict[str, Any]:
-    row = await db.fetchrow(
-        """
-        SELECT id, order_id, state, outcome, attempts, error_code, last_error, idempotency_key
-        FROM outbox WHERE kind = 'stripe_action' AND payment_intent_id = $1 AND name = $2
-        """,
-        pid,
-        str(action),
-    )
-    assert row is not None, f"no {action} row for {pid}"
-    return dict(row)
-
-
-def state_of(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["state"], row["outcome"], row["attempts"], row["error_code"], row["last_error"])
+# The fixture, imported for pytest to find (listed so that ruff sees it used).
+__all__ = ["shop"]
 
 
 async def stripe_actions(db: asyncpg.Connection) -> int:
     return int(await db.fetchval("SELECT count(*) FROM outbox WHERE kind = 'stripe_action'"))
-
-
-async def order_status(db: asyncpg.Connection, pid: str) -> str:
-    return str(await db.fetchval("SELECT status FROM orders WHERE payment_intent_id = $1", pid))
-
-
-def cancels(proxy: StripeProxy, pid: str) -> list[RecordedRequest]:
-    return proxy.calls("POST", f"/v1/payment_intents/{pid}/cancel")
-
-
-def captures(proxy: StripeProxy, pid: str) -> list[RecordedRequest]:
-    return proxy.calls("POST", f"/v1/payment_intents/{pid}/capture")
-
-
-def key_of(action: Action, pid: str) -> str:
-    return f"intentflow:{action}:{pid}"
-
-
-async def stripe_directly(emulator: StripeEmulator, pid: str, verb: str, **form: str) -> None:
-    """Act on an intent behind the relay's back (the shop's dashboard), not through the proxy."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.post(
-            f"{emulator.base_url}/v1/payment_intents/{pid}/{verb}", headers=_AUTH, data=form
-        )
-    assert response.status_code == 200, response.text
 
 
 async def canceled_event(emulator: StripeEmulator, held: Authorized) -> dict[str, Any]:
@@ -338,13 +163,9 @@ async def test_a_relay_killed_after_stripe_acted_calls_again_with_the_same_key(
 
     # After the emulator canceled, before the relay hears of it or marks the row.
     shop.proxy.after_forward(kill_the_relay, path_contains="/cancel")
-    process = await start_relay_process(shop.settings)
-    try:
+    process = await start_consumer(shop.settings, "relay", "--exit-when-idle")
+    async with reaped(process):
         assert await asyncio.wait_for(process.wait(), 30) == -signal.SIGKILL
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
     assert (await retrieve_intent(shop.emulator.base_url, pid))["status"] == "canceled"
     [killed] = cancels(shop.proxy, pid)
@@ -453,17 +274,6 @@ async def test_actions_the_webhooks_settled_first_are_recorded_without_a_call(
 # --- A refusal for good ------------------------------------------------------------------
 
 
-async def outbox_command(
-    settings: ConsumerSettings, capsys: pytest.CaptureFixture[str], *words: str
-) -> tuple[int, str]:
-    """`order-consumer outbox WORDS…` on the test's database, parsed as the command parses it."""
-    parser = argparse.ArgumentParser()
-    outbox_tool.add_parser(parser.add_subparsers(dest="command"))
-    capsys.readouterr()
-    code = await outbox_tool.main(parser.parse_args(["outbox", *words]), settings)
-    return code, capsys.readouterr().out
-
-
 async def test_a_cancel_stripe_refuses_for_good_is_recorded_failed_and_not_retried(
     shop: Shop, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -566,9 +376,9 @@ async def test_a_429_is_retried_no_sooner_than_stripe_says(shop: Shop) -> None:
 
 
 async def test_retry_after_counts_from_a_slow_429s_answer(shop: Shop) -> None:
-    """FAILS (a defect of consumer/outbox.py `record`, reported, not fixed here): a retry's
-    `due_at` is `now()` + Retry-After, and `now()` is when the claim's transaction began,
-    not when Stripe answered; a 429 that took 0.8 s to come is retried 0.2 s after it."""
+    """A retry's due time counts from Stripe's answer, not from the claim's start: a 429
+    that took 0.8 s to come, with Retry-After 1, is retried no sooner than 1 s after it.
+    (It was `now()`, the transaction's start, until this test caught it.)"""
     await seed_stock(shop.db, {SKU: 0})
     pid = (await authorize(shop, quantity=1)).payment_intent_id
     shop.proxy.delay_s = 0.8
@@ -727,18 +537,13 @@ async def test_a_stop_during_a_hanging_stripe_call_exits_at_once_and_loses_nothi
     pid = held.payment_intent_id
     shop.proxy.delay_s = 12.0  # far longer than a stop may take
     settings = shop.settings_with(stripe_timeout_s=60.0, shutdown_timeout_s=25.0)
-    process = await start_relay_process(settings)
-    try:
-        await eventually(lambda: bool(shop.proxy.requests), 20)  # the call is in its hands
-        loop = asyncio.get_running_loop()
-        asked = loop.time()
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), 10)
-        took_s = loop.time() - asked
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    process = await start_consumer(settings, "relay", "--exit-when-idle")
+    stderr, took_s = await stop_with_sigterm(
+        process,
+        lambda: bool(shop.proxy.requests),  # the call is in its hands
+        ready_within_s=20,
+        exit_within_s=10,
+    )
 
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert took_s < 5.0  # not the 12 s call, nor the 25 s deadline and its backstop

@@ -27,8 +27,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from devservices.embedded import EmbeddedKafka, free_port
 from devservices.topics import DEFAULT_PARTITIONS, create_topics
-from loadtest.events import charge_event, encode, intent_event, new_id
-from loadtest.signing import stripe_signature
+from stripekit.events import charge_event, encode, intent_event, new_id
+from stripekit.signing import stripe_signature
 
 SECRET = "whsec_bench"
 BODIES = 2000

@@ -43,9 +43,9 @@ from consumer.worker import Worker
 from devservices import Services, services
 from devservices.topics import create_topics
 from loadtest.baseline import BaselineConsumer
-from loadtest.publish import publish
 from loadtest.workload import Workload, generate, seed_database
 from schemas import dlq_topic, payment_intent_key
+from stripekit.publish import publish
 
 INTENTFLOW = "intentflow"
 INTENTFLOW_2 = "intentflow-x2"  # two processes in one group, one per core

@@ -27,8 +27,8 @@ import asyncpg
 from devservices import services
 from devservices.topics import create_topics
 from loadtest import workload
-from loadtest.publish import publish
 from schemas import dlq_topic
+from stripekit.publish import publish
 
 
 async def run_command(argv: list[str], env: dict[str, str], log: Path) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from loadtest import events
+from stripekit import events
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Any
 from hypothesis import strategies as st
 
 from consumer.decode import Envelope, decode
-from loadtest import events
 from schemas import contract_headers, encode_key
+from stripekit import events
 from tests import lifecycle_model as model
 
 PARTITIONS = 3
@@ -33,7 +33,7 @@ ABUNDANT = 1000  # more than every cart of an example together can take
 
 
 # ---------------------------------------------------------------------------
-# Stripe-shaped objects (loadtest.events has the payment intent and the event
+# Stripe-shaped objects (stripekit.events has the payment intent and the event
 # envelope; charges, refunds and disputes with explicit amounts are built here).
 
 

@@ -19,8 +19,8 @@ from pydantic import SecretStr
 
 from consumer.settings import ConsumerSettings
 from devservices import Services
-from loadtest import events
-from loadtest.publish import publish as publish_events
+from stripekit import events
+from stripekit.publish import publish as publish_events
 
 
 async def eventually(
@@ -76,7 +76,7 @@ async def publish(
     partition: int | None = None,
     key: bytes | None = None,
 ) -> None:
-    """Publish events as the bridge would (see loadtest.publish)."""
+    """Publish events as the bridge would (see stripekit.publish)."""
     await publish_events(
         infra.kafka_bootstrap_servers,
         topic,
@@ -214,82 +214,3 @@ class ConsumerProcess:
     def terminate(self) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.terminate()
-
-
-# --- Charge, expiry and dispute events with explicit amounts and times (issue 7) ---
-
-
-def charge_object(
-    intent_id: str,
-    *,
-    amount: int,
-    amount_refunded: int = 0,
-    refunded: bool = False,
-    captured: bool = True,
-) -> dict[str, Any]:
-    """The intent's one charge (`ch_<intent>`), as Stripe shows it on `charge.*` events."""
-    return {
-        "id": f"ch_{intent_id}",
-        "object": "charge",
-        "amount": amount,
-        "amount_captured": amount if captured else 0,
-        "amount_refunded": amount_refunded,
-        "captured": captured,
-        "currency": "usd",
-        "paid": True,
-        "payment_intent": intent_id,
-        "refunded": refunded,
-        "status": "succeeded",
-    }
-
-
-def stamped(obj: dict[str, Any], event_type: str, created: int) -> dict[str, Any]:
-    """An event of `event_type` carrying `obj`, sent at `created` (epoch s)."""
-    evt = events.event({**obj, "created": created}, event_type)
-    evt["created"] = created
-    return evt
-
-
-def refunded_event(
-    intent_id: str, *, amount: int, amount_refunded: int, created: int
-) -> dict[str, Any]:
-    """`charge.refunded`: the charge with `amount_refunded` returned so far, in full or not."""
-    charge = charge_object(
-        intent_id,
-        amount=amount,
-        amount_refunded=amount_refunded,
-        refunded=amount_refunded >= amount,
-    )
-    return stamped(charge, "charge.refunded", created)
-
-
-def expired_event(intent_id: str, *, amount: int, created: int) -> dict[str, Any]:
-    """`charge.expired`: an uncaptured authorization lapsed; Stripe releases it as refunded."""
-    charge = charge_object(
-        intent_id, amount=amount, amount_refunded=amount, refunded=True, captured=False
-    )
-    return stamped(charge, "charge.expired", created)
-
-
-def dispute_event(
-    intent_id: str,
-    *,
-    amount: int,
-    status: str,
-    reason: str,
-    created: int,
-    event_type: str = "charge.dispute.created",
-) -> dict[str, Any]:
-    """A `charge.dispute.*` event: the intent's one dispute (`dp_<intent>`) in `status`."""
-    dispute = {
-        "id": f"dp_{intent_id}",
-        "object": "dispute",
-        "amount": amount,
-        "charge": f"ch_{intent_id}",
-        "currency": "usd",
-        "payment_intent": intent_id,
-        "reason": reason,
-        "status": status,
-        "is_charge_refundable": False,
-    }
-    return stamped(dispute, event_type, created)

@@ -13,9 +13,9 @@ import signal
 import time
 
 from devservices import Services
-from loadtest.events import encode, intent_event, new_id
-from loadtest.signing import stripe_signature
 from producer.app import WEBHOOK_PATH
+from stripekit.events import encode, intent_event, new_id
+from stripekit.signing import stripe_signature
 from tests.integration.bridge_support import (
     SECRET,
     BridgeProcess,

@@ -15,9 +15,9 @@ import pytest
 from devservices import Services
 from devservices.embedded import EmbeddedKafka
 from devservices.topics import create_topics
-from loadtest.events import encode, intent_event, new_id
-from loadtest.signing import stripe_signature
 from producer.app import WEBHOOK_PATH
+from stripekit.events import encode, intent_event, new_id
+from stripekit.signing import stripe_signature
 from tests.integration.bridge_support import SECRET, bridge_env, bridge_process
 from tests.support import read_topic
 

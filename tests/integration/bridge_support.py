@@ -14,9 +14,9 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from devservices.embedded import free_port
-from loadtest.signing import stripe_signature
 from producer.app import WEBHOOK_PATH, create_app
 from producer.settings import BridgeSettings
+from stripekit.signing import stripe_signature
 
 SECRET = "whsec_test_current"
 

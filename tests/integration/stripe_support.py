@@ -42,7 +42,7 @@ from consumer.settings import ConsumerSettings
 from consumer.store import BatchResult, apply_batch
 from devservices import Services
 from devservices.topics import create_topics
-from loadtest import events
+from stripekit import events
 from tests.integration.store_support import envelope
 from tests.stripe_emulator import TEST_API_KEY, StripeEmulator, create_manual_capture_intent
 from tests.stripe_proxy import RecordedRequest, StripeProxy

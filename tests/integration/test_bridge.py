@@ -13,11 +13,11 @@ from aiokafka.partitioner import murmur2
 from devservices import Services
 from devservices.embedded import EmbeddedKafka, free_port
 from devservices.topics import create_topics
-from loadtest.events import charge_event, encode, event, intent_event, new_id
-from loadtest.signing import stripe_signature
 from producer.app import WEBHOOK_PATH
 from producer.webhook import THIN_EVENT_REASON
 from schemas import HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_RECEIVED_AT
+from stripekit.events import charge_event, encode, event, intent_event, new_id
+from stripekit.signing import stripe_signature
 from tests.integration.bridge_support import (
     SECRET,
     bridge_settings,

@@ -16,7 +16,7 @@ import consumer.orders
 from consumer.allocation import Cart, OrderPlan
 from consumer.decisions import Allocation, OrderStatus, PlaceOrder
 from consumer.store import apply_batch
-from loadtest import events
+from stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import seed_cart, seed_stock, snapshot
 

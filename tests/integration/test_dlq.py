@@ -26,9 +26,9 @@ from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 from devservices import Services
 from devservices.embedded import free_port
-from loadtest import events
 from schemas import contract_headers, dlq_topic
 from schemas.partitioner import partition
+from stripekit import events
 from tests.support import (
     consumer_env,
     consumer_settings,

@@ -12,7 +12,7 @@ import asyncpg
 
 from consumer.worker import Worker
 from devservices import Services
-from loadtest import events
+from stripekit import events
 from tests.support import (
     ConsumerProcess,
     consumer_settings,

@@ -21,8 +21,8 @@ from consumer.preflight import StartupError
 from consumer.worker import Worker
 from devservices import Services
 from devservices.topics import create_topics
-from loadtest import events
 from schemas import dlq_topic
+from stripekit import events
 from tests.support import (
     consumer_settings,
     eventually,

@@ -10,8 +10,8 @@ import asyncpg
 from consumer.migrate import migrate, needed_version
 from consumer.worker import Worker
 from devservices import Services
-from loadtest import events
 from schemas import dlq_topic
+from stripekit import events
 from tests.proxy import Proxy
 from tests.support import (
     consumer_settings,

@@ -22,15 +22,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 from devservices import Services
-from loadtest import events
 from schemas import contract_headers, encode_key
+from stripekit import events
+from stripekit.events import dispute_event, expired_event, refunded_event
 from tests.support import (
     consumer_settings,
-    dispute_event,
     eventually,
-    expired_event,
     publish,
-    refunded_event,
     seed_cart,
     seed_stock,
     snapshot,
@@ -156,7 +154,7 @@ async def publish_received_at(
     """Publish events in this order to partition 0, each with its own `received-at` (ms).
 
     Two bridge replicas can publish in the opposite order to the one they
-    received in; `loadtest.publish` stamps one time for a whole call.
+    received in; `stripekit.publish` stamps one time for a whole call.
     """
     producer = AIOKafkaProducer(
         bootstrap_servers=infra.kafka_bootstrap_servers,

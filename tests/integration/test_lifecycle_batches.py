@@ -14,7 +14,7 @@ import pytest
 
 from consumer import reconcile
 from consumer.store import apply_batch
-from loadtest import events
+from stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import seed_cart, seed_stock
 

@@ -26,7 +26,7 @@ import asyncpg
 
 from consumer.decode import Envelope
 from consumer.store import BatchResult, apply_batch
-from loadtest import events
+from stripekit import events
 from tests.integration.store_support import deadlocks, envelope, waiting_for_a_lock
 from tests.support import eventually, seed_cart, seed_stock, snapshot
 

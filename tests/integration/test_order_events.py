@@ -46,22 +46,20 @@ from consumer.settings import ConsumerSettings
 from consumer.store import apply_batch
 from devservices import Services
 from devservices.topics import create_topics
-from loadtest import events
 from schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, OrderEvent, encode_key
+from stripekit import events
+from stripekit.events import dispute_event, refunded_event, stamped
 from tests.integration.store_support import envelope
 from tests.integration.stripe_support import run_relay, start_consumer
 from tests.support import (
     ConsumerProcess,
     consumer_env,
     consumer_settings,
-    dispute_event,
     paid_carts,
     publish,
     read_topic,
-    refunded_event,
     seed_cart,
     seed_stock,
-    stamped,
 )
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ from consumer.outbox import Action, Kind, backlog, claim
 from consumer.reconcile import check
 from consumer.relay import Relay
 from devservices import Services
-from loadtest import events
+from stripekit import events
 from tests.integration.stripe_support import (
     NEVER_TRIED,
     SKU,

@@ -21,8 +21,8 @@ from consumer import prune, reconcile
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 from devservices import Services
-from loadtest import events
 from schemas import dlq_topic
+from stripekit import events
 from tests.support import (
     consumer_env,
     consumer_settings,

@@ -21,7 +21,7 @@ from consumer import reconcile
 from consumer.settings import ConsumerSettings
 from consumer.store import apply_batch
 from devservices import Services
-from loadtest import events
+from stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import consumer_env, consumer_settings, seed_cart, seed_stock
 

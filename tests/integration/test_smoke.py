@@ -6,7 +6,7 @@ import asyncpg
 
 from consumer.worker import Worker
 from devservices import Services
-from loadtest import events
+from stripekit import events
 from tests.support import consumer_settings, publish, seed_cart, seed_stock, snapshot
 
 

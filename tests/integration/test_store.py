@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from consumer.store import ConcurrentIntentWrite, apply_batch
-from loadtest import events
+from stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import eventually, seed_cart, seed_stock, snapshot
 

@@ -28,7 +28,7 @@ import pytest
 from consumer.bootstrap import build_relay
 from consumer.outbox import Action, ActionRow, insert_actions
 from consumer.reconcile import check
-from loadtest import events
+from stripekit import events
 from tests.integration.stripe_support import (
     NEVER_TRIED,
     SKU,

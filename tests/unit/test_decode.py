@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from consumer.decode import Envelope, Poison, decode
-from loadtest import events
 from schemas import Charge, PaymentIntent, payment_intent_key
+from stripekit import events
 
 
 @dataclass

@@ -18,8 +18,8 @@ from consumer.decisions import (
     RecordRefund,
 )
 from consumer.fold import IntentFold, IntentState, OrderView, Outcome, fold_intent
-from loadtest import events
 from schemas import StripeEvent
+from stripekit import events
 
 T0 = 1_790_000_000
 

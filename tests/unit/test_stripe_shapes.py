@@ -17,7 +17,6 @@ import orjson
 import pytest
 
 from consumer.decode import Envelope, Poison, decode
-from loadtest.signing import stripe_signature
 from producer.logs import EventLog
 from producer.metrics import BridgeMetrics
 from producer.publisher import Published, Publisher
@@ -32,6 +31,7 @@ from schemas import (
     charge_key,
     payment_intent_key,
 )
+from stripekit.signing import stripe_signature
 
 INTENT = "pi_1PgafyB7WZ01zgkWSjxsAJo3"
 CHARGE = "ch_1PgafuB7WZ01zgkWXYmPNZs8"

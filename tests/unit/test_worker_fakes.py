@@ -28,7 +28,7 @@ from consumer.decode import Envelope
 from consumer.settings import ConsumerSettings
 from consumer.store import BatchResult
 from consumer.worker import RunStats, Worker
-from loadtest import events
+from stripekit import events
 
 TOPIC = "stripe.events.fake"
 TP = TopicPartition(TOPIC, 0)

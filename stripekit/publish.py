@@ -14,8 +14,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from loadtest import events
 from schemas import charge_key, contract_headers, encode_key, payment_intent_key
+from stripekit import events
 
 
 async def publish(

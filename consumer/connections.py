@@ -61,6 +61,7 @@ def create_consumer(settings: ConsumerSettings) -> AIOKafkaConsumer:
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
 
 

@@ -64,7 +64,7 @@ def dead_letter_headers(poison: Poison) -> list[tuple[str, bytes]]:
     ]
 
 
-class DeadLetters:
+class DeadLetters(Producer):
     """An acks=all producer for `<topic>.dlq` (`start()`/`stop()`)."""
 
     def __init__(
@@ -75,23 +75,16 @@ class DeadLetters:
         enable_idempotence: bool,
         max_request_bytes: int = 1024 * 1024,
     ) -> None:
-        self.topic = dlq_topic(topic)
-        self._producer = Producer(
+        super().__init__(
             bootstrap_servers,
-            self.topic,
+            dlq_topic(topic),
             enable_idempotence=enable_idempotence,
             max_request_bytes=max_request_bytes,
         )
 
-    async def start(self) -> None:
-        await self._producer.start()
-
-    async def stop(self) -> None:
-        await self._producer.stop()
-
     async def send(self, poison: list[Poison]) -> list[tuple[Poison, KafkaError]]:
         """Publish every poisoned record; return those the broker did not acknowledge, with why."""
-        results = await self._producer.send_all(
+        results = await self.send_all(
             [(p.record.value, p.record.key, dead_letter_headers(p)) for p in poison]
         )
         return [(p, error) for p, error in zip(poison, results, strict=True) if error is not None]

@@ -22,7 +22,7 @@ from schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, encode_key
 log = structlog.get_logger("relay")
 
 
-class OrderEvents:
+class OrderEvents(Producer):
     """An acks=all producer for the order events topic (`start()`/`stop()`)."""
 
     def __init__(
@@ -33,8 +33,7 @@ class OrderEvents:
         enable_idempotence: bool,
         max_request_bytes: int = 1024 * 1024,
     ) -> None:
-        self.topic = topic
-        self._producer = Producer(
+        super().__init__(
             bootstrap_servers,
             topic,
             enable_idempotence=enable_idempotence,
@@ -42,15 +41,9 @@ class OrderEvents:
             linger_ms=5,
         )
 
-    async def start(self) -> None:
-        await self._producer.start()
-
-    async def stop(self) -> None:
-        await self._producer.stop()
-
     async def publish(self, rows: Sequence[Claimed]) -> list[KafkaError | None]:
         """Send every row, in order; return for each None (acknowledged) or why not."""
-        return await self._producer.send_all(
+        return await self.send_all(
             [
                 (
                     row.payload.encode(),

@@ -60,7 +60,8 @@ CAPTURED_FIRST = (
 
 
 def settled_by_webhooks(action: Action, intent_status: str | None) -> Answer | None:
-    """The answer our own record of the intent (its webhooks) already gives, without a call."""
+    """The answer an intent's status already gives, without a call: the status our
+    webhooks recorded (the relay), or the one Stripe shows after a refusal."""
     if intent_status == _GOAL[action]:
         return Answer(Outcome.ALREADY_DONE, None, f"the payment intent is {intent_status}")
     if action is Action.CAPTURE and intent_status == "canceled":
@@ -122,11 +123,11 @@ class StripeActions:
             if checked.outcome is not Outcome.REJECTED:
                 return checked
             return refusal
-        if intent.status == _GOAL[action]:
-            return Answer(Outcome.ALREADY_DONE, refusal.code, refusal.message)
-        if action is Action.CAPTURE and intent.status == "canceled":
-            # Canceled or expired before our webhooks said so: nothing to capture.
-            return Answer(Outcome.NOT_NEEDED, refusal.code, refusal.message)
+        # Where Stripe says the intent is, read as our webhooks would be: done, or
+        # not needed (canceled before our webhooks said so), keeping Stripe's words.
+        settled = settled_by_webhooks(action, intent.status)
+        if settled is not None and settled.outcome is not Outcome.REJECTED:
+            return Answer(settled.outcome, refusal.code, refusal.message)
         return Answer(
             Outcome.REJECTED,
             refusal.code,

@@ -31,7 +31,7 @@ from consumer.decode import Envelope
 from consumer.order_events import OrderEvents
 from consumer.outbox import CapturePolicy, OutboxPolicy
 from consumer.preflight import check_database, check_topics
-from consumer.relay import Relay
+from consumer.relay import EventSink, Relay
 from consumer.settings import ConsumerSettings
 from consumer.store import BatchResult, apply_batch
 from consumer.stripe_actions import StripeActions
@@ -117,8 +117,11 @@ def relay_checks(settings: ConsumerSettings) -> list[Check]:
     ]
 
 
-def build_relay(settings: ConsumerSettings) -> Relay:
-    """The outbox relay, with a pool of its own: one connection per loop."""
+def build_relay(
+    settings: ConsumerSettings, new_events: Callable[[], EventSink] | None = None
+) -> Relay:
+    """The outbox relay, with a pool of its own: one connection per loop. `new_events`
+    replaces the order events producer (a test that kills the relay mid-publish)."""
     key = settings.stripe_api_key
     stripe = None
     if key is not None:
@@ -139,12 +142,17 @@ def build_relay(settings: ConsumerSettings) -> Relay:
         open_pool=functools.partial(
             create_pool, settings, 2, idle_in_transaction_ms=idle_in_transaction_ms
         ),
-        new_events=functools.partial(
-            OrderEvents,
-            settings.kafka_bootstrap_servers,
-            settings.orders_topic,
-            enable_idempotence=settings.kafka_enable_idempotence,
-            max_request_bytes=settings.kafka_max_request_bytes,
-        ),
+        new_events=new_events or order_events(settings),
         stripe=stripe,
+    )
+
+
+def order_events(settings: ConsumerSettings) -> Callable[[], OrderEvents]:
+    """How the relay makes its order events producer (a new one per start attempt)."""
+    return functools.partial(
+        OrderEvents,
+        settings.kafka_bootstrap_servers,
+        settings.orders_topic,
+        enable_idempotence=settings.kafka_enable_idempotence,
+        max_request_bytes=settings.kafka_max_request_bytes,
     )

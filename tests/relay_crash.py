@@ -15,7 +15,6 @@ Every `publish` is reported on stdout as one JSON line, `{"call", "ids",
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import sys
@@ -25,10 +24,9 @@ from typing import Any
 from aiokafka.errors import KafkaError
 
 from consumer import logs
-from consumer.connections import create_pool
+from consumer.bootstrap import build_relay, order_events
 from consumer.order_events import OrderEvents
 from consumer.outbox import Claimed
-from consumer.relay import Relay
 from consumer.settings import ConsumerSettings
 
 CRASH_ON_CALL = 2
@@ -73,19 +71,8 @@ class DyingEvents:
 async def main(when: str) -> int:
     settings = ConsumerSettings()
     logs.configure(settings.log_level, settings.log_format)  # on stderr: stdout is the report
-    real = functools.partial(
-        OrderEvents,
-        settings.kafka_bootstrap_servers,
-        settings.orders_topic,
-        enable_idempotence=settings.kafka_enable_idempotence,
-        max_request_bytes=settings.kafka_max_request_bytes,
-    )
-    relay = Relay(
-        settings,
-        open_pool=functools.partial(create_pool, settings, 2),
-        new_events=lambda: DyingEvents(real(), when),
-        stripe=None,
-    )
+    real = order_events(settings)
+    relay = build_relay(settings, new_events=lambda: DyingEvents(real(), when))
     async with relay:
         await relay.run(exit_when_idle=True)
     report(finished=True)  # the crash never came: too few rows for a second batch

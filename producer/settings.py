@@ -31,6 +31,9 @@ class BridgeSettings(BaseSettings):
     kafka_topic: str = Field(default=DEFAULT_TOPIC, min_length=1)
     # Real Kafka: on. The embedded Tansu broker has no idempotent producer.
     kafka_enable_idempotence: bool = True
+    # The name the broker sees in every request (Kafka's client.id): its logs and
+    # quotas name the bridge by it.
+    kafka_client_id: str = Field(default="stripe-bridge", min_length=1)
     # How long a request waits for the broker's acknowledgement before answering 503.
     kafka_publish_timeout_s: float = Field(default=5.0, gt=0)
     # 0 still batches: records that arrive while a produce request is in flight go

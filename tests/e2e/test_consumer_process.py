@@ -30,9 +30,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from consumer.settings import ConsumerSettings
 from devservices import Services
 from devservices.embedded import free_port
+from devservices.proxy import Proxy
 from devservices.topics import create_topics
 from schemas import dlq_topic
-from tests.proxy import Proxy
 from tests.support import (
     ConsumerProcess,
     consumer_env,

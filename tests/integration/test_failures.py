@@ -10,9 +10,9 @@ import asyncpg
 from consumer.migrate import migrate, needed_version
 from consumer.worker import Worker
 from devservices import Services
+from devservices.proxy import Proxy
 from schemas import dlq_topic
 from stripekit import events
-from tests.proxy import Proxy
 from tests.support import (
     consumer_settings,
     eventually,

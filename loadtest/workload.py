@@ -1,6 +1,12 @@
 """Generated storefront workloads: stock, carts, and the Stripe events that pay for them.
 
-Each intent has a cart of `lines_per_cart` lines, an authorization event, and
+Two shapes. `scenario` (the harness, `replay-duplicates`): every intent's whole
+Stripe history with the fate it implies, delivered later by `loadtest.delivery`
+with duplicates and reordering. `generate` (the consumer bench and the
+baselines' comparison): authorizations and captures with their duplicates
+already interleaved, for bulk publishing.
+
+In `generate`, each intent has a cart of `lines_per_cart` lines, an authorization event, and
 (for `capture_ratio` of intents) a later capture, of which `refund_ratio` are
 then refunded in full; `cancel_ratio` of the intents that are not captured are
 canceled, a third of those with the cancellation published before the
@@ -12,7 +18,10 @@ retries arrive.
 from __future__ import annotations
 
 import random
+import time
+from collections import Counter
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import asyncpg
@@ -107,16 +116,226 @@ def generate(
 
 async def seed_database(conn: asyncpg.Connection, workload: Workload) -> None:
     """Load the workload's stock and carts with COPY."""
+    await _seed(conn, workload.stock, workload.carts)
+
+
+async def _seed(conn: asyncpg.Connection, stock: dict[str, int], carts: list[CartSpec]) -> None:
     await conn.copy_records_to_table(
-        "inventory_levels",
-        records=list(workload.stock.items()),
-        columns=["sku", "stocked_quantity"],
+        "inventory_levels", records=list(stock.items()), columns=["sku", "stocked_quantity"]
     )
     await conn.copy_records_to_table(
-        "carts", records=[(c.id, c.currency) for c in workload.carts], columns=["id", "currency"]
+        "carts", records=[(c.id, c.currency) for c in carts], columns=["id", "currency"]
     )
     await conn.copy_records_to_table(
         "cart_items",
-        records=[(c.id, *line) for c in workload.carts for line in c.lines],
+        records=[(c.id, *line) for c in carts for line in c.lines],
         columns=["cart_id", "sku", "quantity", "unit_amount"],
     )
+
+
+# --- Stripe histories: what the harness replays -----------------------------------
+
+
+class Fate(StrEnum):
+    """How one payment intent's story ends, and so what its order must show."""
+
+    ABANDONED = "abandoned"  # never authorized (3-D Secure not completed), then canceled: no order
+    HELD = "held"  # authorized, nothing more yet: placed or out_of_stock
+    CAPTURED = "captured"  # authorized, then captured: placed or out_of_stock
+    PARTLY_REFUNDED = "partly_refunded"  # captured, part of it refunded hours later
+    REFUNDED = "refunded"  # captured, then refunded in full hours later
+    CANCELED = "canceled"  # authorized, then canceled (by the shop or the customer)
+    EXPIRED = "expired"  # authorized, never captured: the authorization lapsed after 7 days
+    MISMATCH = "mismatch"  # authorized for an amount that is not the cart's: needs_review
+
+    def statuses(self) -> frozenset[str]:
+        """The order statuses this fate allows; empty when there must be no order."""
+        return _STATUSES[self]
+
+    @property
+    def keeps_stock(self) -> bool:
+        """Whether an order of this fate that was placed still holds its stock at the end."""
+        return self in (Fate.HELD, Fate.CAPTURED, Fate.PARTLY_REFUNDED, Fate.REFUNDED)
+
+
+_ALLOCATED = frozenset({"placed", "out_of_stock"})
+_STATUSES: dict[Fate, frozenset[str]] = {
+    Fate.ABANDONED: frozenset(),
+    Fate.HELD: _ALLOCATED,
+    Fate.CAPTURED: _ALLOCATED,
+    Fate.PARTLY_REFUNDED: _ALLOCATED,
+    Fate.REFUNDED: frozenset({"refunded"}),
+    Fate.CANCELED: frozenset({"canceled"}),
+    Fate.EXPIRED: frozenset({"canceled"}),
+    Fate.MISMATCH: frozenset({"needs_review"}),
+}
+
+# (fate, weight): the mix of a storefront that authorizes, then captures when it ships.
+FATES: tuple[tuple[Fate, int], ...] = (
+    (Fate.ABANDONED, 5),
+    (Fate.HELD, 20),
+    (Fate.CAPTURED, 35),
+    (Fate.PARTLY_REFUNDED, 5),
+    (Fate.REFUNDED, 10),
+    (Fate.CANCELED, 15),
+    (Fate.EXPIRED, 5),
+    (Fate.MISMATCH, 5),
+)
+
+
+@dataclass(frozen=True)
+class History:
+    """One payment intent: its cart, its fate and Stripe's events for it, in Stripe's order."""
+
+    intent_id: str
+    cart: CartSpec
+    fate: Fate
+    events: tuple[dict[str, Any], ...]
+
+
+@dataclass
+class Scenario:
+    """Stock, carts and every intent's history: the input of one replay."""
+
+    stock: dict[str, int]
+    histories: list[History]
+    seed: int
+
+    @property
+    def carts(self) -> list[CartSpec]:
+        return [h.cart for h in self.histories]
+
+    @property
+    def intents(self) -> list[str]:
+        return [h.intent_id for h in self.histories]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [e for h in self.histories for e in h.events]
+
+    def by_fate(self) -> Counter[Fate]:
+        return Counter(h.fate for h in self.histories)
+
+
+_HOUR = 3600
+_DAY = 24 * _HOUR
+
+
+def scenario(
+    intents: int,
+    *,
+    seed: int = 7,
+    skus: int | None = None,
+    stock_ratio: float = 0.8,
+    prefix: str = "",
+) -> Scenario:
+    """`intents` payment intents with carts, stock and plausible Stripe histories.
+
+    Carts have 1-5 lines drawn from a catalogue where a few SKUs are popular
+    (so carts share them), and one cart in ten repeats a SKU on two lines.
+    Stock per SKU is `stock_ratio` of what the carts ask for it, so popular
+    SKUs run out. The same `seed` gives the same scenario, event ids included.
+    """
+    rng = random.Random(seed)
+    skus = skus or max(10, intents // 8)
+    names = [f"{prefix}sku-{i:05d}" for i in range(skus)]
+    popularity = [1 / (rank + 1) ** 0.8 for rank in range(skus)]  # a long tail
+    fates = [f for f, _ in FATES]
+    weights = [w for _, w in FATES]
+    clock = int(time.time()) - 10 * _DAY
+    histories: list[History] = []
+    wanted: Counter[str] = Counter()
+    for i in range(intents):
+        chosen = rng.choices(names, popularity, k=rng.randint(1, 5))
+        if rng.random() < 0.1:
+            chosen.append(chosen[0])  # the same SKU on a second line
+        lines = tuple((sku, rng.randint(1, 3), rng.choice((499, 1250, 2999))) for sku in chosen)
+        cart = CartSpec(f"{prefix}cart-{seed}-{i:07d}", "usd", lines)
+        fate = rng.choices(fates, weights)[0]
+        if fate not in (Fate.ABANDONED, Fate.MISMATCH):
+            for sku, quantity, _ in lines:
+                wanted[sku] += quantity
+        intent_id = f"pi_{prefix}{seed}x{i:07d}"
+        clock += rng.randint(0, 3)
+        histories.append(
+            History(intent_id, cart, fate, tuple(_history(rng, intent_id, cart, fate, clock)))
+        )
+    stock = {sku: max(1, int(wanted[sku] * stock_ratio)) for sku in names}
+    return Scenario(stock, histories, seed)
+
+
+def _history(
+    rng: random.Random, intent_id: str, cart: CartSpec, fate: Fate, created: int
+) -> list[dict[str, Any]]:
+    """Stripe's events for one intent, each `created` later than the one before."""
+    amount = cart.total + (rng.randint(1, 500) if fate is Fate.MISMATCH else 0)
+    ids = _EventIds(rng, intent_id)
+
+    def intent(status: str, at: int, event_type: str | None = None) -> dict[str, Any]:
+        obj = events.payment_intent(
+            intent_id, amount=amount, status=status, cart_id=cart.id, created=created
+        )
+        kind = event_type or events.EVENT_TYPE_OF_STATUS[status]
+        return _at(events.event(obj, kind, event_id=ids.next()), at)
+
+    out = [intent("requires_payment_method", created, "payment_intent.created")]
+    at = created + rng.randint(1, 20)
+    if rng.random() < 0.3:  # the bank asked for 3-D Secure
+        out.append(intent("requires_action", at))
+        at += rng.randint(5, 60)
+    if fate is Fate.ABANDONED:
+        out.append(_canceled(intent("canceled", at + _HOUR), "abandoned"))
+        return out
+    out.append(intent("requires_capture", at))
+    if fate in (Fate.CAPTURED, Fate.PARTLY_REFUNDED, Fate.REFUNDED):
+        at += rng.randint(10 * 60, 2 * _DAY)  # captured when it ships
+        out.append(intent("succeeded", at))
+        if fate is not Fate.CAPTURED:
+            back = amount if fate is Fate.REFUNDED else max(1, amount // 3)
+            at += rng.randint(2 * _HOUR, 5 * _DAY)
+            refund = events.refunded_event(
+                intent_id, amount=amount, amount_refunded=back, created=at
+            )
+            out.append(_with_id(refund, ids.next()))
+    elif fate is Fate.CANCELED:
+        at += rng.randint(60, _DAY)
+        out.append(_canceled(intent("canceled", at), "requested_by_customer"))
+    elif fate is Fate.EXPIRED:
+        at = created + 7 * _DAY
+        expired = events.expired_event(intent_id, amount=amount, created=at)
+        out.append(_with_id(expired, ids.next()))
+        out.append(_canceled(intent("canceled", at + 1), "automatic"))
+    return out
+
+
+class _EventIds:
+    """Event ids that a seed repeats: `evt_` + the intent + a counter."""
+
+    def __init__(self, rng: random.Random, intent_id: str) -> None:
+        self._stem = f"evt_{intent_id.removeprefix('pi_')}_{rng.randrange(16**4):04x}"
+        self._n = 0
+
+    def next(self) -> str:
+        self._n += 1
+        return f"{self._stem}{self._n:02d}"
+
+
+def _at(evt: dict[str, Any], created: int) -> dict[str, Any]:
+    evt["created"] = created
+    return evt
+
+
+def _with_id(evt: dict[str, Any], event_id: str) -> dict[str, Any]:
+    evt["id"] = event_id
+    return evt
+
+
+def _canceled(evt: dict[str, Any], reason: str) -> dict[str, Any]:
+    evt["data"]["object"]["cancellation_reason"] = reason
+    evt["data"]["object"]["canceled_at"] = evt["created"]
+    return evt
+
+
+async def seed_scenario(conn: asyncpg.Connection, scenario: Scenario) -> None:
+    """Load the scenario's stock and carts with COPY."""
+    await _seed(conn, scenario.stock, scenario.carts)

@@ -1,0 +1,140 @@
+"""Faults while a replay runs, each one timestamped.
+
+- `consumer-kill`: SIGKILL one consumer process (round robin), start it again
+  after `down_s`. Its uncommitted batch is redelivered to whoever gets its
+  partitions; the inbox makes the second application a duplicate.
+- `db-connections`: terminate every session of the replay's database, as a
+  failover or an operator's `pg_terminate_backend` does. The consumers reconnect.
+- `db-restart`: stop PostgreSQL (a clean fast shutdown) and start it again
+  after `down_s` (only a server the stack started).
+- `broker-outage`: cut the bridge off from Kafka for `down_s` (only a broker
+  the stack started); the bridge answers 503 and the senders retry.
+
+`Chaos.run` injects one fault every `every_s`, cycling through the kinds,
+until it is told to stop and every kind has happened at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+
+from loadtest.report import Fault
+from loadtest.stack import Stack
+
+KINDS = ("consumer-kill", "broker-outage", "db-connections", "db-restart")
+DEFAULT_KINDS = ("consumer-kill", "broker-outage", "db-connections")
+
+
+class ChaosError(ValueError):
+    """A fault was asked for that this stack cannot stage."""
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """The comma-separated kinds, checked; "all" means every kind."""
+    kinds = KINDS if text == "all" else tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ChaosError(f"unknown fault {', '.join(unknown)}; choose from {', '.join(KINDS)}")
+    return kinds
+
+
+def check_possible(kinds: tuple[str, ...], stack: Stack) -> None:
+    if "db-restart" in kinds and not stack.can_restart_postgres:
+        raise ChaosError("db-restart needs the embedded PostgreSQL: unset DATABASE_URL")
+    if "broker-outage" in kinds and not stack.can_cut_bridge:
+        raise ChaosError("broker-outage needs the embedded broker: unset KAFKA_BOOTSTRAP_SERVERS")
+    if "consumer-kill" in kinds and not stack.consumers:
+        raise ChaosError("consumer-kill needs at least one consumer")
+
+
+class Chaos:
+    def __init__(
+        self,
+        stack: Stack,
+        kinds: tuple[str, ...],
+        *,
+        every_s: float = 3.0,
+        down_s: float = 2.0,
+        started: float | None = None,
+    ) -> None:
+        check_possible(kinds, stack)
+        self._stack = stack
+        self._kinds = kinds
+        self._every_s = every_s
+        self._down_s = down_s
+        self._started = started or time.time()
+        self._stop = asyncio.Event()
+        self._next_consumer = 0
+        self.faults: list[Fault] = []
+
+    def stop_when_done(self) -> None:
+        """Stop once every kind has happened at least once."""
+        self._stop.set()
+
+    async def run(self) -> list[Fault]:
+        n = 0
+        while True:
+            if self._stop.is_set():
+                seen = {f.kind for f in self.faults}
+                missing = [k for k in self._kinds if k not in seen]
+                if not missing:
+                    return self.faults
+                kind = missing[0]  # after the load, only the kinds not yet seen
+            else:
+                try:
+                    await asyncio.wait_for(self._stop.wait(), self._every_s)
+                    continue
+                except TimeoutError:
+                    kind = self._kinds[n % len(self._kinds)]
+                    n += 1
+            self.faults.append(await self._inject(kind))
+
+    async def _inject(self, kind: str) -> Fault:
+        at = time.time()
+        if kind == "consumer-kill":
+            detail = await self._kill_consumer()
+        elif kind == "db-connections":
+            detail = await self._terminate_sessions()
+        elif kind == "db-restart":
+            detail = await self._restart_postgres()
+        else:
+            detail = await self._cut_bridge()
+        duration = time.time() - at
+        return Fault(kind, at - self._started, duration, detail, survived=True)
+
+    async def _kill_consumer(self) -> str:
+        i = self._next_consumer % len(self._stack.consumers)
+        self._next_consumer += 1
+        pid = self._stack.kill_consumer(i)
+        await asyncio.sleep(self._down_s)
+        self._stack.start_consumer(i)
+        return f"consumer {i + 1} (pid {pid}) killed -9, started again after {self._down_s:g} s"
+
+    async def _terminate_sessions(self) -> str:
+        admin = await asyncpg.connect(self._stack.admin_url)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
+                " FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                self._stack.database,
+            )
+        finally:
+            await admin.close()
+        return f"{killed} sessions of {self._stack.database} terminated"
+
+    async def _restart_postgres(self) -> str:
+        server = self._stack.postgres
+        assert server is not None
+        await asyncio.to_thread(server.shut_down)
+        await asyncio.sleep(self._down_s)
+        await asyncio.to_thread(server.start_again)
+        return f"PostgreSQL stopped (fast shutdown), started again after {self._down_s:g} s"
+
+    async def _cut_bridge(self) -> str:
+        self._stack.cut_bridge()
+        await asyncio.sleep(self._down_s)
+        self._stack.restore_bridge()
+        return f"the bridge cut off from Kafka for {self._down_s:g} s"

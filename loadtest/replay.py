@@ -1,0 +1,269 @@
+"""`replay-duplicates` (`python -m loadtest`): Stripe at its worst, through the front door.
+
+Generates a scenario (`--intents` payment intents, their carts, stock that
+runs out, each intent's Stripe history), starts the stack (the embedded broker
+and PostgreSQL unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are given, the
+bridge, `--consumers` consumer processes), delivers every event 1 to
+`--duplicates` times, `--reorder` of them out of order, some copies at the
+same moment, signed, over HTTP to the bridge (or `--via kafka`), at `--rate`
+deliveries/s or as fast as `--senders` concurrent senders go, injects
+`--chaos` faults meanwhile, waits for the consumers to catch up, and checks
+the database against the histories. Exit status 0 only if every check held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+
+from consumer import logs
+from loadtest import chaos, delivery, report, verdict
+from loadtest.progress import Progress
+from loadtest.stack import PUBLISH_TIMEOUT_S, Stack, StackError, StackOptions
+from loadtest.workload import Scenario, scenario, seed_scenario
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="replay-duplicates",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--intents", type=int, default=1000, help="payment intents (default 1000)")
+    p.add_argument("--seed", type=int, default=7, help="same seed, same scenario (default 7)")
+    p.add_argument(
+        "--duplicates", type=int, default=3, metavar="K", help="each event 1..K times (default 3)"
+    )
+    p.add_argument(
+        "--reorder", type=float, default=0.2, help="share of events sent late (default 0.2)"
+    )
+    p.add_argument(
+        "--concurrent",
+        type=float,
+        default=0.3,
+        help="share of extra copies sent at the same moment as the first (default 0.3)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="deliveries per second (default 0: as fast as possible)",
+    )
+    p.add_argument(
+        "--senders", type=int, default=32, metavar="C", help="concurrent senders (default 32)"
+    )
+    p.add_argument(
+        "--via", choices=("bridge", "kafka"), default="bridge", help="front door (default bridge)"
+    )
+    p.add_argument("--consumers", type=int, default=2, metavar="M", help="consumer processes")
+    p.add_argument(
+        "--chaos",
+        nargs="?",
+        const=",".join(chaos.DEFAULT_KINDS),
+        default="",
+        metavar="KINDS",
+        help=f"inject faults, comma-separated from {', '.join(chaos.KINDS)} or 'all' "
+        f"(bare --chaos: {', '.join(chaos.DEFAULT_KINDS)})",
+    )
+    p.add_argument(
+        "--chaos-every", type=float, default=3.0, metavar="S", help="seconds between faults"
+    )
+    p.add_argument(
+        "--chaos-down", type=float, default=2.0, metavar="S", help="how long a fault lasts"
+    )
+    p.add_argument("--report-json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--report-html", type=Path, metavar="PATH", help="write the report as one HTML page"
+    )
+    p.add_argument("--keep-database", action="store_true", help="keep the replay's database")
+    return p
+
+
+async def replay(args: argparse.Namespace) -> report.Report:
+    kinds = chaos.parse_kinds(args.chaos) if args.chaos else ()
+    world = scenario(args.intents, seed=args.seed)
+    plan = delivery.plan(
+        world,
+        duplicates=args.duplicates,
+        reorder=args.reorder,
+        concurrent=args.concurrent,
+        seed=args.seed,
+    )
+    consumer_env = {}
+    if "consumer-kill" in kinds:
+        # A killed member's partitions wait for its session to expire; keep that short.
+        consumer_env = {"SESSION_TIMEOUT_MS": "6000", "HEARTBEAT_INTERVAL_MS": "1000"}
+    options = StackOptions(
+        consumers=args.consumers, consumer_env=consumer_env, keep_database=args.keep_database
+    )
+    async with Stack(options) as stack:
+        if kinds:
+            chaos.check_possible(kinds, stack)
+        conn = await asyncpg.connect(stack.database_url)
+        try:
+            await seed_scenario(conn, world)
+        finally:
+            await conn.close()
+        print(
+            f"replaying {plan.events} events of {args.intents} intents as {plan.deliveries} "
+            f"deliveries ({plan.out_of_order} out of order) via {args.via}; "
+            f"logs in {stack.logs}",
+            file=sys.stderr,
+        )
+        sender: delivery.Sender
+        if args.via == "kafka":
+            sender = await delivery.KafkaSender(
+                stack.kafka_bootstrap_servers,
+                stack.topic,
+                enable_idempotence=stack.kafka_enable_idempotence,
+            ).start()
+        else:
+            sender = delivery.HttpSender(
+                "127.0.0.1", stack.bridge_port, stack.options.secret, args.senders
+            )
+        started = time.time()
+        tally = delivery.Tally(started=started)
+        faults = chaos.Chaos(
+            stack, kinds, every_s=args.chaos_every, down_s=args.chaos_down, started=started
+        ) if kinds else None  # fmt: skip
+        chaos_task = asyncio.ensure_future(faults.run()) if faults else None
+        sent = 0
+
+        def on_sent(n: int) -> None:
+            nonlocal sent
+            sent = n
+
+        with Progress(plan.deliveries, plan.events) as progress:
+            watcher = asyncio.ensure_future(_watch(stack, progress, tally, lambda: sent))
+            try:
+                await delivery.deliver(
+                    plan, sender, tally, rate=args.rate, senders=args.senders, on_sent=on_sent
+                )
+                await sender.close()
+                if faults is not None and chaos_task is not None:
+                    faults.stop_when_done()
+                    await chaos_task
+                caught_up = await verdict.wait_caught_up(stack, tally)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                if chaos_task is not None and not chaos_task.done():
+                    chaos_task.cancel()
+        return await _judge(args, stack, world, plan, tally, started, caught_up, faults)
+
+
+async def _watch(
+    stack: Stack, progress: Progress, tally: delivery.Tally, sent: Callable[[], int]
+) -> None:
+    conn: asyncpg.Connection | None = None
+    applied = 0
+    while True:
+        try:
+            if conn is None:
+                conn = await asyncpg.connect(stack.database_url)
+            applied = await verdict.applied_count(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            conn = None  # a fault in the database; the next round reconnects
+        progress.update(sent(), tally.acked, applied)
+        await asyncio.sleep(0.5)
+
+
+async def _judge(
+    args: argparse.Namespace,
+    stack: Stack,
+    world: Scenario,
+    plan: delivery.Plan,
+    tally: delivery.Tally,
+    started: float,
+    caught_up: bool,
+    faults: chaos.Chaos | None,
+) -> report.Report:
+    applied = await verdict.read_applied(stack)
+    books = await verdict.books(stack, world)
+    dead_letters = await verdict.dead_lettered(stack)
+    reconciled = await verdict.reconcile(stack)
+    dead = stack.dead_consumers()
+    lost = len(tally.acked_ids - applied.ids)
+    checks = verdict.checks(
+        books,
+        lost=lost,
+        dead_letters=dead_letters,
+        reconciled=reconciled,
+        dead_consumers=dead,
+        caught_up=caught_up,
+        given_up=tally.given_up,
+    )
+    fault_list = faults.faults if faults else []
+    for fault in fault_list:
+        fault.survived = caught_up and not dead
+    last_commit = max((c for _, c in applied.times), default=time.time())
+    elapsed = max(1e-3, last_commit - started)
+    latencies = [(c - r) * 1000 for r, c in applied.times]
+    return report.Report(
+        started_at=datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+        config={
+            "intents": args.intents,
+            "seed": args.seed,
+            "duplicates": args.duplicates,
+            "reorder": args.reorder,
+            "concurrent": args.concurrent,
+            "rate": args.rate or "max",
+            "senders": args.senders,
+            "via": args.via,
+            "consumers": args.consumers,
+            "chaos": args.chaos or "none",
+            "out_of_order_events": plan.out_of_order,
+            "bridge_publish_timeout_s": PUBLISH_TIMEOUT_S,
+        },
+        services={"kafka": stack.kafka_origin, "postgres": stack.postgres_origin},
+        events_distinct=plan.events,
+        deliveries=tally.acked,
+        attempts=tally.attempts,
+        retried=tally.retried,
+        duplicates_absorbed=tally.acked - len(applied.ids & tally.acked_ids),
+        lost_events=lost,
+        duplicate_orders=books.duplicate_orders,
+        oversold_units=books.oversold_units,
+        orders_expected=books.orders_expected,
+        orders_found=books.orders_found,
+        stock_expected=books.stock_expected,
+        stock_found=books.stock_found,
+        elapsed_s=elapsed,
+        events_per_s=len(applied.ids) / elapsed,
+        deliveries_per_s=tally.acked / elapsed,
+        latency_ms=verdict.quantiles(latencies),
+        latency_source=applied.source,
+        timeline=verdict.timeline(tally, applied, started),
+        faults=fault_list,
+        checks=checks,
+        ok=all(c.ok for c in checks),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.configure("WARNING", "console")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        result = asyncio.run(replay(args))
+    except (StackError, chaos.ChaosError) as exc:
+        print(f"replay-duplicates: {exc}", file=sys.stderr)
+        return 2
+    report.print_summary(result)
+    if args.report_json:
+        report.write_json(result, args.report_json)
+        print(f"report (JSON): {args.report_json}")
+    if args.report_html:
+        report.write_html(result, args.report_html)
+        print(f"report (HTML): {args.report_html}")
+    return 0 if result.ok else 1

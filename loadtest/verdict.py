@@ -1,0 +1,347 @@
+"""After a replay: wait for the consumers, then compare the database with the histories.
+
+What the histories imply, intent by intent (`loadtest.workload.Fate`): which
+intents have an order and in which status (placed or out_of_stock where the
+stock decided, canceled, refunded, needs_review), and so how many units each
+SKU must have left: its stock less the cart lines of every order that was
+placed and still holds its stock (not canceled). Allocation between intents
+that compete for the last units depends on arrival, so the database's own
+allocation decisions are taken as given; everything else is predicted.
+
+The checks: no event acknowledged by the bridge missing from the consumer's
+inbox (lost), one order per intent (duplicates), no SKU selling more units
+than it had (oversold), every order's status allowed by its history, every
+SKU's stock as the histories imply, nothing dead-lettered, `order-consumer
+reconcile` clean, and no consumer process dead that the harness did not kill.
+
+Latency is from the bridge's `received-at` header (read back from the topic)
+to the commit of the transaction that applied the event: its commit timestamp
+when the server tracks them (`track_commit_timestamp`, on in the embedded
+PostgreSQL), else the transaction's start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from loadtest.delivery import Tally
+from loadtest.report import Check, Second
+from loadtest.stack import Stack
+from loadtest.workload import History, Scenario
+from schemas import HEADER_RECEIVED_AT, dlq_topic
+
+ALLOCATED = "placed|out_of_stock"
+
+
+@dataclass
+class Applied:
+    """Every event in the consumer's inbox, with when it arrived and when it committed."""
+
+    ids: set[str] = field(default_factory=set)
+    # (received-at, committed) in epoch seconds, one per applied event whose record was found.
+    times: list[tuple[float, float]] = field(default_factory=list)
+    source: str = "commit timestamp"
+
+
+async def applied_count(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM processed_events"))
+
+
+async def wait_caught_up(
+    stack: Stack, tally: Tally, *, idle_s: float = 20.0, timeout_s: float = 300.0
+) -> bool:
+    """Until every acknowledged event is in the inbox (True), or nothing moved for `idle_s`."""
+    conn = await _connect(stack.database_url)
+    try:
+        wanted = sorted(tally.acked_ids)
+        last, moved = -1, time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                found = await conn.fetchval(
+                    "SELECT count(*) FROM processed_events WHERE event_id = ANY($1::text[])", wanted
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await conn.close()
+                conn = await _connect(stack.database_url)
+                continue
+            if found == len(wanted):
+                return True
+            if found != last:
+                last, moved = found, time.monotonic()
+            elif time.monotonic() - moved > idle_s:
+                return False
+            await asyncio.sleep(0.25)
+        return False
+    finally:
+        await conn.close()
+
+
+async def _connect(url: str, timeout_s: float = 60.0) -> asyncpg.Connection:
+    """A connection, waiting out a database that is restarting."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await asyncpg.connect(url)
+        except (OSError, asyncpg.PostgresError) as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the database did not answer within {timeout_s:g} s") from exc
+            await asyncio.sleep(0.2)
+
+
+async def read_applied(stack: Stack) -> Applied:
+    received = await _received_at(stack)
+    conn = await _connect(stack.database_url)
+    try:
+        applied = Applied()
+        try:
+            rows = await conn.fetch(
+                "SELECT event_id, kafka_partition, kafka_offset,"
+                " extract(epoch FROM pg_xact_commit_timestamp(xmin)) AS committed"
+                " FROM processed_events"
+            )
+        except asyncpg.PostgresError:  # track_commit_timestamp is off on this server
+            applied.source = "transaction start"
+            rows = await conn.fetch(
+                "SELECT event_id, kafka_partition, kafka_offset,"
+                " extract(epoch FROM processed_at) AS committed FROM processed_events"
+            )
+        for r in rows:
+            applied.ids.add(r["event_id"])
+            at = received.get((r["kafka_partition"], r["kafka_offset"]))
+            if at is not None and r["committed"] is not None:
+                applied.times.append((at, float(r["committed"])))
+        return applied
+    finally:
+        await conn.close()
+
+
+async def _received_at(stack: Stack) -> dict[tuple[int, int], float]:
+    """(partition, offset) -> the bridge's received-at, in epoch seconds, for every record."""
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=stack.kafka_bootstrap_servers, enable_auto_commit=False
+    )
+    await reader.start()
+    try:
+        partitions = [
+            TopicPartition(stack.topic, p) for p in reader.partitions_for_topic(stack.topic) or ()
+        ]
+        if not partitions:
+            await reader._client.force_metadata_update()
+            partitions = [
+                TopicPartition(stack.topic, p)
+                for p in reader.partitions_for_topic(stack.topic) or ()
+            ]
+        reader.assign(partitions)
+        await reader.seek_to_beginning(*partitions)
+        ends = await reader.end_offsets(partitions)
+        out: dict[tuple[int, int], float] = {}
+        remaining = {tp for tp in partitions if ends[tp] > 0}
+        while remaining:
+            batch = await reader.getmany(*remaining, timeout_ms=1000, max_records=5000)
+            for tp, records in batch.items():
+                for record in records:
+                    for name, value in record.headers or ():
+                        if name == HEADER_RECEIVED_AT:
+                            out[(tp.partition, record.offset)] = int(value) / 1000
+                    if record.offset + 1 >= ends[tp]:
+                        remaining.discard(tp)
+        return out
+    finally:
+        await reader.stop()
+
+
+async def dead_lettered(stack: Stack) -> int:
+    reader = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap_servers)
+    await reader.start()
+    try:
+        topic = dlq_topic(stack.topic)
+        await reader._client.force_metadata_update()
+        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+        ends = await reader.end_offsets(partitions) if partitions else {}
+        return sum(ends.values())
+    finally:
+        await reader.stop()
+
+
+async def reconcile(stack: Stack) -> tuple[bool, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer", "reconcile",
+        env=stack.consumer_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    lines = out.decode().strip().splitlines()
+    return process.returncode == 0, lines[-1] if lines else ""
+
+
+@dataclass
+class Books:
+    """The database's orders and stock, read back and set against the histories."""
+
+    orders_expected: dict[str, int]
+    orders_found: dict[str, int]
+    duplicate_orders: int
+    oversold_units: int
+    stock_expected: int
+    stock_found: int
+    skus_off: list[str]  # SKUs whose stock is not what the histories imply
+    contradicted: list[str]  # intents whose orders their history does not allow
+
+
+class OrderRow(NamedTuple):
+    payment_intent_id: str
+    status: str
+    allocation: str
+
+
+async def books(stack: Stack, scenario: Scenario) -> Books:
+    conn = await _connect(stack.database_url)
+    try:
+        rows = await conn.fetch("SELECT payment_intent_id, status, allocation FROM orders")
+        levels = {
+            r["sku"]: r["stocked_quantity"]
+            for r in await conn.fetch("SELECT sku, stocked_quantity FROM inventory_levels")
+        }
+    finally:
+        await conn.close()
+    return reckon([OrderRow(*r) for r in rows], levels, scenario)
+
+
+def reckon(orders: list[OrderRow], levels: dict[str, int], scenario: Scenario) -> Books:
+    """The database's orders and stock levels set against what the histories imply."""
+    histories = {h.intent_id: h for h in scenario.histories}
+    by_intent: dict[str, list[OrderRow]] = defaultdict(list)
+    for row in orders:
+        by_intent[row.payment_intent_id].append(row)
+
+    expected: Counter[str] = Counter()
+    for h in scenario.histories:
+        statuses = h.fate.statuses()
+        if statuses:
+            expected[ALLOCATED if len(statuses) > 1 else next(iter(statuses))] += 1
+    found = Counter(r.status for r in orders)
+
+    contradicted = []
+    for intent_id, h in histories.items():
+        rows = by_intent.get(intent_id, [])
+        allowed = h.fate.statuses()
+        if (not allowed and rows) or (allowed and len(rows) != 1):
+            contradicted.append(f"{intent_id} ({h.fate}: {len(rows)} orders)")
+        elif rows and rows[0].status not in allowed:
+            contradicted.append(f"{intent_id} ({h.fate}: {rows[0].status})")
+    contradicted += [f"{i} (no such intent)" for i in by_intent if i not in histories]
+
+    held_now, held_expected = _held(by_intent, histories)
+    oversold = sum(max(0, held_now[sku] - initial) for sku, initial in scenario.stock.items())
+    oversold += sum(max(0, -level) for level in levels.values())
+    left_expected = {sku: q - held_expected[sku] for sku, q in scenario.stock.items()}
+    skus_off = [sku for sku, q in left_expected.items() if levels.get(sku) != q]
+    return Books(
+        orders_expected=dict(expected),
+        orders_found=dict(found),
+        duplicate_orders=len(orders) - len(by_intent),
+        oversold_units=oversold,
+        stock_expected=sum(left_expected.values()),
+        stock_found=sum(levels.get(sku, 0) for sku in scenario.stock),
+        skus_off=skus_off,
+        contradicted=contradicted,
+    )
+
+
+def _held(
+    by_intent: dict[str, list[OrderRow]], histories: dict[str, History]
+) -> tuple[Counter[str], Counter[str]]:
+    """Units per SKU held by placed orders: open in the database, and as the fates imply."""
+    now: Counter[str] = Counter()
+    expected: Counter[str] = Counter()
+    for intent_id, rows in by_intent.items():
+        h = histories.get(intent_id)
+        if h is None:
+            continue
+        for row in rows:
+            if row.allocation != "placed":
+                continue
+            for sku, quantity, _ in h.cart.lines:
+                if row.status != "canceled":
+                    now[sku] += quantity
+                if h.fate.keeps_stock:
+                    expected[sku] += quantity
+    return now, expected
+
+
+def checks(
+    books: Books,
+    *,
+    lost: int,
+    dead_letters: int,
+    reconciled: tuple[bool, str],
+    dead_consumers: list[int],
+    caught_up: bool,
+    given_up: int,
+) -> list[Check]:
+    def count(name: str, found: int, detail: str = "") -> Check:
+        return Check(name, "0", f"{found}{' — ' + detail if detail and found else ''}", found == 0)
+
+    return [
+        Check("caught up", "every acknowledged event applied", "yes" if caught_up else "no",
+              caught_up),
+        count("lost events", lost),
+        count("duplicate orders", books.duplicate_orders),
+        count("oversold units", books.oversold_units),
+        count("orders their history does not allow", len(books.contradicted),
+              ", ".join(books.contradicted[:3])),
+        count("SKUs whose stock the histories do not explain", len(books.skus_off),
+              ", ".join(books.skus_off[:3])),
+        count("dead-lettered events", dead_letters),
+        count("deliveries given up (never acknowledged)", given_up),
+        count("consumers that died by themselves", len(dead_consumers), str(dead_consumers)),
+        Check("order-consumer reconcile", "exit 0", reconciled[1] or "(no output)", reconciled[0]),
+    ]  # fmt: skip
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0, "count": 0}
+    ordered = sorted(values)
+
+    def q(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+    return {
+        "p50": q(0.5),
+        "p95": q(0.95),
+        "p99": q(0.99),
+        "max": ordered[-1],
+        "count": len(ordered),
+    }
+
+
+def timeline(tally: Tally, applied: Applied, started: float) -> list[Second]:
+    per_second: dict[int, list[float]] = defaultdict(list)
+    for received, committed in applied.times:
+        per_second[int(committed - started)].append((committed - received) * 1000)
+    last = max([*tally.acked_per_second, *per_second, 0])
+    out = []
+    for t in range(last + 1):
+        lat = sorted(per_second.get(t, []))
+        out.append(
+            Second(
+                t=t,
+                acked=tally.acked_per_second.get(t, 0),
+                applied=len(lat),
+                latency_p99_ms=quantiles(lat)["p99"] if lat else None,
+                latency_p50_ms=statistics.median(lat) if lat else None,
+            )
+        )
+    return out

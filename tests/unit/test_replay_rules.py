@@ -1,0 +1,94 @@
+"""The harness's own logic, without services: scenarios, delivery plans, and the reckoning.
+
+A harness that cannot see a failure proves nothing, so the reckoning is shown
+finding each kind of wrong database: a duplicate order, an oversold SKU, an
+order its history does not allow, and stock that does not add up.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from loadtest.delivery import plan
+from loadtest.verdict import ALLOCATED, OrderRow, reckon
+from loadtest.workload import CartSpec, Fate, History, Scenario, scenario
+
+
+def test_a_seed_repeats_its_scenario_and_every_history_runs_forward_in_time() -> None:
+    first, again = scenario(200, seed=11), scenario(200, seed=11)
+    assert [e["id"] for e in first.events] == [e["id"] for e in again.events]
+    assert first.stock == again.stock
+    assert [e["id"] for e in scenario(200, seed=12).events] != [e["id"] for e in first.events]
+    for h in first.histories:
+        created = [e["created"] for e in h.events]
+        assert created == sorted(created), h.intent_id
+        assert 1 <= len(h.cart.lines) <= 6
+        assert h.events[0]["type"] == "payment_intent.created"
+    fates = first.by_fate()
+    assert set(fates) == set(Fate), fates  # every ending occurs at this size
+    # Carts share SKUs, some repeat one, and stock is short of demand somewhere.
+    skus = Counter(sku for h in first.histories for sku, _, _ in h.cart.lines)
+    assert max(skus.values()) > 5
+    assert any(len({s for s, _, _ in h.cart.lines}) < len(h.cart.lines) for h in first.histories)
+
+
+def test_a_plan_sends_every_event_one_to_k_times_some_at_once_and_some_late() -> None:
+    world = scenario(300, seed=3)
+    the_plan = plan(world, duplicates=3, reorder=0.2, concurrent=0.5, seed=3)
+    copies = Counter()
+    for send in the_plan.sends:
+        copies[send.event_id] += send.copies
+    assert set(copies) == {e["id"] for e in world.events}
+    assert set(copies.values()) == {1, 2, 3}
+    assert the_plan.deliveries == sum(copies.values())
+    assert any(s.copies > 1 for s in the_plan.sends)  # concurrent copies
+    assert 0.05 * the_plan.events < the_plan.out_of_order < 0.5 * the_plan.events
+
+    in_order = plan(world, duplicates=1, reorder=0.0, seed=3)
+    assert in_order.deliveries == in_order.events == len(world.events)
+    assert in_order.out_of_order == 0
+
+
+def _world() -> Scenario:
+    def history(i: int, fate: Fate, sku: str, quantity: int) -> History:
+        return History(f"pi_{i}", CartSpec(f"cart_{i}", "usd", ((sku, quantity, 100),)), fate, ())
+
+    return Scenario(
+        stock={"a": 3, "b": 2},
+        histories=[
+            history(1, Fate.CAPTURED, "a", 2),
+            history(2, Fate.HELD, "a", 2),
+            history(3, Fate.CANCELED, "b", 2),
+            history(4, Fate.ABANDONED, "b", 1),
+        ],
+        seed=0,
+    )
+
+
+def test_the_reckoning_passes_a_database_that_the_histories_explain() -> None:
+    orders = [
+        OrderRow("pi_1", "placed", "placed"),
+        OrderRow("pi_2", "out_of_stock", "out_of_stock"),
+        OrderRow("pi_3", "canceled", "placed"),  # took b, gave it back
+    ]
+    books = reckon(orders, {"a": 1, "b": 2}, _world())
+    assert books.orders_expected == {ALLOCATED: 2, "canceled": 1}
+    assert books.orders_found == {"placed": 1, "out_of_stock": 1, "canceled": 1}
+    assert (books.duplicate_orders, books.oversold_units) == (0, 0)
+    assert (books.contradicted, books.skus_off) == ([], [])
+    assert (books.stock_expected, books.stock_found) == (3, 3)
+
+
+def test_the_reckoning_finds_duplicates_overselling_contradictions_and_lost_stock() -> None:
+    orders = [
+        OrderRow("pi_1", "placed", "placed"),
+        OrderRow("pi_2", "placed", "placed"),  # 4 units of a, 3 in stock: 1 oversold
+        OrderRow("pi_2", "placed", "placed"),  # and again: a duplicate, 2 more
+        OrderRow("pi_3", "placed", "placed"),  # canceled in its history
+        OrderRow("pi_4", "placed", "placed"),  # never authorized
+    ]
+    books = reckon(orders, {"a": 0, "b": 1}, _world())
+    assert books.duplicate_orders == 1
+    assert books.oversold_units == (2 + 2 + 2 - 3) + (2 + 1 - 2)
+    assert sorted(c.split()[0] for c in books.contradicted) == ["pi_2", "pi_3", "pi_4"]
+    assert set(books.skus_off) == {"a", "b"}

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit demo bench bench-consumer bench-bridge clean
+.PHONY: venv test lint unit demo bench bench-consumer bench-bridge bench-compare clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-consumer: $(STAMP)
 bench-bridge: $(STAMP)
 	$(WRK)
 	$(BIN)/python -m loadtest.bench bridge
+
+bench-compare: $(STAMP)
+	$(BIN)/python -m loadtest.bench compare
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

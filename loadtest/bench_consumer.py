@@ -42,7 +42,7 @@ from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 from devservices import Services, services
 from devservices.topics import create_topics
-from loadtest.baseline import BaselineConsumer
+from loadtest.baselines.per_event import BaselineConsumer
 from loadtest.workload import Workload, generate, seed_database
 from schemas import dlq_topic, payment_intent_key
 from stripekit.publish import publish

@@ -35,7 +35,7 @@ def test_a_seed_repeats_its_scenario_and_every_history_runs_forward_in_time() ->
 def test_a_plan_sends_every_event_one_to_k_times_some_at_once_and_some_late() -> None:
     world = scenario(300, seed=3)
     the_plan = plan(world, duplicates=3, reorder=0.2, concurrent=0.5, seed=3)
-    copies = Counter()
+    copies: Counter[str] = Counter()
     for send in the_plan.sends:
         copies[send.event_id] += send.copies
     assert set(copies) == {e["id"] for e in world.events}

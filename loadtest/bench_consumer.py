@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -29,41 +28,24 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import asyncpg
-from aiokafka.admin import AIOKafkaAdminClient
-
-from consumer import logs, reconcile
-from consumer.migrate import migrate
+from consumer import logs
 from consumer.runtime import tune_gc
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 from devservices import Services, services
-from devservices.topics import create_topics
+from loadtest import scratch
 from loadtest.baselines.per_event import BaselineConsumer
-from loadtest.workload import Workload, generate, seed_database
-from schemas import dlq_topic, payment_intent_key
-from stripekit.publish import publish
+from loadtest.verdict import BulkCheck, bulk_check, percentile
+from loadtest.workload import Workload, generate, slice_workload
 
 INTENTFLOW = "intentflow"
 INTENTFLOW_2 = "intentflow-x2"  # two processes in one group, one per core
 BASELINE = "baseline"
 _POLL_S = 0.002  # how often the clock checks progress; well below any batch
 T = TypeVar("T")
-
-
-@dataclass
-class Check:
-    """The invariants after a run, read back from the database."""
-
-    failures: list[str] = field(default_factory=list)
-    orders: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
 
 
 @dataclass
@@ -75,7 +57,7 @@ class RunResult:
     join_s: float
     elapsed_s: float
     latencies_ms: list[float]
-    check: Check
+    check: BulkCheck
 
     @property
     def events_per_s(self) -> float:
@@ -84,120 +66,6 @@ class RunResult:
     @property
     def orders_per_s(self) -> float:
         return self.orders / self.elapsed_s
-
-
-# -- workload -----------------------------------------------------------------
-
-
-def slice_workload(workload: Workload, intents: int) -> Workload:
-    """The first `intents` intents of `workload`, their deliveries in the same order.
-
-    Stock per SKU is scaled with the slice, so about as many orders run short.
-    """
-    if intents >= len(workload.intents):
-        return workload
-    keep = set(workload.intents[:intents])
-    deliveries = [d for d in workload.deliveries if payment_intent_key(d) in keep]
-    distinct = len({d["id"] for d in deliveries})
-    scale = intents / len(workload.intents)
-    stock = {sku: max(1, round(q * scale)) for sku, q in workload.stock.items()}
-    return Workload(
-        stock, workload.carts[:intents], deliveries, distinct, workload.intents[:intents]
-    )
-
-
-# -- per-run setup ------------------------------------------------------------
-
-
-def _with_database(dsn: str, database: str) -> str:
-    base, _, _ = dsn.rpartition("/")
-    return f"{base}/{database}"
-
-
-async def fresh_database(infra: Services, workload: Workload, name: str) -> str:
-    admin = await asyncpg.connect(infra.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = _with_database(infra.database_url, name)
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn)
-        await seed_database(conn, workload)
-        await conn.execute("ANALYZE")
-    finally:
-        await conn.close()
-    return url
-
-
-async def drop_database(infra: Services, name: str) -> None:
-    admin = await asyncpg.connect(infra.database_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-async def fresh_topic(infra: Services, name: str, workload: Workload) -> None:
-    await create_topics(infra.kafka_bootstrap_servers, name, dlq_topic(name))
-    await asyncio.sleep(0.1)  # the broker may answer metadata for a new topic a moment later
-    await publish(
-        infra.kafka_bootstrap_servers,
-        name,
-        workload.deliveries,
-        enable_idempotence=infra.kafka_enable_idempotence,
-    )
-
-
-async def drop_topic(infra: Services, name: str) -> None:
-    """Free the broker's memory; a broker that cannot delete topics keeps them."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=infra.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        with contextlib.suppress(Exception):
-            await admin.delete_topics([name, dlq_topic(name)])
-    finally:
-        await admin.close()
-
-
-async def check_invariants(url: str, workload: Workload) -> Check:
-    conn = await asyncpg.connect(url)
-    try:
-        check = Check()
-        rows = await conn.fetch("SELECT status, count(*) AS n FROM orders GROUP BY status")
-        check.orders = {r["status"]: r["n"] for r in rows}
-        orders = sum(check.orders.values())
-        if orders != len(workload.intents):
-            check.failures.append(f"orders {orders} != intents {len(workload.intents)}")
-        processed = await conn.fetchval("SELECT count(*) FROM processed_events")
-        if processed != workload.distinct_events:
-            check.failures.append(
-                f"processed_events {processed} != distinct events {workload.distinct_events}"
-            )
-        negative = await conn.fetchval(
-            "SELECT count(*) FROM inventory_levels WHERE stocked_quantity < 0"
-        )
-        if negative:
-            check.failures.append(f"{negative} SKUs below zero")
-        unexplained = await conn.fetchval(
-            """
-            SELECT count(*) FROM inventory_levels l
-            LEFT JOIN (SELECT sku, sum(quantity_delta) AS total
-                       FROM inventory_movements GROUP BY sku) m ON m.sku = l.sku
-            WHERE coalesce(m.total, 0) <> l.stocked_quantity
-            """
-        )
-        if unexplained:
-            check.failures.append(f"{unexplained} SKUs whose movements do not sum to the level")
-        # And every check `order-consumer reconcile` makes, on the same database.
-        report = await reconcile.check(conn)
-        check.failures += [
-            f"reconcile: {c.name} {c.violations}" for c in report.checks if c.violations
-        ]
-        return check
-    finally:
-        await conn.close()
 
 
 # -- timing ---------------------------------------------------------------------
@@ -363,16 +231,16 @@ async def run_once(
     token = secrets.token_hex(4)
     name = f"bench_{contender}_{token}"
     topic = f"bench.{contender}.{token}"
-    url = await fresh_database(infra, workload, name)
-    await fresh_topic(infra, topic, workload)
+    url = await scratch.seeded_database(infra, workload, name)
+    await scratch.loaded_topic(infra, topic, workload)
     try:
         join_s, elapsed_s, latencies = await CONTENDERS[contender](
             infra, url, topic, workload, args
         )
-        check = await check_invariants(url, workload)
+        check = await bulk_check(url, workload)
     finally:
-        await drop_database(infra, name)
-        await drop_topic(infra, topic)
+        await scratch.drop_database(infra.database_url, name)
+        await scratch.drop_topic(infra.kafka_bootstrap_servers, topic)
     return RunResult(
         contender,
         run,
@@ -386,21 +254,6 @@ async def run_once(
 
 
 # -- report ---------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-async def postgres_version(infra: Services) -> str:
-    conn = await asyncpg.connect(infra.database_url)
-    try:
-        return str(await conn.fetchval("SHOW server_version"))
-    finally:
-        await conn.close()
 
 
 def print_context(infra: Services, pg_version: str, args: argparse.Namespace) -> None:
@@ -473,7 +326,7 @@ async def bench(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown contenders: {', '.join(sorted(unknown))}")
     with services() as infra:
-        print_context(infra, await postgres_version(infra), args)
+        print_context(infra, await scratch.server_version(infra.database_url), args)
         print(
             f"workload  {args.intents} intents, 3 cart lines, each event delivered 1-3 times: "
             f"{len(workload.deliveries)} deliveries of {workload.distinct_events} events; "

@@ -50,19 +50,13 @@ import uvloop
 from consumer import logs
 from consumer.settings import ConsumerSettings
 from devservices import Services, services
+from loadtest import scratch
 from loadtest.baselines import measure
 from loadtest.baselines.delivery import DeliveryReport, deliver, simultaneous
 from loadtest.baselines.lease import LeasedShop, PostgresLease, RedisLease
 from loadtest.baselines.naive import AUTHORIZATIONS, Shop, intent_of
-from loadtest.bench_consumer import (
-    drop_database,
-    drop_topic,
-    fresh_database,
-    fresh_topic,
-    percentile,
-    postgres_version,
-    run_intentflow,
-)
+from loadtest.bench_consumer import run_intentflow
+from loadtest.verdict import percentile
 from loadtest.workload import Workload, generate
 
 NAIVE, LEASED = "naive", "leased"
@@ -193,7 +187,7 @@ async def run_leased(
 async def run_intentflow_row(
     infra: Services, url: str, topic: str, workload: Workload, args: argparse.Namespace
 ) -> Row:
-    await fresh_topic(infra, topic, workload)
+    await scratch.loaded_topic(infra, topic, workload)
     _, elapsed_s, batch_ms = await run_intentflow(infra, url, topic, workload, args)
     conn = await asyncpg.connect(url)
     try:
@@ -332,7 +326,7 @@ async def compare(args: argparse.Namespace, redis_url: str | None) -> int:
     token = secrets.token_hex(4)
     name, topic = f"compare_{token}", f"compare.{token}"
     with services() as infra:
-        url = await fresh_database(infra, workload, name)
+        url = await scratch.seeded_database(infra, workload, name)
         try:
             conn = await asyncpg.connect(url)
             try:
@@ -341,7 +335,9 @@ async def compare(args: argparse.Namespace, redis_url: str | None) -> int:
             finally:
                 await conn.close()
             lease = "redis" if redis_url else "postgres"
-            print_context(infra, await postgres_version(infra), workload, args, lease)
+            print_context(
+                infra, await scratch.server_version(infra.database_url), workload, args, lease
+            )
             # One after another, so they do not compete for the cores; intentflow
             # last, as its run tunes this process's garbage collector.
             _running(NAIVE)
@@ -351,8 +347,8 @@ async def compare(args: argparse.Namespace, redis_url: str | None) -> int:
             _running("intentflow")
             rows.append(await run_intentflow_row(infra, url, topic, workload, args))
         finally:
-            await drop_database(infra, name)
-            await drop_topic(infra, topic)
+            await scratch.drop_database(infra.database_url, name)
+            await scratch.drop_topic(infra.kafka_bootstrap_servers, topic)
     print()
     print_table(rows)
     for row in rows[:2]:

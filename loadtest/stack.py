@@ -34,9 +34,9 @@ import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from consumer.migrate import migrate
 from devservices.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from devservices.topics import create_topics
+from loadtest import scratch
 from schemas import dlq_topic
 
 BRIDGE_CLIENT_ID = "stripe-bridge"
@@ -143,19 +143,8 @@ class Stack:
         self.postgres_origin = "embedded postgres"
 
     async def _database(self) -> None:
-        admin = await asyncpg.connect(self.admin_url)
-        try:
-            await admin.execute(f'CREATE DATABASE "{self.database}"')
-            version = await admin.fetchval("SHOW server_version")
-        finally:
-            await admin.close()
-        self.postgres_origin += f" {str(version).split()[0]}"
-        self.database_url = self.admin_url.rpartition("/")[0] + f"/{self.database}"
-        conn = await asyncpg.connect(self.database_url)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
+        self.database_url = await scratch.create_database(self.admin_url, self.database)
+        self.postgres_origin += f" {await scratch.server_version(self.admin_url)}"
 
     @property
     def can_cut_bridge(self) -> bool:
@@ -286,11 +275,7 @@ class Stack:
                     process.kill()
         if self.database_url and not self.options.keep_database:
             with contextlib.suppress(OSError, asyncpg.PostgresError):
-                admin = await asyncpg.connect(self.admin_url)
-                try:
-                    await admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-                finally:
-                    await admin.close()
+                await scratch.drop_database(self.admin_url, self.database)
         self._exit.close()
         if self._proxy is not None and self._proxy.poll() is None:
             self._proxy.terminate()

@@ -33,10 +33,11 @@ from typing import NamedTuple
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer import reconcile as reconciliation
 from loadtest.delivery import Tally
 from loadtest.report import Check, Second
 from loadtest.stack import Stack
-from loadtest.workload import History, Scenario
+from loadtest.workload import History, Scenario, Workload
 from schemas import HEADER_RECEIVED_AT, dlq_topic
 
 ALLOCATED = "placed|out_of_stock"
@@ -346,3 +347,66 @@ def timeline(tally: Tally, applied: Applied, started: float) -> list[Second]:
             )
         )
     return out
+
+
+# --- Benchmarks: a bulk run of `workload.generate`'s deliveries ------------------
+
+
+@dataclass
+class BulkCheck:
+    """The invariants after a bench run, read back from the database."""
+
+    failures: list[str] = field(default_factory=list)
+    orders: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+async def bulk_check(url: str, workload: Workload) -> BulkCheck:
+    """The invariants after a bench run that applied every delivery of `workload`."""
+    conn = await asyncpg.connect(url)
+    try:
+        check = BulkCheck()
+        rows = await conn.fetch("SELECT status, count(*) AS n FROM orders GROUP BY status")
+        check.orders = {r["status"]: r["n"] for r in rows}
+        orders = sum(check.orders.values())
+        if orders != len(workload.intents):
+            check.failures.append(f"orders {orders} != intents {len(workload.intents)}")
+        processed = await conn.fetchval("SELECT count(*) FROM processed_events")
+        if processed != workload.distinct_events:
+            check.failures.append(
+                f"processed_events {processed} != distinct events {workload.distinct_events}"
+            )
+        negative = await conn.fetchval(
+            "SELECT count(*) FROM inventory_levels WHERE stocked_quantity < 0"
+        )
+        if negative:
+            check.failures.append(f"{negative} SKUs below zero")
+        unexplained = await conn.fetchval(
+            """
+            SELECT count(*) FROM inventory_levels l
+            LEFT JOIN (SELECT sku, sum(quantity_delta) AS total
+                       FROM inventory_movements GROUP BY sku) m ON m.sku = l.sku
+            WHERE coalesce(m.total, 0) <> l.stocked_quantity
+            """
+        )
+        if unexplained:
+            check.failures.append(f"{unexplained} SKUs whose movements do not sum to the level")
+        # And every check `order-consumer reconcile` makes, on the same database.
+        report = await reconciliation.check(conn)
+        check.failures += [
+            f"reconcile: {c.name} {c.violations}" for c in report.checks if c.violations
+        ]
+        return check
+    finally:
+        await conn.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The `q`th percentile (0-100) of `values`, nearest rank; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]

@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 
+from schemas import payment_intent_key
 from stripekit import events
 
 
@@ -112,6 +113,23 @@ def generate(
         stock_per_sku = max(1, intents * lines_per_cart * 2 // skus)
     stock = dict.fromkeys(sku_names, stock_per_sku)
     return Workload(stock, carts, deliveries, len(firsts), intent_ids)
+
+
+def slice_workload(workload: Workload, intents: int) -> Workload:
+    """The first `intents` intents of `workload`, their deliveries in the same order.
+
+    Stock per SKU is scaled with the slice, so about as many orders run short.
+    """
+    if intents >= len(workload.intents):
+        return workload
+    keep = set(workload.intents[:intents])
+    deliveries = [d for d in workload.deliveries if payment_intent_key(d) in keep]
+    distinct = len({d["id"] for d in deliveries})
+    scale = intents / len(workload.intents)
+    stock = {sku: max(1, round(q * scale)) for sku, q in workload.stock.items()}
+    return Workload(
+        stock, workload.carts[:intents], deliveries, distinct, workload.intents[:intents]
+    )
 
 
 async def seed_database(conn: asyncpg.Connection, workload: Workload) -> None:

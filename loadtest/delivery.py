@@ -298,14 +298,17 @@ async def deliver(
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-        copies = min(moment.copies, senders)
-        for _ in range(copies):  # every copy's sender first, so they leave together
+        # Every copy's sender first, so they leave together (as many as there are senders).
+        together = min(moment.copies, senders)
+        for _ in range(together):
             await slots.acquire()
-        for _ in range(copies):
+        for i in range(moment.copies):
+            if i >= together:
+                await slots.acquire()
             task = asyncio.ensure_future(one(moment))
             pending.add(task)
             task.add_done_callback(pending.discard)
-        sent += copies
+        sent += moment.copies
         if on_sent is not None:
             on_sent(sent)
     with contextlib.suppress(asyncio.CancelledError):

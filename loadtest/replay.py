@@ -17,11 +17,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -69,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
         "--chaos",
         nargs="?",
         const=",".join(chaos.DEFAULT_KINDS),
-        default="",
+        default=None,
         metavar="KINDS",
         help=f"inject faults, comma-separated from {', '.join(chaos.KINDS)} or 'all' "
         f"(bare --chaos: {', '.join(chaos.DEFAULT_KINDS)})",
@@ -88,8 +91,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-async def replay(args: argparse.Namespace) -> report.Report:
-    kinds = chaos.parse_kinds(args.chaos) if args.chaos else ()
+def check_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The chaos kinds asked for; ChaosError or OptionError for what cannot run here."""
+    for name, low in (("intents", 1), ("duplicates", 1), ("senders", 1), ("consumers", 1)):
+        if getattr(args, name) < low:
+            raise OptionError(f"--{name} must be at least {low}")
+    for name in ("reorder", "concurrent"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise OptionError(f"--{name} is a share, from 0 to 1")
+    if args.rate < 0 or args.chaos_every <= 0 or args.chaos_down < 0:
+        raise OptionError("--rate, --chaos-every and --chaos-down cannot be negative")
+    kinds = chaos.parse_kinds(args.chaos) if args.chaos is not None else ()
+    if args.chaos is not None and not kinds:
+        raise OptionError(f"--chaos names no fault; choose from {', '.join(chaos.KINDS)}")
+    chaos.check_possible(
+        kinds,
+        owns_broker="KAFKA_BOOTSTRAP_SERVERS" not in os.environ,
+        owns_postgres="DATABASE_URL" not in os.environ,
+        via=args.via,
+    )
+    for path in (args.report_json, args.report_html):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise OptionError(f"cannot write {path}: {path.parent} is not a directory")
+    return kinds
+
+
+class OptionError(ValueError):
+    """An option out of range; the message names it."""
+
+
+async def replay(args: argparse.Namespace, kinds: tuple[str, ...]) -> report.Report:
     world = scenario(args.intents, seed=args.seed)
     plan = delivery.plan(
         world,
@@ -106,8 +137,6 @@ async def replay(args: argparse.Namespace) -> report.Report:
         consumers=args.consumers, consumer_env=consumer_env, keep_database=args.keep_database
     )
     async with Stack(options) as stack:
-        if kinds:
-            chaos.check_possible(kinds, stack)
         conn = await asyncpg.connect(stack.database_url)
         try:
             await seed_scenario(conn, world)
@@ -150,30 +179,38 @@ async def replay(args: argparse.Namespace) -> report.Report:
                 )
                 await sender.close()
                 if faults is not None and chaos_task is not None:
-                    faults.stop_when_done()
+                    faults.load_ended()
                     await chaos_task
                 caught_up = await verdict.wait_caught_up(stack, tally)
             finally:
                 watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(BaseException):
                     await watcher
                 if chaos_task is not None and not chaos_task.done():
                     chaos_task.cancel()
-        return await _judge(args, stack, world, plan, tally, started, caught_up, faults)
+            applied = await verdict.read_applied(stack)
+            progress.update(sent, tally.acked, len(applied.ids))
+        result = await _judge(args, stack, world, plan, tally, applied, caught_up, faults)
+        if result.ok:
+            stack.options.keep_logs = False
+        return result
 
 
 async def _watch(
     stack: Stack, progress: Progress, tally: delivery.Tally, sent: Callable[[], int]
 ) -> None:
+    """Move the progress bars; a fault in the database only skips a round."""
     conn: asyncpg.Connection | None = None
     applied = 0
     while True:
         try:
             if conn is None:
-                conn = await asyncpg.connect(stack.database_url)
+                conn = await asyncpg.connect(stack.database_url, timeout=2)
             applied = await verdict.applied_count(conn)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            conn = None  # a fault in the database; the next round reconnects
+        except Exception:  # cosmetic: never let the display end a run
+            if conn is not None:
+                conn.terminate()
+            conn = None
         progress.update(sent(), tally.acked, applied)
         await asyncio.sleep(0.5)
 
@@ -184,16 +221,21 @@ async def _judge(
     world: Scenario,
     plan: delivery.Plan,
     tally: delivery.Tally,
-    started: float,
+    applied: verdict.Applied,
     caught_up: bool,
     faults: chaos.Chaos | None,
 ) -> report.Report:
-    applied = await verdict.read_applied(stack)
     books = await verdict.books(stack, world)
     dead_letters = await verdict.dead_lettered(stack)
     reconciled = await verdict.reconcile(stack)
     dead = stack.dead_consumers()
     lost = len(tally.acked_ids - applied.ids)
+    fault_list = faults.faults if faults else []
+    for fault in fault_list:
+        fault.survived = caught_up and not dead
+        if fault.kind == "broker-outage" and not fault.detail.endswith(chaos.AFTER_LOAD):
+            back = fault.at_s + fault.duration_s  # the bridge published again afterwards
+            fault.survived = fault.survived and any(t >= back for t in tally.acked_per_second)
     checks = verdict.checks(
         books,
         lost=lost,
@@ -202,12 +244,13 @@ async def _judge(
         dead_consumers=dead,
         caught_up=caught_up,
         given_up=tally.given_up,
+        ignored=applied.ignored,
+        faults_not_survived=[f"{f.kind} at {f.at_s:.1f} s" for f in fault_list if not f.survived],
     )
-    fault_list = faults.faults if faults else []
-    for fault in fault_list:
-        fault.survived = caught_up and not dead
+    started = tally.started
     last_commit = max((c for _, c in applied.times), default=time.time())
     elapsed = max(1e-3, last_commit - started)
+    last_ack = max(tally.acked_per_second, default=0) + 1
     latencies = [(c - r) * 1000 for r, c in applied.times]
     return report.Report(
         started_at=datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
@@ -222,6 +265,7 @@ async def _judge(
             "via": args.via,
             "consumers": args.consumers,
             "chaos": args.chaos or "none",
+            "deliveries_planned": plan.deliveries,
             "out_of_order_events": plan.out_of_order,
             "bridge_publish_timeout_s": PUBLISH_TIMEOUT_S,
         },
@@ -230,7 +274,8 @@ async def _judge(
         deliveries=tally.acked,
         attempts=tally.attempts,
         retried=tally.retried,
-        duplicates_absorbed=tally.acked - len(applied.ids & tally.acked_ids),
+        # Records the consumers read that did not become an inbox row: the copies.
+        duplicates_absorbed=applied.records - len(applied.ids),
         lost_events=lost,
         duplicate_orders=books.duplicate_orders,
         oversold_units=books.oversold_units,
@@ -240,7 +285,7 @@ async def _judge(
         stock_found=books.stock_found,
         elapsed_s=elapsed,
         events_per_s=len(applied.ids) / elapsed,
-        deliveries_per_s=tally.acked / elapsed,
+        deliveries_per_s=tally.acked / min(elapsed, last_ack),
         latency_ms=verdict.quantiles(latencies),
         latency_source=applied.source,
         timeline=verdict.timeline(tally, applied, started),
@@ -252,18 +297,44 @@ async def _judge(
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        kinds = check_options(args)
+    except (OptionError, chaos.ChaosError) as exc:
+        print(f"replay-duplicates: {exc}", file=sys.stderr)
+        return 2
     logs.configure("WARNING", "console")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
-        result = asyncio.run(replay(args))
+        result = _run(replay(args, kinds))
     except (StackError, chaos.ChaosError) as exc:
         print(f"replay-duplicates: {exc}", file=sys.stderr)
         return 2
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"replay-duplicates: a service did not answer: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("replay-duplicates: stopped; everything it started is stopped", file=sys.stderr)
+        return 130
     report.print_summary(result)
-    if args.report_json:
-        report.write_json(result, args.report_json)
-        print(f"report (JSON): {args.report_json}")
-    if args.report_html:
-        report.write_html(result, args.report_html)
-        print(f"report (HTML): {args.report_html}")
+    for path, write, what in (
+        (args.report_json, report.write_json, "JSON"),
+        (args.report_html, report.write_html, "HTML"),
+    ):
+        if path is not None:
+            write(result, path)
+            print(f"report ({what}): {path}")
     return 0 if result.ok else 1
+
+
+def _run(main: Coroutine[Any, Any, report.Report]) -> report.Report:
+    """Run `main`; SIGTERM and SIGHUP cancel it like Ctrl-C, so the stack is stopped."""
+
+    async def guarded() -> report.Report:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, task.cancel)
+        return await main
+
+    return asyncio.run(guarded())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
@@ -22,8 +23,8 @@ from stripekit.publish import publish
 
 
 def database_url(server_url: str, name: str) -> str:
-    """`server_url` with its database replaced by `name`."""
-    return f"{server_url.rpartition('/')[0]}/{name}"
+    """`server_url` with its database replaced by `name`, its query (sslmode, …) kept."""
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
 
 
 async def create_database(server_url: str, name: str) -> str:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,8 @@ class StackOptions:
     consumer_env: dict[str, str] = field(default_factory=dict)
     bridge_env: dict[str, str] = field(default_factory=dict)
     keep_database: bool = False
+    # The children's logs are removed when the run was clean (the harness sets this).
+    keep_logs: bool = True
 
 
 class Stack:
@@ -143,7 +146,9 @@ class Stack:
         self.postgres_origin = "embedded postgres"
 
     async def _database(self) -> None:
-        self.database_url = await scratch.create_database(self.admin_url, self.database)
+        # Known before CREATE DATABASE, so that a failure after it still drops it.
+        self.database_url = scratch.database_url(self.admin_url, self.database)
+        await scratch.create_database(self.admin_url, self.database)
         self.postgres_origin += f" {await scratch.server_version(self.admin_url)}"
 
     @property
@@ -276,9 +281,13 @@ class Stack:
         if self.database_url and not self.options.keep_database:
             with contextlib.suppress(OSError, asyncpg.PostgresError):
                 await scratch.drop_database(self.admin_url, self.database)
+        elif self.database_url and self.postgres is None:
+            print(f"database kept: {self.database_url}", file=sys.stderr)
         self._exit.close()
         if self._proxy is not None and self._proxy.poll() is None:
             self._proxy.terminate()
             self._proxy.wait(10)
         for log in self._log_files:
             log.close()
+        if not self.options.keep_logs:
+            shutil.rmtree(self.logs, ignore_errors=True)

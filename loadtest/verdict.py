@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer import reconcile as reconciliation
 from loadtest.delivery import Tally
@@ -48,6 +49,8 @@ class Applied:
     """Every event in the consumer's inbox, with when it arrived and when it committed."""
 
     ids: set[str] = field(default_factory=set)
+    records: int = 0  # records on the topic: every delivery the bridge published
+    ignored: int = 0  # events the consumer recorded as meaning nothing (none should be)
     # (received-at, committed) in epoch seconds, one per applied event whose record was found.
     times: list[tuple[float, float]] = field(default_factory=list)
     source: str = "commit timestamp"
@@ -60,31 +63,64 @@ async def applied_count(conn: asyncpg.Connection) -> int:
 async def wait_caught_up(
     stack: Stack, tally: Tally, *, idle_s: float = 20.0, timeout_s: float = 300.0
 ) -> bool:
-    """Until every acknowledged event is in the inbox (True), or nothing moved for `idle_s`."""
-    conn = await _connect(stack.database_url)
+    """Until every acknowledged event is in the inbox and the group has committed every
+    record on the topic, late copies included (True); False once nothing moved for `idle_s`."""
+    conn: asyncpg.Connection | None = None
+    wanted = sorted(tally.acked_ids)
+    last: tuple[int, int] = (-1, -1)
+    moved = time.monotonic()
+    deadline = time.monotonic() + timeout_s
     try:
-        wanted = sorted(tally.acked_ids)
-        last, moved = -1, time.monotonic()
-        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
+                conn = conn or await _connect(stack.database_url)
                 found = await conn.fetchval(
                     "SELECT count(*) FROM processed_events WHERE event_id = ANY($1::text[])", wanted
                 )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                await conn.close()
-                conn = await _connect(stack.database_url)
+                lag = await group_lag(stack)
+            except Exception:
+                if conn is not None:
+                    conn.terminate()
+                conn = None
+                if time.monotonic() - moved > idle_s:
+                    return False
+                await asyncio.sleep(0.25)
                 continue
-            if found == len(wanted):
+            if found == len(wanted) and lag == 0:
                 return True
-            if found != last:
-                last, moved = found, time.monotonic()
+            if (found, lag) != last:
+                last, moved = (found, lag), time.monotonic()
             elif time.monotonic() - moved > idle_s:
                 return False
             await asyncio.sleep(0.25)
         return False
     finally:
-        await conn.close()
+        if conn is not None:
+            conn.terminate()
+
+
+async def group_lag(stack: Stack) -> int:
+    """Records on the events topic that the consumer group has not committed past."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap_servers)
+    reader = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap_servers)
+    await admin.start()
+    await reader.start()
+    try:
+        partitions = await _partitions(reader, stack.topic)
+        # The partitions named: the embedded broker's answer for "all of them" is one
+        # aiokafka cannot read.
+        committed = await admin.list_consumer_group_offsets(stack.group_id, partitions=partitions)
+        ends = await reader.end_offsets(partitions)
+        done = {tp: meta.offset for tp, meta in committed.items()}
+        return sum(max(0, end - max(0, done.get(tp, 0))) for tp, end in ends.items())
+    finally:
+        await reader.stop()
+        await admin.close()
+
+
+async def _partitions(reader: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    await reader._client.force_metadata_update()
+    return [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
 
 
 async def _connect(url: str, timeout_s: float = 60.0) -> asyncpg.Connection:
@@ -116,6 +152,10 @@ async def read_applied(stack: Stack) -> Applied:
                 "SELECT event_id, kafka_partition, kafka_offset,"
                 " extract(epoch FROM processed_at) AS committed FROM processed_events"
             )
+        applied.records = len(received)
+        applied.ignored = await conn.fetchval(
+            "SELECT count(*) FROM processed_events WHERE outcome = 'ignored'"
+        )
         for r in rows:
             applied.ids.add(r["event_id"])
             at = received.get((r["kafka_partition"], r["kafka_offset"]))
@@ -133,15 +173,7 @@ async def _received_at(stack: Stack) -> dict[tuple[int, int], float]:
     )
     await reader.start()
     try:
-        partitions = [
-            TopicPartition(stack.topic, p) for p in reader.partitions_for_topic(stack.topic) or ()
-        ]
-        if not partitions:
-            await reader._client.force_metadata_update()
-            partitions = [
-                TopicPartition(stack.topic, p)
-                for p in reader.partitions_for_topic(stack.topic) or ()
-            ]
+        partitions = await _partitions(reader, stack.topic)
         reader.assign(partitions)
         await reader.seek_to_beginning(*partitions)
         ends = await reader.end_offsets(partitions)
@@ -165,9 +197,7 @@ async def dead_lettered(stack: Stack) -> int:
     reader = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap_servers)
     await reader.start()
     try:
-        topic = dlq_topic(stack.topic)
-        await reader._client.force_metadata_update()
-        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+        partitions = await _partitions(reader, dlq_topic(stack.topic))
         ends = await reader.end_offsets(partitions) if partitions else {}
         return sum(ends.values())
     finally:
@@ -205,23 +235,44 @@ class OrderRow(NamedTuple):
     payment_intent_id: str
     status: str
     allocation: str
+    amount_refunded: int = 0
+    cancellation_reason: str | None = None
+
+
+class IntentRow(NamedTuple):
+    status: str
+    cancellation_reason: str | None = None
 
 
 async def books(stack: Stack, scenario: Scenario) -> Books:
     conn = await _connect(stack.database_url)
     try:
-        rows = await conn.fetch("SELECT payment_intent_id, status, allocation FROM orders")
+        rows = await conn.fetch(
+            "SELECT payment_intent_id, status, allocation, amount_refunded, cancellation_reason"
+            " FROM orders"
+        )
+        intents = await conn.fetch("SELECT id, status, cancellation_reason FROM payment_intents")
         levels = {
             r["sku"]: r["stocked_quantity"]
             for r in await conn.fetch("SELECT sku, stocked_quantity FROM inventory_levels")
         }
     finally:
         await conn.close()
-    return reckon([OrderRow(*r) for r in rows], levels, scenario)
+    return reckon(
+        [OrderRow(*r) for r in rows],
+        {r["id"]: IntentRow(r["status"], r["cancellation_reason"]) for r in intents},
+        levels,
+        scenario,
+    )
 
 
-def reckon(orders: list[OrderRow], levels: dict[str, int], scenario: Scenario) -> Books:
-    """The database's orders and stock levels set against what the histories imply."""
+def reckon(
+    orders: list[OrderRow],
+    intents: dict[str, IntentRow],
+    levels: dict[str, int],
+    scenario: Scenario,
+) -> Books:
+    """The database's orders, intents and stock levels set against what the histories imply."""
     histories = {h.intent_id: h for h in scenario.histories}
     by_intent: dict[str, list[OrderRow]] = defaultdict(list)
     for row in orders:
@@ -234,15 +285,13 @@ def reckon(orders: list[OrderRow], levels: dict[str, int], scenario: Scenario) -
             expected[ALLOCATED if len(statuses) > 1 else next(iter(statuses))] += 1
     found = Counter(r.status for r in orders)
 
-    contradicted = []
-    for intent_id, h in histories.items():
-        rows = by_intent.get(intent_id, [])
-        allowed = h.fate.statuses()
-        if (not allowed and rows) or (allowed and len(rows) != 1):
-            contradicted.append(f"{intent_id} ({h.fate}: {len(rows)} orders)")
-        elif rows and rows[0].status not in allowed:
-            contradicted.append(f"{intent_id} ({h.fate}: {rows[0].status})")
+    contradicted = [
+        f"{intent_id} ({h.fate}: {problem})"
+        for intent_id, h in histories.items()
+        if (problem := _against_history(h, by_intent.get(intent_id, []), intents.get(intent_id)))
+    ]
     contradicted += [f"{i} (no such intent)" for i in by_intent if i not in histories]
+    contradicted += _needlessly_short(orders, histories, levels)
 
     held_now, held_expected = _held(by_intent, histories)
     oversold = sum(max(0, held_now[sku] - initial) for sku, initial in scenario.stock.items())
@@ -259,6 +308,54 @@ def reckon(orders: list[OrderRow], levels: dict[str, int], scenario: Scenario) -
         skus_off=skus_off,
         contradicted=contradicted,
     )
+
+
+def _against_history(h: History, rows: list[OrderRow], intent: IntentRow | None) -> str:
+    """What in the database contradicts this intent's history; "" when nothing does."""
+    allowed = h.fate.statuses()
+    if intent is None:
+        return "no payment_intents row"
+    if (intent.status, intent.cancellation_reason) != (h.intent_status, h.cancellation_reason):
+        return f"intent {intent.status}/{intent.cancellation_reason}"
+    if not allowed:
+        return f"{len(rows)} orders" if rows else ""
+    if len(rows) != 1:
+        return f"{len(rows)} orders"
+    (order,) = rows
+    if order.status not in allowed:
+        return f"order {order.status}"
+    if order.amount_refunded != h.amount_refunded:
+        return f"refunded {order.amount_refunded}, not {h.amount_refunded}"
+    if order.status == "canceled" and order.cancellation_reason != h.cancellation_reason:
+        return f"order canceled for {order.cancellation_reason}"
+    return ""
+
+
+def _needlessly_short(
+    orders: list[OrderRow], histories: dict[str, History], levels: dict[str, int]
+) -> list[str]:
+    """out_of_stock orders whose every SKU still has what the cart asked for, on SKUs whose
+    stock only ever fell (no canceled order gave any back): there was enough when they
+    were allocated, so the consumer refused stock it had."""
+    given_back = {
+        sku
+        for row in orders
+        if row.allocation == "placed"
+        and row.status == "canceled"
+        and row.payment_intent_id in histories
+        for sku, _, _ in histories[row.payment_intent_id].cart.lines
+    }
+    short = []
+    for row in orders:
+        h = histories.get(row.payment_intent_id)
+        if row.allocation != "out_of_stock" or h is None:
+            continue
+        demand: Counter[str] = Counter()
+        for sku, quantity, _ in h.cart.lines:
+            demand[sku] += quantity
+        if all(levels.get(sku, 0) >= n and sku not in given_back for sku, n in demand.items()):
+            short.append(f"{row.payment_intent_id} (out_of_stock with stock there)")
+    return short
 
 
 def _held(
@@ -291,13 +388,15 @@ def checks(
     dead_consumers: list[int],
     caught_up: bool,
     given_up: int,
+    ignored: int,
+    faults_not_survived: list[str],
 ) -> list[Check]:
     def count(name: str, found: int, detail: str = "") -> Check:
         return Check(name, "0", f"{found}{' — ' + detail if detail and found else ''}", found == 0)
 
     return [
-        Check("every acknowledged event applied", "yes", "yes" if caught_up else "no",
-              caught_up),
+        Check("caught up: every acknowledged event applied, every record committed", "yes",
+              "yes" if caught_up else "no", caught_up),
         count("lost events", lost),
         count("duplicate orders", books.duplicate_orders),
         count("oversold units", books.oversold_units),
@@ -305,9 +404,11 @@ def checks(
               ", ".join(books.contradicted[:3])),
         count("SKUs with unexplained stock", len(books.skus_off),
               ", ".join(books.skus_off[:3])),
+        count("events ignored as meaningless", ignored),
         count("dead-lettered events", dead_letters),
         count("deliveries given up", given_up),
         count("consumers that crashed", len(dead_consumers), str(dead_consumers)),
+        count("faults not survived", len(faults_not_survived), ", ".join(faults_not_survived)),
         Check("order-consumer reconcile", "exit 0", reconciled[1] or "(no output)", reconciled[0]),
     ]  # fmt: skip
 

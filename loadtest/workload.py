@@ -210,6 +210,34 @@ class History:
     fate: Fate
     events: tuple[dict[str, Any], ...]
 
+    @property
+    def intent_status(self) -> str:
+        """The intent's status at the end of its history: its last `payment_intent.*` event's."""
+        objects = [e["data"]["object"] for e in self.events]
+        return str([o for o in objects if o.get("object") == "payment_intent"][-1]["status"])
+
+    @property
+    def cancellation_reason(self) -> str | None:
+        reasons = [
+            e["data"]["object"].get("cancellation_reason")
+            for e in self.events
+            if e["type"] == "payment_intent.canceled"
+        ]
+        return reasons[-1] if reasons else None
+
+    @property
+    def amount_refunded(self) -> int:
+        """Captured money given back: the most a `charge.refunded` event says. An expired
+        authorization's release (`charge.expired`) took no money, so refunds none."""
+        return max(
+            (
+                int(e["data"]["object"]["amount_refunded"])
+                for e in self.events
+                if e["type"] == "charge.refunded"
+            ),
+            default=0,
+        )
+
 
 @dataclass
 class Scenario:

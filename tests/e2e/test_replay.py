@@ -51,7 +51,8 @@ def test_a_small_replay_with_every_fault_holds_every_check(tmp_path: Path) -> No
     assert report["config"]["out_of_order_events"] > 0
     # Every event was delivered more than once on average; the copies were absorbed.
     assert report["deliveries"] > report["events_distinct"]
-    assert report["duplicates_absorbed"] == report["deliveries"] - report["events_distinct"]
+    # (At least: a webhook answered 503 may still have reached the topic, a late copy.)
+    assert report["duplicates_absorbed"] >= report["deliveries"] - report["events_distinct"]
     assert all(c["ok"] for c in report["checks"]), report["checks"]
     faults = report["faults"]
     assert {f["kind"] for f in faults} >= KINDS

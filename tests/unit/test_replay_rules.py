@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections import Counter
 
 from loadtest.delivery import plan
-from loadtest.verdict import ALLOCATED, OrderRow, reckon
+from loadtest.verdict import ALLOCATED, IntentRow, OrderRow, reckon
 from loadtest.workload import CartSpec, Fate, History, Scenario, scenario
+from stripekit import events
 
 
 def test_a_seed_repeats_its_scenario_and_every_history_runs_forward_in_time() -> None:
@@ -49,29 +50,60 @@ def test_a_plan_sends_every_event_one_to_k_times_some_at_once_and_some_late() ->
     assert in_order.out_of_order == 0
 
 
-def _world() -> Scenario:
-    def history(i: int, fate: Fate, sku: str, quantity: int) -> History:
-        return History(f"pi_{i}", CartSpec(f"cart_{i}", "usd", ((sku, quantity, 100),)), fate, ())
+def _history(i: int, fate: Fate, sku: str, quantity: int) -> History:
+    """A history whose events carry what the reckoning reads: statuses, refunds, reasons."""
+    intent_id = f"pi_{i}"
+    authorized = events.intent_event(intent_id, amount=100, cart_id=f"cart_{i}")
+    tail = {
+        Fate.CAPTURED: [
+            events.intent_event(intent_id, amount=100, cart_id=f"cart_{i}", status="succeeded")
+        ],
+        Fate.CANCELED: [
+            events.intent_event(intent_id, amount=100, cart_id=f"cart_{i}", status="canceled")
+        ],
+        Fate.HELD: [],
+        Fate.ABANDONED: [],
+    }[fate]
+    for evt in tail:
+        if fate is Fate.CANCELED:
+            evt["data"]["object"]["cancellation_reason"] = "requested_by_customer"
+    history = (
+        [authorized, *tail]
+        if fate is not Fate.ABANDONED
+        else [events.intent_event(intent_id, amount=100, cart_id=None, status="requires_action")]
+    )
+    cart = CartSpec(f"cart_{i}", "usd", ((sku, quantity, 50),))
+    return History(intent_id, cart, fate, tuple(history))
 
+
+def _world() -> Scenario:
     return Scenario(
         stock={"a": 3, "b": 2},
         histories=[
-            history(1, Fate.CAPTURED, "a", 2),
-            history(2, Fate.HELD, "a", 2),
-            history(3, Fate.CANCELED, "b", 2),
-            history(4, Fate.ABANDONED, "b", 1),
+            _history(1, Fate.CAPTURED, "a", 2),
+            _history(2, Fate.HELD, "a", 2),
+            _history(3, Fate.CANCELED, "b", 2),
+            _history(4, Fate.ABANDONED, "b", 1),
         ],
         seed=0,
     )
 
 
+INTENTS = {
+    "pi_1": IntentRow("succeeded"),
+    "pi_2": IntentRow("requires_capture"),
+    "pi_3": IntentRow("canceled", "requested_by_customer"),
+    "pi_4": IntentRow("requires_action"),
+}
+
+
 def test_the_reckoning_passes_a_database_that_the_histories_explain() -> None:
     orders = [
         OrderRow("pi_1", "placed", "placed"),
-        OrderRow("pi_2", "out_of_stock", "out_of_stock"),
-        OrderRow("pi_3", "canceled", "placed"),  # took b, gave it back
+        OrderRow("pi_2", "out_of_stock", "out_of_stock"),  # a: 1 left, it asked for 2
+        OrderRow("pi_3", "canceled", "placed", 0, "requested_by_customer"),  # took b, gave back
     ]
-    books = reckon(orders, {"a": 1, "b": 2}, _world())
+    books = reckon(orders, INTENTS, {"a": 1, "b": 2}, _world())
     assert books.orders_expected == {ALLOCATED: 2, "canceled": 1}
     assert books.orders_found == {"placed": 1, "out_of_stock": 1, "canceled": 1}
     assert (books.duplicate_orders, books.oversold_units) == (0, 0)
@@ -87,8 +119,31 @@ def test_the_reckoning_finds_duplicates_overselling_contradictions_and_lost_stoc
         OrderRow("pi_3", "placed", "placed"),  # canceled in its history
         OrderRow("pi_4", "placed", "placed"),  # never authorized
     ]
-    books = reckon(orders, {"a": 0, "b": 1}, _world())
+    books = reckon(orders, INTENTS, {"a": 0, "b": 1}, _world())
     assert books.duplicate_orders == 1
     assert books.oversold_units == (2 + 2 + 2 - 3) + (2 + 1 - 2)
     assert sorted(c.split()[0] for c in books.contradicted) == ["pi_2", "pi_3", "pi_4"]
     assert set(books.skus_off) == {"a", "b"}
+
+
+def test_the_reckoning_finds_an_intent_or_order_that_missed_an_event() -> None:
+    orders = [
+        OrderRow("pi_1", "placed", "placed"),
+        OrderRow("pi_2", "out_of_stock", "out_of_stock"),
+        OrderRow("pi_3", "canceled", "placed", 0, "abandoned"),  # the wrong reason
+    ]
+    intents = {**INTENTS, "pi_1": IntentRow("requires_capture")}  # the capture was dropped
+    books = reckon(orders, intents, {"a": 1, "b": 2}, _world())
+    assert sorted(c.split()[0] for c in books.contradicted) == ["pi_1", "pi_3"]
+
+
+def test_the_reckoning_finds_an_order_refused_stock_that_was_there() -> None:
+    orders = [
+        OrderRow("pi_1", "out_of_stock", "out_of_stock"),  # a: 3 in stock, it asked for 2
+        OrderRow("pi_2", "placed", "placed"),
+        OrderRow("pi_3", "canceled", "placed", 0, "requested_by_customer"),
+    ]
+    books = reckon(orders, INTENTS, {"a": 1, "b": 2}, _world())
+    assert books.contradicted == []  # a: 1 left now, fewer than the 2 it asked for
+    books = reckon(orders, INTENTS, {"a": 3, "b": 2}, _world())
+    assert books.contradicted == ["pi_1 (out_of_stock with stock there)"]

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from rich.console import Console
 
+from loadtest.charts import nice_ticks
 from loadtest.progress import Progress
 from loadtest.report import (
     Check,
     Fault,
     Report,
     Second,
-    nice_ticks,
     order_rows,
     print_summary,
     to_json,

@@ -13,6 +13,13 @@ the database against the histories. Exit status 0 only if every check held.
 
 from __future__ import annotations
 
+try:
+    import rich  # noqa: F401 - the 'loadtest' extra; say so in one line when it is missing
+except ImportError:  # pragma: no cover - depends on the install
+    raise SystemExit(
+        "replay-duplicates needs the loadtest extra: pip install 'intentflow[loadtest]'"
+    ) from None
+
 import argparse
 import asyncio
 import contextlib

@@ -178,6 +178,12 @@ def summary(report: Report) -> list[list[Row]]:
         (f"orders {status}", _n(expected), _n(found), expected == found)
         for status, expected, found in order_rows(report)
     ]
+    database += [  # how the stock decided between the statuses expected together
+        (f"  of which {part}", "", _n(report.orders_found.get(part, 0)), None)
+        for key in report.orders_expected
+        if "|" in key
+        for part in key.split("|")
+    ]
     database.append(
         (
             "stock left, units",

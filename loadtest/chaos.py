@@ -10,8 +10,8 @@
 - `broker-outage`: cut the bridge off from Kafka for `down_s` (only a broker
   the stack started); the bridge answers 503 and the senders retry.
 
-`Chaos.run` starts one fault every `every_s` (start to start; a fault that
-lasts longer delays the next), cycling through the kinds, until the load has
+`Chaos.run` starts one fault `every_s` after the last one started (a fault
+that lasts longer delays the next), cycling through the kinds, until the load has
 ended and every kind has happened at least once; a fault injected after the
 load says so in its detail.
 """
@@ -92,15 +92,18 @@ class Chaos:
                     return self.faults
                 kind = missing[0]  # after the load, only the kinds not yet seen
             else:
-                due = self._started + (n + 1) * self._every_s  # every_s apart, start to start
+                # every_s after the last one started; a long fault delays the next.
+                due = self.faults[-1].at_s + self._started if self.faults else self._started
+                due += self._every_s
                 try:
                     await asyncio.wait_for(self._stop.wait(), max(0.0, due - time.time()))
                     continue
                 except TimeoutError:
                     kind = self._kinds[n % len(self._kinds)]
                     n += 1
+            after_load = self._stop.is_set()  # as it began: a fault may outlast the load
             fault = await self._inject(kind)
-            if self._stop.is_set():
+            if after_load:
                 fault.detail = f"{fault.detail} {AFTER_LOAD}"
             self.faults.append(fault)
 

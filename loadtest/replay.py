@@ -106,8 +106,8 @@ def check_options(args: argparse.Namespace) -> tuple[str, ...]:
     for name in ("reorder", "concurrent"):
         if not 0 <= getattr(args, name) <= 1:
             raise OptionError(f"--{name} is a share, from 0 to 1")
-    if args.rate < 0 or args.chaos_every <= 0 or args.chaos_down < 0:
-        raise OptionError("--rate, --chaos-every and --chaos-down cannot be negative")
+    if not args.rate >= 0 or not args.chaos_every > 0 or not args.chaos_down >= 0:
+        raise OptionError("--rate and --chaos-down must be 0 or more, --chaos-every more than 0")
     kinds = chaos.parse_kinds(args.chaos) if args.chaos is not None else ()
     if args.chaos is not None and not kinds:
         raise OptionError(f"--chaos names no fault; choose from {', '.join(chaos.KINDS)}")
@@ -118,8 +118,8 @@ def check_options(args: argparse.Namespace) -> tuple[str, ...]:
         via=args.via,
     )
     for path in (args.report_json, args.report_html):
-        if path is not None and not path.resolve().parent.is_dir():
-            raise OptionError(f"cannot write {path}: {path.parent} is not a directory")
+        if path is not None and (path.is_dir() or not path.resolve().parent.is_dir()):
+            raise OptionError(f"cannot write {path}: give a file in an existing directory")
     return kinds
 
 
@@ -328,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         (args.report_html, report.write_html, "HTML"),
     ):
         if path is not None:
-            write(result, path)
+            try:
+                write(result, path)
+            except OSError as exc:
+                print(f"replay-duplicates: cannot write the {what} report: {exc}", file=sys.stderr)
+                return 2
             print(f"report ({what}): {path}")
     return 0 if result.ok else 1
 
@@ -340,8 +344,16 @@ def _run(main: Coroutine[Any, Any, report.Report]) -> report.Report:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        stopping = False
+
+        def stop() -> None:  # once: a second signal must not cut the teardown short
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                task.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         return await main
 
     return asyncio.run(guarded())

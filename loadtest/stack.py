@@ -35,7 +35,7 @@ import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from devservices.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+from devservices.embedded import EmbeddedKafka, EmbeddedPostgres, EmbeddedServiceError, free_port
 from devservices.topics import create_topics
 from loadtest import scratch
 from schemas import dlq_topic
@@ -130,7 +130,11 @@ class Stack:
             [sys.executable, "-m", "devservices.proxy", "--port", str(proxy_port),
              "--target-port", str(broker_port), "--cuttable-client", BRIDGE_CLIENT_ID],
         )  # fmt: skip
-        broker = self._exit.enter_context(EmbeddedKafka().start(broker_port, proxy_port))
+        broker = self._exit.enter_context(EmbeddedKafka())  # stopped even if start fails
+        try:
+            broker.start(broker_port, proxy_port)
+        except EmbeddedServiceError as exc:
+            raise StackError(f"the embedded broker did not start: {exc}") from exc
         self.kafka_bootstrap_servers = broker.bootstrap_servers
         self.kafka_enable_idempotence = False
         self.kafka_origin = f"embedded tansu at 127.0.0.1:{broker_port}, via a proxy"
@@ -141,7 +145,11 @@ class Stack:
             self.admin_url = given
             self.postgres_origin = "given (DATABASE_URL)"
             return
-        self.postgres = self._exit.enter_context(EmbeddedPostgres().start())
+        self.postgres = self._exit.enter_context(EmbeddedPostgres())  # removed even if start fails
+        try:
+            self.postgres.start()
+        except (EmbeddedServiceError, subprocess.CalledProcessError) as exc:
+            raise StackError(f"the embedded PostgreSQL did not start: {exc}") from exc
         self.admin_url = self.postgres.dsn
         self.postgres_origin = "embedded postgres"
 
@@ -269,25 +277,29 @@ class Stack:
         self._proxy.send_signal(signal.SIGUSR2)
 
     async def close(self) -> None:
-        for process in [self.bridge, *self.consumers]:
-            if process is not None and process.poll() is None:
-                process.terminate()
-        for process in [self.bridge, *self.consumers]:
-            if process is not None:
-                try:
+        """Stop everything; what must not be left behind is done even if this is cancelled."""
+        children = [p for p in [self.bridge, *self.consumers] if p is not None]
+        try:
+            for process in children:
+                if process.poll() is None:
+                    process.terminate()
+            for process in children:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     await asyncio.to_thread(process.wait, 30)
-                except subprocess.TimeoutExpired:
+            if self.database_url and not self.options.keep_database:
+                with contextlib.suppress(OSError, asyncpg.PostgresError):
+                    await scratch.drop_database(self.admin_url, self.database)
+            elif self.database_url and self.postgres is None:
+                print(f"database kept: {self.database_url}", file=sys.stderr)
+        finally:
+            for process in children:
+                if process.poll() is None:
                     process.kill()
-        if self.database_url and not self.options.keep_database:
-            with contextlib.suppress(OSError, asyncpg.PostgresError):
-                await scratch.drop_database(self.admin_url, self.database)
-        elif self.database_url and self.postgres is None:
-            print(f"database kept: {self.database_url}", file=sys.stderr)
-        self._exit.close()
-        if self._proxy is not None and self._proxy.poll() is None:
-            self._proxy.terminate()
-            self._proxy.wait(10)
-        for log in self._log_files:
-            log.close()
-        if not self.options.keep_logs:
-            shutil.rmtree(self.logs, ignore_errors=True)
+            self._exit.close()
+            if self._proxy is not None and self._proxy.poll() is None:
+                self._proxy.terminate()
+                self._proxy.wait(10)
+            for log in self._log_files:
+                log.close()
+            if not self.options.keep_logs:
+                shutil.rmtree(self.logs, ignore_errors=True)

@@ -252,6 +252,7 @@ async def books(stack: Stack, scenario: Scenario) -> Books:
             " FROM orders"
         )
         intents = await conn.fetch("SELECT id, status, cancellation_reason FROM payment_intents")
+        refusals = await _refusals(conn)
         levels = {
             r["sku"]: r["stocked_quantity"]
             for r in await conn.fetch("SELECT sku, stocked_quantity FROM inventory_levels")
@@ -263,6 +264,7 @@ async def books(stack: Stack, scenario: Scenario) -> Books:
         {r["id"]: IntentRow(r["status"], r["cancellation_reason"]) for r in intents},
         levels,
         scenario,
+        refusals,
     )
 
 
@@ -271,6 +273,7 @@ def reckon(
     intents: dict[str, IntentRow],
     levels: dict[str, int],
     scenario: Scenario,
+    refusals: Refusals | None = None,
 ) -> Books:
     """The database's orders, intents and stock levels set against what the histories imply."""
     histories = {h.intent_id: h for h in scenario.histories}
@@ -291,7 +294,10 @@ def reckon(
         if (problem := _against_history(h, by_intent.get(intent_id, []), intents.get(intent_id)))
     ]
     contradicted += [f"{i} (no such intent)" for i in by_intent if i not in histories]
-    contradicted += _needlessly_short(orders, histories, levels)
+    if refusals is not None:
+        contradicted += refused_with_stock(refusals, histories)
+    else:
+        contradicted += _needlessly_short(orders, histories, levels)
 
     held_now, held_expected = _held(by_intent, histories)
     oversold = sum(max(0, held_now[sku] - initial) for sku, initial in scenario.stock.items())
@@ -331,12 +337,83 @@ def _against_history(h: History, rows: list[OrderRow], intent: IntentRow | None)
     return ""
 
 
+@dataclass
+class Refusals:
+    """Every out_of_stock decision and every stock movement, each with its transaction."""
+
+    # (intent, status_reason, transaction id, commit time) of each out_of_stock order
+    orders: list[tuple[str, str, str, float]]
+    # sku -> [(commit time, transaction id, delta)], in commit order
+    movements: dict[str, list[tuple[float, str, int]]]
+
+
+async def _refusals(conn: asyncpg.Connection) -> Refusals | None:
+    """Read with commit timestamps; None when the server does not track them."""
+    try:
+        orders = await conn.fetch(
+            """
+            SELECT o.payment_intent_id, o.status_reason, e.xmin::text AS tx,
+                   extract(epoch FROM pg_xact_commit_timestamp(e.xmin)) AS committed
+            FROM orders o JOIN processed_events e ON e.event_id = o.source_event_id
+            WHERE o.allocation = 'out_of_stock'
+            """
+        )
+        moves = await conn.fetch(
+            "SELECT sku, quantity_delta, xmin::text AS tx,"
+            " extract(epoch FROM pg_xact_commit_timestamp(xmin)) AS committed"
+            " FROM inventory_movements"
+        )
+    except asyncpg.PostgresError:  # track_commit_timestamp is off
+        return None
+    movements: dict[str, list[tuple[float, str, int]]] = defaultdict(list)
+    for m in moves:
+        movements[m["sku"]].append((float(m["committed"]), m["tx"], m["quantity_delta"]))
+    for history in movements.values():
+        history.sort()
+    return Refusals([(r[0], r[1] or "", r[2], float(r[3])) for r in orders], dict(movements))
+
+
+def refused_with_stock(refusals: Refusals, histories: dict[str, History]) -> list[str]:
+    """out_of_stock orders whose transaction saw enough of every SKU it named short.
+
+    A batch locks the stock rows of every SKU it wants (FOR UPDATE) until it
+    commits, so what it saw of a SKU is the sum of that SKU's movements
+    committed before it (the seed's included), less what its own earlier
+    orders took. At least that sum less everything its orders took: if even
+    that covers the cart's demand for each SKU the reason names, the order
+    was refused stock that was there.
+    """
+    wrong = []
+    for intent_id, reason, tx, committed in refusals.orders:
+        h = histories.get(intent_id)
+        if h is None:
+            continue
+        demand: Counter[str] = Counter()
+        for sku, quantity, _ in h.cart.lines:
+            demand[sku] += quantity
+        named = [sku for sku in reason.removeprefix("short:").split(",") if sku]
+        if not reason.startswith("short:") or not named:
+            wrong.append(f"{intent_id} (out_of_stock, reason {reason!r} names no SKU)")
+            continue
+        seen = {
+            sku: sum(
+                delta
+                for at, by, delta in refusals.movements.get(sku, ())
+                if (at < committed and by != tx) or (by == tx and delta < 0)
+            )
+            for sku in named
+        }
+        if all(seen[sku] >= demand[sku] for sku in named):
+            wrong.append(f"{intent_id} (out_of_stock, saw {seen} for {dict(demand)})")
+    return wrong
+
+
 def _needlessly_short(
     orders: list[OrderRow], histories: dict[str, History], levels: dict[str, int]
 ) -> list[str]:
-    """out_of_stock orders whose every SKU still has what the cart asked for, on SKUs whose
-    stock only ever fell (no canceled order gave any back): there was enough when they
-    were allocated, so the consumer refused stock it had."""
+    """Without commit timestamps, a weaker test: out_of_stock orders whose every SKU still
+    has what the cart asked for, on SKUs whose stock only ever fell (no canceled order
+    gave any back): there was enough when they were allocated."""
     given_back = {
         sku
         for row in orders

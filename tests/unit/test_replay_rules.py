@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections import Counter
 
 from loadtest.delivery import plan
-from loadtest.verdict import ALLOCATED, IntentRow, OrderRow, reckon
+from loadtest.verdict import (
+    ALLOCATED,
+    IntentRow,
+    OrderRow,
+    Refusals,
+    reckon,
+    refused_with_stock,
+)
 from loadtest.workload import CartSpec, Fate, History, Scenario, scenario
 from stripekit import events
 
@@ -147,3 +154,19 @@ def test_the_reckoning_finds_an_order_refused_stock_that_was_there() -> None:
     assert books.contradicted == []  # a: 1 left now, fewer than the 2 it asked for
     books = reckon(orders, INTENTS, {"a": 3, "b": 2}, _world())
     assert books.contradicted == ["pi_1 (out_of_stock with stock there)"]
+
+
+def test_a_refusal_is_wrong_only_if_its_batch_saw_enough_of_every_sku_it_named() -> None:
+    histories = {h.intent_id: h for h in _world().histories}  # pi_2 wants 2 of a
+    seed = (1.0, "s", 3)
+
+    def refused(reason: str, *moves: tuple[float, str, int]) -> list[str]:
+        refusals = Refusals([("pi_2", reason, "T", 5.0)], {"a": sorted([seed, *moves])})
+        return refused_with_stock(refusals, histories)
+
+    assert refused("short:a") != []  # it saw 3 and wanted 2
+    assert refused("short:a", (2.0, "U", -2)) == []  # another batch took 2 before it
+    assert refused("short:a", (5.0, "T", -2)) == []  # an earlier order of its own batch did
+    assert refused("short:a", (9.0, "V", -3)) != []  # after it committed: no excuse
+    assert refused("short:a", (4.0, "V", +5), (2.0, "U", -3)) != []  # given back before it
+    assert refused("") != []  # a refusal that names nothing

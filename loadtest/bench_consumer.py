@@ -38,7 +38,8 @@ from consumer.worker import Worker
 from devservices import Services, services
 from loadtest import scratch
 from loadtest.baselines.per_event import BaselineConsumer
-from loadtest.verdict import BulkCheck, bulk_check, percentile
+from loadtest.readback import BulkCheck, bulk_check
+from loadtest.verdict import percentile
 from loadtest.workload import Workload, generate, slice_workload
 
 INTENTFLOW = "intentflow"

@@ -10,10 +10,20 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from loadtest.report import Fault
+
+class Band(Protocol):
+    """A span to mark on a chart (a fault): what it was and when, in seconds since the start."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def at_s(self) -> float: ...
+    @property
+    def duration_s(self) -> float: ...
+    @property
+    def detail(self) -> str: ...
 
 
 def _e(value: object) -> str:
@@ -79,7 +89,7 @@ def _axes(x_ticks: Sequence[float], y_ticks: Sequence[float], x_title: str, y_ti
     return "".join(parts)
 
 
-def _fault_marks(faults: Sequence[Fault], x_max: float) -> str:
+def _fault_marks(faults: Sequence[Band], x_max: float) -> str:
     """A band from each fault's start to the service's return, labelled with its kind."""
     parts = []
     for i, fault in enumerate(faults):
@@ -121,7 +131,7 @@ Series = tuple[str, str, list[tuple[float, float | None]]]  # label, colour, (t,
 
 
 def line_chart(
-    chart_id: str, series: Sequence[Series], y_title: str, last_t: int, faults: Sequence[Fault]
+    chart_id: str, series: Sequence[Series], y_title: str, last_t: int, faults: Sequence[Band]
 ) -> str:
     """Lines over seconds since the start, each fault a labelled band."""
     fault_end = max((f.at_s + f.duration_s for f in faults), default=0.0)

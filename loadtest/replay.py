@@ -36,7 +36,7 @@ from typing import Any
 import asyncpg
 
 from consumer import logs
-from loadtest import chaos, delivery, report, verdict
+from loadtest import chaos, delivery, readback, report, verdict
 from loadtest.progress import Progress
 from loadtest.stack import PUBLISH_TIMEOUT_S, Stack, StackError, StackOptions
 from loadtest.workload import Scenario, scenario, seed_scenario
@@ -188,14 +188,14 @@ async def replay(args: argparse.Namespace, kinds: tuple[str, ...]) -> report.Rep
                 if faults is not None and chaos_task is not None:
                     faults.load_ended()
                     await chaos_task
-                caught_up = await verdict.wait_caught_up(stack, tally)
+                caught_up = await readback.wait_caught_up(stack, tally)
             finally:
                 watcher.cancel()
                 with contextlib.suppress(BaseException):
                     await watcher
                 if chaos_task is not None and not chaos_task.done():
                     chaos_task.cancel()
-            applied = await verdict.read_applied(stack)
+            applied = await readback.read_applied(stack)
             progress.update(sent, tally.acked, len(applied.ids))
         result = await _judge(args, stack, world, plan, tally, applied, caught_up, faults)
         if result.ok:
@@ -213,7 +213,7 @@ async def _watch(
         try:
             if conn is None:
                 conn = await asyncpg.connect(stack.database_url, timeout=2)
-            applied = await verdict.applied_count(conn)
+            applied = await readback.applied_count(conn)
         except Exception:  # cosmetic: never let the display end a run
             if conn is not None:
                 conn.terminate()
@@ -232,9 +232,9 @@ async def _judge(
     caught_up: bool,
     faults: chaos.Chaos | None,
 ) -> report.Report:
-    books = await verdict.books(stack, world)
-    dead_letters = await verdict.dead_lettered(stack)
-    reconciled = await verdict.reconcile(stack)
+    books = await readback.books(stack, world)
+    dead_letters = await readback.dead_lettered(stack)
+    reconciled = await readback.reconcile(stack)
     dead = stack.dead_consumers()
     lost = len(tally.acked_ids - applied.ids)
     fault_list = faults.faults if faults else []

@@ -151,7 +151,7 @@ def order_events(settings: ConsumerSettings) -> Callable[[], OrderEvents]:
     """How the relay makes its order events producer (a new one per start attempt)."""
     return functools.partial(
         OrderEvents,
-        settings.kafka_bootstrap_servers,
+        settings,
         settings.orders_topic,
         enable_idempotence=settings.kafka_enable_idempotence,
         max_request_bytes=settings.kafka_max_request_bytes,

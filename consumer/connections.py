@@ -22,6 +22,7 @@ from asyncpg.pool import PoolConnectionProxy
 from consumer.deadletter import DeadLetters
 from consumer.migrate import check_schema
 from consumer.settings import ConsumerSettings
+from schemas.kafka import client_kwargs
 
 # A connection of one's own or one lent by the pool: the store and the tools take either.
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -53,8 +54,9 @@ async def create_pool(
 
 def create_consumer(settings: ConsumerSettings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+        **client_kwargs(settings),
         group_id=settings.kafka_group_id,
+        group_instance_id=settings.kafka_group_instance_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_bytes=settings.fetch_max_bytes,
@@ -67,7 +69,7 @@ def create_consumer(settings: ConsumerSettings) -> AIOKafkaConsumer:
 
 def create_dead_letters(settings: ConsumerSettings) -> DeadLetters:
     return DeadLetters(
-        settings.kafka_bootstrap_servers,
+        settings,
         settings.kafka_topic,
         enable_idempotence=settings.kafka_enable_idempotence,
         max_request_bytes=settings.kafka_max_request_bytes,

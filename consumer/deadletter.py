@@ -25,6 +25,7 @@ from schemas import (
     HEADER_ORIGINAL_PARTITION,
     dlq_topic,
 )
+from schemas.kafka import KafkaConnection
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +70,14 @@ class DeadLetters(Producer):
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        connection: KafkaConnection,
         topic: str,
         *,
         enable_idempotence: bool,
         max_request_bytes: int = 1024 * 1024,
     ) -> None:
         super().__init__(
-            bootstrap_servers,
+            connection,
             dlq_topic(topic),
             enable_idempotence=enable_idempotence,
             max_request_bytes=max_request_bytes,

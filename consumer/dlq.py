@@ -49,11 +49,12 @@ from schemas import (
     HEADER_REPLAYED_FROM,
     dlq_topic,
 )
+from schemas.kafka import client_kwargs
 
 EXIT_CANNOT_RUN = 2  # what an operator can fix: the broker, a topic, the command line
 EXIT_REFUSED = 3  # the broker refused some of the records replayed
 
-CLIENT_ID = "order-consumer-dlq"
+CLIENT_ROLE = "dlq"  # client.id: KAFKA_CLIENT_ID-dlq
 DETAIL_WIDTH = 100
 # A partition that yields nothing for this long before reaching its end offset
 # (a broker that stopped answering fetches) ends the read with one line.
@@ -294,7 +295,7 @@ async def describe_topics(
     settings: ConsumerSettings, topics: list[str]
 ) -> dict[str, list[int] | None]:
     """The partitions of each topic, None for one that does not exist. Creates nothing."""
-    client = AIOKafkaClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id=CLIENT_ID)
+    client = AIOKafkaClient(**client_kwargs(settings, CLIENT_ROLE))
     try:
         await client.bootstrap()
         request = MetadataRequest(topics, allow_auto_topic_creation=False)
@@ -318,8 +319,7 @@ async def read_dead_letters(
 ) -> list[DeadLetter]:
     """Every record of `topic` below the end offsets at the time of the call, in position order."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        client_id=CLIENT_ID,
+        **client_kwargs(settings, CLIENT_ROLE),
         group_id=None,  # no group: nothing to join, nothing ever committed
         enable_auto_commit=False,
         # Not only the seek below: the reset that assign() starts in the background
@@ -363,8 +363,7 @@ async def send(
     """Replay `letters` to the events topic; return those the broker did not acknowledge."""
     # The same producer settings as the consumer's dead-letter producer.
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        client_id=CLIENT_ID,
+        **client_kwargs(settings, CLIENT_ROLE),
         acks="all",
         enable_idempotence=settings.kafka_enable_idempotence,
         max_request_size=settings.kafka_max_request_bytes,

@@ -18,6 +18,7 @@ from consumer import errors
 from consumer.outbox import Claimed, Mark
 from consumer.producer import Producer
 from schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, encode_key
+from schemas.kafka import KafkaConnection
 
 log = structlog.get_logger("relay")
 
@@ -27,14 +28,14 @@ class OrderEvents(Producer):
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        connection: KafkaConnection,
         topic: str,
         *,
         enable_idempotence: bool,
         max_request_bytes: int = 1024 * 1024,
     ) -> None:
         super().__init__(
-            bootstrap_servers,
+            connection,
             topic,
             enable_idempotence=enable_idempotence,
             max_request_bytes=max_request_bytes,

@@ -30,6 +30,7 @@ from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unles
 from consumer.errors import Fault, classify, describe
 from consumer.migrate import SchemaBehind, check_schema
 from consumer.settings import ConsumerSettings
+from schemas.kafka import client_kwargs
 
 log = structlog.get_logger("consumer")
 T = TypeVar("T")
@@ -88,9 +89,7 @@ async def check_database(settings: ConsumerSettings) -> None:
 
 async def check_topics(settings: ConsumerSettings, topics: Iterable[str]) -> None:
     """Raise TopicsMissing unless every topic exists and can be described."""
-    client = AIOKafkaClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers, client_id="order-consumer-preflight"
-    )
+    client = AIOKafkaClient(**client_kwargs(settings, "preflight"))
     try:
         await client.bootstrap()
         request = MetadataRequest(list(topics), allow_auto_topic_creation=False)

@@ -17,6 +17,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from schemas.kafka import KafkaConnection, client_kwargs
+
 # (value, key, headers)
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
@@ -26,7 +28,7 @@ class Producer:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        connection: KafkaConnection,
         topic: str,
         *,
         enable_idempotence: bool,
@@ -35,7 +37,7 @@ class Producer:
     ) -> None:
         self.topic = topic
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
+            **client_kwargs(connection),
             acks="all",
             enable_idempotence=enable_idempotence,
             max_request_size=max_request_bytes,

@@ -45,6 +45,7 @@ from consumer.migrate import SchemaBehind, check_schema
 from consumer.preflight import TopicsMissing, check_topics, redact
 from consumer.settings import ConsumerSettings
 from schemas import dlq_topic
+from schemas.kafka import client_kwargs
 
 EXIT_REFUSED = 2
 STRIPE_RETRY_WINDOW = timedelta(days=3)
@@ -109,9 +110,7 @@ async def _describe(settings: ConsumerSettings) -> dict[str, Retention | str]:
     # A topic that does not exist has nothing to replay, but neither can a consumer
     # run; and Tansu answers DescribeConfigs for a missing topic with no error.
     await check_topics(settings, topics)
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers, client_id="order-consumer-prune"
-    )
+    admin = AIOKafkaAdminClient(**client_kwargs(settings, "prune"))
     await admin.start()
     try:
         # Every config, not only the two named: Tansu closes the connection when a

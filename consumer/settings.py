@@ -13,15 +13,23 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import DEFAULT_ORDERS_TOPIC, DEFAULT_TOPIC
-from schemas.config import check_bootstrap_servers, check_log_level, port_ok
+from schemas.config import check_log_level, port_ok
+from schemas.kafka import KafkaConnection
 
 
-class ConsumerSettings(BaseSettings):
+class ConsumerSettings(KafkaConnection, BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
-    kafka_bootstrap_servers: str = Field(default="127.0.0.1:9092", min_length=1)
+    # KAFKA_BOOTSTRAP_SERVERS, TLS and SASL: schemas/kafka.py, shared with the bridge.
+    # Kafka's client.id; the tools' clients add their name (`order-consumer-dlq`).
+    kafka_client_id: str = Field(default="order-consumer", min_length=1)
     kafka_topic: str = Field(default=DEFAULT_TOPIC, min_length=1)
     kafka_group_id: str = Field(default="order-consumer", min_length=1)
+    # Static membership (KIP-345): a member that comes back under the same id
+    # within SESSION_TIMEOUT_MS gets its partitions back with no rebalance. Unique
+    # per member and stable across its restarts: in Kubernetes, the pod's name
+    # (the Downward API's metadata.name) in a StatefulSet. Unset: dynamic.
+    kafka_group_instance_id: str | None = None
     # The dead-letter producer. Real Kafka: on. The embedded Tansu broker has no
     # idempotent producer, so it needs this off.
     kafka_enable_idempotence: bool = True
@@ -109,10 +117,10 @@ class ConsumerSettings(BaseSettings):
             raise ValueError("has a port that is not a number from 1 to 65535")
         return value
 
-    @field_validator("kafka_bootstrap_servers")
+    @field_validator("kafka_group_instance_id", mode="before")
     @classmethod
-    def _broker_addresses(cls, value: str) -> str:
-        return check_bootstrap_servers(value)
+    def _instance_or_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("stripe_api_key")
     @classmethod

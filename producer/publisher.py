@@ -51,6 +51,7 @@ from aiokafka.errors import (
 )
 
 from producer.settings import BridgeSettings
+from schemas.kafka import client_kwargs
 from schemas.partitioner import partition
 
 log = structlog.get_logger("bridge")
@@ -138,8 +139,7 @@ class Publisher:
         """Connect to the broker now; BrokerUnavailable if it does not answer."""
         settings = self._settings
         producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            client_id=settings.kafka_client_id,
+            **client_kwargs(settings),
             acks="all",
             enable_idempotence=settings.kafka_enable_idempotence,
             linger_ms=settings.kafka_linger_ms,

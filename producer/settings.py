@@ -13,13 +13,14 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas import DEFAULT_TOPIC
-from schemas.config import check_bootstrap_servers, check_log_level
+from schemas.config import check_log_level
+from schemas.kafka import KafkaConnection
 
 # Every webhook signing secret Stripe issues (dashboard or `stripe listen`) starts so.
 SECRET_PREFIX = "whsec_"
 
 
-class BridgeSettings(BaseSettings):
+class BridgeSettings(KafkaConnection, BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
     # Comma-separated; during a rotation Stripe signs with both, and either verifies.
@@ -27,12 +28,11 @@ class BridgeSettings(BaseSettings):
     stripe_webhook_secret: Annotated[tuple[SecretStr, ...], NoDecode] = Field(min_length=1)
     stripe_webhook_tolerance_s: int = Field(default=300, ge=1)
 
-    kafka_bootstrap_servers: str = Field(default="127.0.0.1:9092", min_length=1)
+    # KAFKA_BOOTSTRAP_SERVERS, TLS and SASL: schemas/kafka.py, shared with the consumer.
     kafka_topic: str = Field(default=DEFAULT_TOPIC, min_length=1)
     # Real Kafka: on. The embedded Tansu broker has no idempotent producer.
     kafka_enable_idempotence: bool = True
-    # The name the broker sees in every request (Kafka's client.id): its logs and
-    # quotas name the bridge by it.
+    # Kafka's client.id: the broker's logs and quotas name the bridge by it.
     kafka_client_id: str = Field(default="stripe-bridge", min_length=1)
     # How long a request waits for the broker's acknowledgement before answering 503.
     kafka_publish_timeout_s: float = Field(default=5.0, gt=0)
@@ -84,11 +84,6 @@ class BridgeSettings(BaseSettings):
         if not all(s.get_secret_value().startswith(SECRET_PREFIX) for s in value):
             raise ValueError(f"every secret must be an endpoint signing secret ({SECRET_PREFIX}…)")
         return value
-
-    @field_validator("kafka_bootstrap_servers")
-    @classmethod
-    def _broker_addresses(cls, value: str) -> str:
-        return check_bootstrap_servers(value)
 
     @field_validator("log_level")
     @classmethod

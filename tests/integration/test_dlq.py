@@ -156,9 +156,7 @@ async def committed_offsets(infra: Services, group: str, topic: str) -> dict[int
 
 async def dead_letter(settings: ConsumerSettings, intents: list[str]) -> list[dict[str, Any]]:
     """Write one dead letter per intent with the consumer's own dead-letter producer."""
-    writer = DeadLetters(
-        settings.kafka_bootstrap_servers, settings.kafka_topic, enable_idempotence=False
-    )
+    writer = DeadLetters(settings, settings.kafka_topic, enable_idempotence=False)
     published = []
     await writer.start()
     try:

@@ -416,7 +416,7 @@ async def test_a_failed_publish_holds_back_only_its_own_intents_later_events(
 
     def new_events() -> FlakyEvents:
         real = OrderEvents(
-            settings.kafka_bootstrap_servers,
+            settings,
             settings.orders_topic,
             enable_idempotence=settings.kafka_enable_idempotence,
         )

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit demo bench bench-consumer bench-bridge bench-compare clean
+.PHONY: venv test lint unit demo bench bench-consumer bench-bridge bench-compare contract clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-bridge: $(STAMP)
 
 bench-compare: $(STAMP)
 	$(BIN)/python -m loadtest.bench compare
+
+# The topics' contract as an AsyncAPI document, from schemas/ (a test fails when it is stale).
+contract: $(STAMP)
+	$(BIN)/python -m schemas.asyncapi > docs/asyncapi.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -17,7 +17,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -128,6 +128,28 @@ class Tally:
         self.acked_per_second[int(time.time() - self.started)] += 1
 
 
+async def _until_acknowledged(
+    send: Send, tally: Tally, attempt: Callable[[], Awaitable[bool | None]]
+) -> None:
+    """Repeat `attempt` until it is acknowledged (True). A refusal that may pass later
+    (False) is retried with jittered back-off, as Stripe does, for up to RETRY_FOR_S;
+    one that will not (None) is given up at once."""
+    deadline = time.monotonic() + RETRY_FOR_S
+    pause = RETRY_FIRST_S
+    while True:
+        tally.attempts += 1
+        acknowledged = await attempt()
+        if acknowledged:
+            tally.ack(send.event_id)
+            return
+        if acknowledged is None or time.monotonic() > deadline:
+            tally.given_up += 1
+            return
+        tally.retried += 1
+        await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+        pause = min(RETRY_MAX_S, pause * 2)
+
+
 class Sender(Protocol):
     async def send(self, send: Send, tally: Tally) -> None:
         """Deliver one copy; return once it is acknowledged or given up."""
@@ -153,21 +175,14 @@ class HttpSender:
             self._idle.put_nowait(None)  # connected on first use
 
     async def send(self, send: Send, tally: Tally) -> None:
-        deadline = time.monotonic() + RETRY_FOR_S
-        pause = RETRY_FIRST_S
-        while True:
-            tally.attempts += 1
+        async def attempt() -> bool | None:
             status = await self._post(send.body)
             tally.answers[status] += 1
             if 200 <= status < 300:
-                tally.ack(send.event_id)
-                return
-            if status not in (0, 503) or time.monotonic() > deadline:
-                tally.given_up += 1
-                return
-            tally.retried += 1
-            await asyncio.sleep(pause * random.uniform(0.5, 1.0))
-            pause = min(RETRY_MAX_S, pause * 2)
+                return True
+            return False if status in (0, 503) else None  # 503 or no answer: Stripe retries
+
+        await _until_acknowledged(send, tally, attempt)
 
     async def _post(self, body: bytes) -> int:
         """The answer's status, or 0 when the connection failed."""
@@ -239,25 +254,17 @@ class KafkaSender:
         return self
 
     async def send(self, send: Send, tally: Tally) -> None:
-        deadline = time.monotonic() + RETRY_FOR_S
-        pause = RETRY_FIRST_S
-        while True:
-            tally.attempts += 1
+        async def attempt() -> bool:
             headers = contract_headers(send.event_id, _event_type(send), int(time.time() * 1000))
             try:
                 await self._producer.send_and_wait(
                     self._topic, send.body, key=encode_key(send.intent_id), headers=headers
                 )
             except KafkaError:  # refused or timed out: retried, as the bridge's caller would
-                if time.monotonic() > deadline:
-                    tally.given_up += 1
-                    return
-                tally.retried += 1
-                await asyncio.sleep(pause)
-                pause = min(RETRY_MAX_S, pause * 2)
-            else:
-                tally.ack(send.event_id)
-                return
+                return False
+            return True
+
+        await _until_acknowledged(send, tally, attempt)
 
     async def close(self) -> None:
         await self._producer.stop()

@@ -14,6 +14,7 @@ invariants after a benchmark's bulk run (`bulk_check`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections import defaultdict
@@ -41,6 +42,7 @@ async def wait_caught_up(
     """Until every acknowledged event is in the inbox and the group has committed every
     record on the topic, late copies included (True); False once nothing moved for `idle_s`."""
     conn: asyncpg.Connection | None = None
+    lag = GroupLag(stack)
     wanted = sorted(tally.acked_ids)
     last: tuple[int, int] = (-1, -1)
     moved = time.monotonic()
@@ -52,7 +54,8 @@ async def wait_caught_up(
                 found = await conn.fetchval(
                     "SELECT count(*) FROM processed_events WHERE event_id = ANY($1::text[])", wanted
                 )
-                lag = await group_lag(stack)
+                # The broker is asked only once the inbox holds every event.
+                behind = await lag() if found == len(wanted) else -1
             except Exception:
                 if conn is not None:
                     conn.terminate()
@@ -61,10 +64,10 @@ async def wait_caught_up(
                     return False
                 await asyncio.sleep(0.25)
                 continue
-            if found == len(wanted) and lag == 0:
+            if behind == 0:
                 return True
-            if (found, lag) != last:
-                last, moved = (found, lag), time.monotonic()
+            if (found, behind) != last:
+                last, moved = (found, behind), time.monotonic()
             elif time.monotonic() - moved > idle_s:
                 return False
             await asyncio.sleep(0.25)
@@ -72,25 +75,49 @@ async def wait_caught_up(
     finally:
         if conn is not None:
             conn.terminate()
+        await lag.close()
 
 
-async def group_lag(stack: Stack) -> int:
-    """Records on the events topic that the consumer group has not committed past."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap_servers)
-    reader = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap_servers)
-    await admin.start()
-    await reader.start()
-    try:
-        partitions = await _partitions(reader, stack.topic)
-        # The partitions named: the embedded broker's answer for "all of them" is one
-        # aiokafka cannot read.
-        committed = await admin.list_consumer_group_offsets(stack.group_id, partitions=partitions)
-        ends = await reader.end_offsets(partitions)
+class GroupLag:
+    """Records on the events topic that the consumer group has not committed past, asked
+    of two clients kept open from one call to the next (started again after a failure)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._stack = stack
+        self._clients: tuple[AIOKafkaAdminClient, AIOKafkaConsumer] | None = None
+
+    async def __call__(self) -> int:
+        stack = self._stack
+        try:
+            if self._clients is None:
+                self._clients = (
+                    AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap_servers),
+                    AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap_servers),
+                )
+                await self._clients[0].start()
+                await self._clients[1].start()
+            admin, reader = self._clients
+            partitions = await _partitions(reader, stack.topic)
+            # The partitions named: the embedded broker's answer for "all of them" is one
+            # aiokafka cannot read.
+            committed = await admin.list_consumer_group_offsets(
+                stack.group_id, partitions=partitions
+            )
+            ends = await reader.end_offsets(partitions)
+        except BaseException:
+            await self.close()
+            raise
         done = {tp: meta.offset for tp, meta in committed.items()}
         return sum(max(0, end - max(0, done.get(tp, 0))) for tp, end in ends.items())
-    finally:
-        await reader.stop()
-        await admin.close()
+
+    async def close(self) -> None:
+        if self._clients is not None:
+            admin, reader = self._clients
+            self._clients = None
+            with contextlib.suppress(Exception):  # a client that never started
+                await reader.stop()
+            with contextlib.suppress(Exception):
+                await admin.close()
 
 
 async def _partitions(reader: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

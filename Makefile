@@ -28,28 +28,28 @@ unit: $(STAMP)
 	$(BIN)/pytest tests/unit
 
 demo: $(STAMP)
-	$(BIN)/python -m loadtest.demo
+	$(BIN)/python -m intentflow.loadtest.demo
 
 # The bridge's part drives it with wrk, a real HTTP load generator (Debian: apt-get).
 WRK := command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 
 bench: $(STAMP)
 	$(WRK)
-	$(BIN)/python -m loadtest.bench
+	$(BIN)/python -m intentflow.loadtest.bench
 
 bench-consumer: $(STAMP)
-	$(BIN)/python -m loadtest.bench consumer
+	$(BIN)/python -m intentflow.loadtest.bench consumer
 
 bench-bridge: $(STAMP)
 	$(WRK)
-	$(BIN)/python -m loadtest.bench bridge
+	$(BIN)/python -m intentflow.loadtest.bench bridge
 
 bench-compare: $(STAMP)
-	$(BIN)/python -m loadtest.bench compare
+	$(BIN)/python -m intentflow.loadtest.bench compare
 
 # The topics' contract as an AsyncAPI document, from schemas/ (a test fails when it is stale).
 contract: $(STAMP)
-	$(BIN)/python -m schemas.asyncapi > docs/asyncapi.json
+	$(BIN)/python -m intentflow.schemas.asyncapi > docs/asyncapi.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

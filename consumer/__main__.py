@@ -1,4 +1,4 @@
-"""`order-consumer` (also `python -m consumer`): migrate, run a group member, or operate.
+"""`order-consumer` (also `python -m intentflow.consumer`): migrate, run a group member, or operate.
 
 Commands: `migrate`, `run` (a group member, and the outbox relay unless
 RELAY_ENABLED=false), `relay` (the relay alone), and the operator's tools
@@ -28,17 +28,17 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 
-from consumer import dlq, logs, outbox_tool, prune, reconcile
-from consumer.backoff import StopRequested
-from consumer.bootstrap import bootstrap, build_relay, relay_checks
-from consumer.deadletter import DeadLetterRefused
-from consumer.migrate import migrate
-from consumer.preflight import StartupError, redact, until_ready
-from consumer.relay import Relay, RelayStats
-from consumer.runtime import tune_gc
-from consumer.settings import ConsumerSettings
-from consumer.worker import RunStats, Worker
-from schemas.config import describe
+from intentflow.consumer import dlq, logs, outbox_tool, prune, reconcile
+from intentflow.consumer.backoff import StopRequested
+from intentflow.consumer.bootstrap import bootstrap, build_relay, relay_checks
+from intentflow.consumer.deadletter import DeadLetterRefused
+from intentflow.consumer.migrate import migrate
+from intentflow.consumer.preflight import StartupError, redact, until_ready
+from intentflow.consumer.relay import Relay, RelayStats
+from intentflow.consumer.runtime import tune_gc
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.worker import RunStats, Worker
+from intentflow.schemas.config import describe
 
 log = structlog.get_logger("consumer")
 

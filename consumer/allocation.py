@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from consumer.decisions import Allocation, PlaceOrder
+from intentflow.consumer.decisions import Allocation, PlaceOrder
 
 
 @dataclass(frozen=True, slots=True)

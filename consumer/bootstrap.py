@@ -25,17 +25,22 @@ from typing import Any, Protocol
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumer.connections import abandon_group, create_consumer, create_dead_letters, create_pool
-from consumer.deadletter import Poison
-from consumer.decode import Envelope
-from consumer.order_events import OrderEvents
-from consumer.outbox import CapturePolicy, OutboxPolicy
-from consumer.preflight import check_database, check_topics
-from consumer.relay import EventSink, Relay
-from consumer.settings import ConsumerSettings
-from consumer.store import BatchResult, apply_batch
-from consumer.stripe_actions import StripeActions
-from schemas import dlq_topic
+from intentflow.consumer.connections import (
+    abandon_group,
+    create_consumer,
+    create_dead_letters,
+    create_pool,
+)
+from intentflow.consumer.deadletter import Poison
+from intentflow.consumer.decode import Envelope
+from intentflow.consumer.order_events import OrderEvents
+from intentflow.consumer.outbox import CapturePolicy, OutboxPolicy
+from intentflow.consumer.preflight import check_database, check_topics
+from intentflow.consumer.relay import EventSink, Relay
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.store import BatchResult, apply_batch
+from intentflow.consumer.stripe_actions import StripeActions
+from intentflow.schemas import dlq_topic
 
 
 class Pool(Protocol):

@@ -19,10 +19,10 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer
 from asyncpg.pool import PoolConnectionProxy
 
-from consumer.deadletter import DeadLetters
-from consumer.migrate import check_schema
-from consumer.settings import ConsumerSettings
-from schemas.kafka import client_kwargs
+from intentflow.consumer.deadletter import DeadLetters
+from intentflow.consumer.migrate import check_schema
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.schemas.kafka import client_kwargs
 
 # A connection of one's own or one lent by the pool: the store and the tools take either.
 Connection = asyncpg.Connection | PoolConnectionProxy

@@ -17,15 +17,15 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
-from consumer.producer import Producer
-from schemas import (
+from intentflow.consumer.producer import Producer
+from intentflow.schemas import (
     HEADER_ERROR,
     HEADER_ERROR_DETAIL,
     HEADER_ORIGINAL_OFFSET,
     HEADER_ORIGINAL_PARTITION,
     dlq_topic,
 )
-from schemas.kafka import KafkaConnection
+from intentflow.schemas.kafka import KafkaConnection
 
 
 @dataclass(frozen=True, slots=True)

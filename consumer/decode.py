@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from consumer.deadletter import Poison
-from schemas import HEADER_RECEIVED_AT, StripeEvent
+from intentflow.consumer.deadletter import Poison
+from intentflow.schemas import HEADER_RECEIVED_AT, StripeEvent
 
 __all__ = ["Envelope", "Poison", "decode"]
 

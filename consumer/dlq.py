@@ -36,9 +36,9 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError, for_code
 from aiokafka.protocol.metadata import MetadataRequest
 
-from consumer.errors import Fault, classify, describe
-from consumer.settings import ConsumerSettings
-from schemas import (
+from intentflow.consumer.errors import Fault, classify, describe
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.schemas import (
     HEADER_ERROR,
     HEADER_ERROR_DETAIL,
     HEADER_EVENT_ID,
@@ -49,7 +49,7 @@ from schemas import (
     HEADER_REPLAYED_FROM,
     dlq_topic,
 )
-from schemas.kafka import client_kwargs
+from intentflow.schemas.kafka import client_kwargs
 
 EXIT_CANNOT_RUN = 2  # what an operator can fix: the broker, a topic, the command line
 EXIT_REFUSED = 3  # the broker refused some of the records replayed

@@ -23,7 +23,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NamedTuple, Protocol
 
-from consumer.decisions import (
+from intentflow.consumer.decisions import (
     Allocation,
     CancelOrder,
     Decision,
@@ -36,8 +36,8 @@ from consumer.decisions import (
     RecordPayment,
     RecordRefund,
 )
-from consumer.lifecycle import EVENT_STEP, authorized_amount, meaning_of
-from schemas import PaymentIntent, StripeEvent
+from intentflow.consumer.lifecycle import EVENT_STEP, authorized_amount, meaning_of
+from intentflow.schemas import PaymentIntent, StripeEvent
 
 
 class Outcome(StrEnum):

@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from consumer.decisions import Dispute as DisputeFact
-from consumer.decisions import Facts, RefundSnapshot
-from schemas import Charge, Dispute, PaymentIntent, Refund, StripeEvent
+from intentflow.consumer.decisions import Dispute as DisputeFact
+from intentflow.consumer.decisions import Facts, RefundSnapshot
+from intentflow.schemas import Charge, Dispute, PaymentIntent, Refund, StripeEvent
 
 # The tier of each PaymentIntent status; a status moves only to an equal or greater key.
 STATUS_TIER: dict[str, int] = {

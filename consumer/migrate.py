@@ -48,7 +48,7 @@ class Migration:
 
 def available() -> list[Migration]:
     found = []
-    for entry in resources.files("consumer.migrations").iterdir():
+    for entry in resources.files("intentflow.consumer.migrations").iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 import structlog
 from aiokafka.errors import KafkaError
 
-from consumer import errors
-from consumer.outbox import Claimed, Mark
-from consumer.producer import Producer
-from schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, encode_key
-from schemas.kafka import KafkaConnection
+from intentflow.consumer import errors
+from intentflow.consumer.outbox import Claimed, Mark
+from intentflow.consumer.producer import Producer
+from intentflow.schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, encode_key
+from intentflow.schemas.kafka import KafkaConnection
 
 log = structlog.get_logger("relay")
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from consumer.allocation import Cart, CartLine, OrderPlan, allocate, skus_wanted
-from consumer.connections import Connection, unnest_columns
-from consumer.decisions import (
+from intentflow.consumer.allocation import Cart, CartLine, OrderPlan, allocate, skus_wanted
+from intentflow.consumer.connections import Connection, unnest_columns
+from intentflow.consumer.decisions import (
     Allocation,
     CancelOrder,
     Facts,
@@ -34,8 +34,8 @@ from consumer.decisions import (
     RecordRefund,
     order_status,
 )
-from consumer.fold import IntentFold
-from consumer.outbox import OrderChange
+from intentflow.consumer.fold import IntentFold
+from intentflow.consumer.outbox import OrderChange
 
 # Decisions about an existing order that re-derive its status and copy the facts.
 _REFRESHED_BY = (CancelOrder, RecordCancellation, RecordRefund, RecordDispute, RecordPayment)

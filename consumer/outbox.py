@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from consumer.connections import Connection, unnest_columns
-from consumer.decisions import OrderStatus
-from schemas import ORDER_EVENT_SCHEMA_VERSION
+from intentflow.consumer.connections import Connection, unnest_columns
+from intentflow.consumer.decisions import OrderStatus
+from intentflow.schemas import ORDER_EVENT_SCHEMA_VERSION
 
 
 class Kind(StrEnum):

@@ -14,11 +14,11 @@ from typing import Any
 
 import asyncpg
 
-from consumer.errors import describe
-from consumer.migrate import check_schema
-from consumer.outbox import backlog, finished_by_outcome
-from consumer.preflight import redact
-from consumer.settings import ConsumerSettings
+from intentflow.consumer.errors import describe
+from intentflow.consumer.migrate import check_schema
+from intentflow.consumer.outbox import backlog, finished_by_outcome
+from intentflow.consumer.preflight import redact
+from intentflow.consumer.settings import ConsumerSettings
 
 EXIT_CANNOT = 2
 

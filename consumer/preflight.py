@@ -26,11 +26,11 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError, for_code
 from aiokafka.protocol.metadata import MetadataRequest
 
-from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
-from consumer.errors import Fault, classify, describe
-from consumer.migrate import SchemaBehind, check_schema
-from consumer.settings import ConsumerSettings
-from schemas.kafka import client_kwargs
+from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
+from intentflow.consumer.errors import Fault, classify, describe
+from intentflow.consumer.migrate import SchemaBehind, check_schema
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.schemas.kafka import client_kwargs
 
 log = structlog.get_logger("consumer")
 T = TypeVar("T")

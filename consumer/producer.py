@@ -17,7 +17,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from schemas.kafka import KafkaConnection, client_kwargs
+from intentflow.schemas.kafka import KafkaConnection, client_kwargs
 
 # (value, key, headers)
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]

@@ -40,12 +40,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, UnsupportedVersionError
 
-from consumer.errors import describe
-from consumer.migrate import SchemaBehind, check_schema
-from consumer.preflight import TopicsMissing, check_topics, redact
-from consumer.settings import ConsumerSettings
-from schemas import dlq_topic
-from schemas.kafka import client_kwargs
+from intentflow.consumer.errors import describe
+from intentflow.consumer.migrate import SchemaBehind, check_schema
+from intentflow.consumer.preflight import TopicsMissing, check_topics, redact
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.schemas import dlq_topic
+from intentflow.schemas.kafka import client_kwargs
 
 EXIT_REFUSED = 2
 STRIPE_RETRY_WINDOW = timedelta(days=3)

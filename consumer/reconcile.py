@@ -20,12 +20,12 @@ from typing import Any
 
 import asyncpg
 
-from consumer.connections import Connection
-from consumer.decisions import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS
-from consumer.errors import Fault, cause, classify, describe
-from consumer.migrate import SchemaBehind, check_schema
-from consumer.preflight import redact
-from consumer.settings import ConsumerSettings
+from intentflow.consumer.connections import Connection
+from intentflow.consumer.decisions import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS
+from intentflow.consumer.errors import Fault, cause, classify, describe
+from intentflow.consumer.migrate import SchemaBehind, check_schema
+from intentflow.consumer.preflight import redact
+from intentflow.consumer.settings import ConsumerSettings
 
 EXIT_VIOLATIONS = 1
 EXIT_CANNOT_CHECK = 2

@@ -36,10 +36,10 @@ from typing import Any, Protocol
 import structlog
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from consumer import errors
-from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
-from consumer.order_events import publish_marks
-from consumer.outbox import (
+from intentflow.consumer import errors
+from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
+from intentflow.consumer.order_events import publish_marks
+from intentflow.consumer.outbox import (
     Action,
     Backlog,
     CapturePolicy,
@@ -52,8 +52,8 @@ from consumer.outbox import (
     record,
     sweep_needs_review,
 )
-from consumer.settings import ConsumerSettings
-from consumer.stripe_actions import Answer, Outcome, settled_by_webhooks
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.stripe_actions import Answer, Outcome, settled_by_webhooks
 
 log = structlog.get_logger("relay")
 

@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas import DEFAULT_ORDERS_TOPIC, DEFAULT_TOPIC
-from schemas.config import check_log_level, port_ok
-from schemas.kafka import KafkaConnection
+from intentflow.schemas import DEFAULT_ORDERS_TOPIC, DEFAULT_TOPIC
+from intentflow.schemas.config import check_log_level, port_ok
+from intentflow.schemas.kafka import KafkaConnection
 
 
 class ConsumerSettings(KafkaConnection, BaseSettings):

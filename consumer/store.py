@@ -22,10 +22,10 @@ from typing import Any
 
 import asyncpg
 
-from consumer.connections import Connection, unnest_columns
-from consumer.decisions import Allocation, Dispute, Facts, OrderStatus, RefundSnapshot
-from consumer.decode import Envelope
-from consumer.fold import (
+from intentflow.consumer.connections import Connection, unnest_columns
+from intentflow.consumer.decisions import Allocation, Dispute, Facts, OrderStatus, RefundSnapshot
+from intentflow.consumer.decode import Envelope
+from intentflow.consumer.fold import (
     NOTHING_KNOWN,
     Arrival,
     IntentFold,
@@ -34,8 +34,8 @@ from consumer.fold import (
     Outcome,
     fold_intent,
 )
-from consumer.orders import write_orders
-from consumer.outbox import DEFAULT_POLICY, OutboxPolicy, enqueue
+from intentflow.consumer.orders import write_orders
+from intentflow.consumer.outbox import DEFAULT_POLICY, OutboxPolicy, enqueue
 
 
 class ConcurrentIntentWrite(Exception):

@@ -30,7 +30,7 @@ from typing import Any
 
 import stripe
 
-from consumer.outbox import Action
+from intentflow.consumer.outbox import Action
 
 # Where each action leaves the intent when it has been done, by anyone.
 _GOAL = {Action.CANCEL: "canceled", Action.CAPTURE: "succeeded"}

@@ -42,15 +42,28 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped
-from consumer.bootstrap import BrokerConsumer, DeadLetterSink, Dependencies, Pool, bootstrap
-from consumer.deadletter import DeadLetterRefused, Poison
-from consumer.decode import Envelope, decode
-from consumer.errors import Fault, cause, classify, describe, is_read_only, is_statement_timeout
-from consumer.errors import sqlstate as sqlstate_of
-from consumer.preflight import until_ready
-from consumer.settings import ConsumerSettings
-from consumer.store import BatchResult
+from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped
+from intentflow.consumer.bootstrap import (
+    BrokerConsumer,
+    DeadLetterSink,
+    Dependencies,
+    Pool,
+    bootstrap,
+)
+from intentflow.consumer.deadletter import DeadLetterRefused, Poison
+from intentflow.consumer.decode import Envelope, decode
+from intentflow.consumer.errors import (
+    Fault,
+    cause,
+    classify,
+    describe,
+    is_read_only,
+    is_statement_timeout,
+)
+from intentflow.consumer.errors import sqlstate as sqlstate_of
+from intentflow.consumer.preflight import until_ready
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.store import BatchResult
 
 log = structlog.get_logger("consumer")
 

@@ -1,6 +1,6 @@
 """Kafka and PostgreSQL for tests, the demo and benchmarks: given, containerised or embedded."""
 
-from devservices.embedded import EmbeddedKafka, EmbeddedPostgres
-from devservices.resolve import Services, services
+from intentflow.devservices.embedded import EmbeddedKafka, EmbeddedPostgres
+from intentflow.devservices.resolve import Services, services
 
 __all__ = ["EmbeddedKafka", "EmbeddedPostgres", "Services", "services"]

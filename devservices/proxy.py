@@ -6,7 +6,7 @@ connections pass through it, it can also cut one Kafka client alone: the
 first request on each connection names its `client.id` (every Kafka request
 header carries it, in the same place in every version), so
 `cut(client_id="stripe-bridge")` breaks the bridge's connections and refuses
-its new ones while consumers go on. `python -m devservices.proxy` runs one in
+its new ones while consumers go on. `python -m intentflow.devservices.proxy` runs one in
 a process of its own (SIGUSR1 cuts the client named on its command line,
 SIGUSR2 restores it), so its copying does not share a core's event loop with
 the process that drives the load.
@@ -20,7 +20,7 @@ import contextlib
 import signal
 import struct
 
-from devservices.embedded import free_port
+from intentflow.devservices.embedded import free_port
 
 # Request size (int32), api key (int16), api version (int16), correlation id
 # (int32), then client.id as a nullable string: int16 length, then bytes.
@@ -127,7 +127,9 @@ async def _serve_forever(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m devservices.proxy", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m intentflow.devservices.proxy", description=__doc__
+    )
     parser.add_argument("--port", type=int, required=True, help="the loopback port to listen on")
     parser.add_argument("--target-port", type=int, required=True, help="127.0.0.1:PORT behind it")
     parser.add_argument(

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from devservices.embedded import EmbeddedKafka, EmbeddedPostgres
+from intentflow.devservices.embedded import EmbeddedKafka, EmbeddedPostgres
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""`python -m loadtest`: the same as `replay-duplicates`."""
+"""`python -m intentflow.loadtest`: the same as `replay-duplicates`."""
 
 import sys
 
-from loadtest.replay import main
+from intentflow.loadtest.replay import main
 
 if __name__ == "__main__":
     sys.exit(main())

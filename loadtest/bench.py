@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from loadtest import bench_bridge, bench_consumer, compare
+from intentflow.loadtest import bench_bridge, bench_consumer, compare
 
 # (name, entry) in the order they run; each entry takes argv and returns an exit code.
 PARTS: list[tuple[str, Callable[[list[str]], int]]] = [

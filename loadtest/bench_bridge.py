@@ -1,6 +1,6 @@
 """Bench the webhook bridge: signed webhooks from wrk at 32 connections, for 10 s.
 
-`python -m loadtest.bench_bridge` starts the embedded broker, then runs one
+`python -m intentflow.loadtest.bench_bridge` starts the embedded broker, then runs one
 bridge process (uvicorn + uvloop) twice: as a baseline that only verifies the
 signature and answers (BRIDGE_PUBLISH=false, no Kafka), and as the full bridge
 that publishes and awaits the broker's acknowledgement. The difference is the
@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from devservices.embedded import EmbeddedKafka, free_port
-from devservices.topics import DEFAULT_PARTITIONS, create_topics
-from stripekit.events import charge_event, encode, intent_event, new_id
-from stripekit.signing import stripe_signature
+from intentflow.devservices.embedded import EmbeddedKafka, free_port
+from intentflow.devservices.topics import DEFAULT_PARTITIONS, create_topics
+from intentflow.stripekit.events import charge_event, encode, intent_event, new_id
+from intentflow.stripekit.signing import stripe_signature
 
 SECRET = "whsec_bench"
 BODIES = 2000
@@ -103,7 +103,9 @@ def start_bridge(
         "BRIDGE_PUBLISH": str(publish).lower(),
     }
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "producer"], env=env, stderr=out)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "intentflow.producer"], env=env, stderr=out
+        )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:

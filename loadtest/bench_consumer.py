@@ -1,6 +1,6 @@
 """Consumer benchmark: intentflow's batch consumer against a one-transaction-per-event baseline.
 
-`python -m loadtest.bench_consumer --help`. Services are started once; one
+`python -m intentflow.loadtest.bench_consumer --help`. Services are started once; one
 workload is generated; every run of every contender gets a fresh migrated
 database seeded with the workload and a fresh 12-partition topic pre-loaded
 with all its deliveries (duplicates included). The clock starts when the
@@ -31,16 +31,16 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from consumer import logs
-from consumer.runtime import tune_gc
-from consumer.settings import ConsumerSettings
-from consumer.worker import Worker
-from devservices import Services, services
-from loadtest import scratch
-from loadtest.baselines.per_event import BaselineConsumer
-from loadtest.readback import BulkCheck, bulk_check
-from loadtest.verdict import percentile
-from loadtest.workload import Workload, generate, slice_workload
+from intentflow.consumer import logs
+from intentflow.consumer.runtime import tune_gc
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.worker import Worker
+from intentflow.devservices import Services, services
+from intentflow.loadtest import scratch
+from intentflow.loadtest.baselines.per_event import BaselineConsumer
+from intentflow.loadtest.readback import BulkCheck, bulk_check
+from intentflow.loadtest.verdict import percentile
+from intentflow.loadtest.workload import Workload, generate, slice_workload
 
 INTENTFLOW = "intentflow"
 INTENTFLOW_2 = "intentflow-x2"  # two processes in one group, one per core
@@ -296,7 +296,9 @@ def summarize(results: list[RunResult]) -> dict[str, float]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_consumer", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m intentflow.loadtest.bench_consumer", description=__doc__
+    )
     p.add_argument("--intents", type=int, default=20_000, help="payment intents (default 20000)")
     p.add_argument(
         "--baseline-intents",

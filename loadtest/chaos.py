@@ -23,8 +23,8 @@ import time
 
 import asyncpg
 
-from loadtest.report import Fault
-from loadtest.stack import Stack
+from intentflow.loadtest.report import Fault
+from intentflow.loadtest.stack import Stack
 
 KINDS = ("consumer-kill", "broker-outage", "db-connections", "db-restart")
 DEFAULT_KINDS = ("consumer-kill", "broker-outage", "db-connections")

@@ -1,6 +1,6 @@
 """`make bench`'s comparison: the handler shops write, the same under a lease lock, and intentflow.
 
-`python -m loadtest.compare --help`. One workload, one database, one run:
+`python -m intentflow.loadtest.compare --help`. One workload, one database, one run:
   1. generate the workload (carts over few shared SKUs, stock for a share of
      what the carts ask for, authorizations and captures, each event delivered
      1 to `--max-copies` times) and group every event's copies together;
@@ -47,17 +47,17 @@ import asyncpg
 import redis
 import uvloop
 
-from consumer import logs
-from consumer.settings import ConsumerSettings
-from devservices import Services, services
-from loadtest import scratch
-from loadtest.baselines import measure
-from loadtest.baselines.delivery import DeliveryReport, deliver, simultaneous
-from loadtest.baselines.lease import LeasedShop, PostgresLease, RedisLease
-from loadtest.baselines.naive import AUTHORIZATIONS, Shop, intent_of
-from loadtest.bench_consumer import run_intentflow
-from loadtest.verdict import percentile
-from loadtest.workload import Workload, generate
+from intentflow.consumer import logs
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.devservices import Services, services
+from intentflow.loadtest import scratch
+from intentflow.loadtest.baselines import measure
+from intentflow.loadtest.baselines.delivery import DeliveryReport, deliver, simultaneous
+from intentflow.loadtest.baselines.lease import LeasedShop, PostgresLease, RedisLease
+from intentflow.loadtest.baselines.naive import AUTHORIZATIONS, Shop, intent_of
+from intentflow.loadtest.bench_consumer import run_intentflow
+from intentflow.loadtest.verdict import percentile
+from intentflow.loadtest.workload import Workload, generate
 
 NAIVE, LEASED = "naive", "leased"
 
@@ -277,7 +277,7 @@ def print_table(rows: list[Row]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m loadtest.compare",
+        prog="python -m intentflow.loadtest.compare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

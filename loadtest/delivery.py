@@ -24,10 +24,10 @@ from typing import Protocol
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from loadtest.workload import Scenario
-from schemas import contract_headers, encode_key
-from stripekit import events
-from stripekit.signing import stripe_signature
+from intentflow.loadtest.workload import Scenario
+from intentflow.schemas import contract_headers, encode_key
+from intentflow.stripekit import events
+from intentflow.stripekit.signing import stripe_signature
 
 # Stripe retries for days with growing gaps; the harness compresses that to
 # 50 ms doubling up to 1 s, and gives up on one delivery after RETRY_FOR_S.

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loadtest import replay
+from intentflow.loadtest import replay
 
 DEFAULTS = ["--intents", "2500", "--consumers", "2", "--duplicates", "3", "--reorder", "0.2"]
 

@@ -24,12 +24,12 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer import reconcile as reconciliation
-from loadtest.delivery import Tally
-from loadtest.stack import Stack
-from loadtest.verdict import Applied, Books, IntentRow, OrderRow, Refusals, reckon
-from loadtest.workload import Scenario, Workload
-from schemas import HEADER_RECEIVED_AT, dlq_topic
+from intentflow.consumer import reconcile as reconciliation
+from intentflow.loadtest.delivery import Tally
+from intentflow.loadtest.stack import Stack
+from intentflow.loadtest.verdict import Applied, Books, IntentRow, OrderRow, Refusals, reckon
+from intentflow.loadtest.workload import Scenario, Workload
+from intentflow.schemas import HEADER_RECEIVED_AT, dlq_topic
 
 
 async def applied_count(conn: asyncpg.Connection) -> int:
@@ -208,7 +208,7 @@ async def dead_lettered(stack: Stack) -> int:
 
 async def reconcile(stack: Stack) -> tuple[bool, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", "reconcile",
+        sys.executable, "-m", "intentflow.consumer", "reconcile",
         env=stack.consumer_env(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

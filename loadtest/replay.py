@@ -1,4 +1,4 @@
-"""`replay-duplicates` (`python -m loadtest`): Stripe at its worst, through the front door.
+"""`replay-duplicates` (`python -m intentflow.loadtest`): Stripe at its worst, via the front door.
 
 Generates a scenario (`--intents` payment intents, their carts, stock that
 runs out, each intent's Stripe history), starts the stack (the embedded broker
@@ -35,11 +35,11 @@ from typing import Any
 
 import asyncpg
 
-from consumer import logs
-from loadtest import chaos, delivery, readback, report, verdict
-from loadtest.progress import Progress
-from loadtest.stack import PUBLISH_TIMEOUT_S, Stack, StackError, StackOptions
-from loadtest.workload import Scenario, scenario, seed_scenario
+from intentflow.consumer import logs
+from intentflow.loadtest import chaos, delivery, readback, report, verdict
+from intentflow.loadtest.progress import Progress
+from intentflow.loadtest.stack import PUBLISH_TIMEOUT_S, Stack, StackError, StackOptions
+from intentflow.loadtest.workload import Scenario, scenario, seed_scenario
 
 
 def parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from loadtest import charts
+from intentflow.loadtest import charts
 
 
 @dataclass

@@ -14,12 +14,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.migrate import migrate
-from devservices import Services
-from devservices.topics import create_topics
-from loadtest.workload import Workload, seed_database
-from schemas import dlq_topic
-from stripekit.publish import publish
+from intentflow.consumer.migrate import migrate
+from intentflow.devservices import Services
+from intentflow.devservices.topics import create_topics
+from intentflow.loadtest.workload import Workload, seed_database
+from intentflow.schemas import dlq_topic
+from intentflow.stripekit.publish import publish
 
 
 def database_url(server_url: str, name: str) -> str:

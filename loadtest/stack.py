@@ -35,10 +35,15 @@ import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from devservices.embedded import EmbeddedKafka, EmbeddedPostgres, EmbeddedServiceError, free_port
-from devservices.topics import create_topics
-from loadtest import scratch
-from schemas import dlq_topic
+from intentflow.devservices.embedded import (
+    EmbeddedKafka,
+    EmbeddedPostgres,
+    EmbeddedServiceError,
+    free_port,
+)
+from intentflow.devservices.topics import create_topics
+from intentflow.loadtest import scratch
+from intentflow.schemas import dlq_topic
 
 BRIDGE_CLIENT_ID = "stripe-bridge"
 # The bridge answers 503 when the broker has not acknowledged within this: a broker
@@ -127,7 +132,7 @@ class Stack:
         broker_port, proxy_port = free_port(), free_port()
         self._proxy = self._spawn(
             "proxy",
-            [sys.executable, "-m", "devservices.proxy", "--port", str(proxy_port),
+            [sys.executable, "-m", "intentflow.devservices.proxy", "--port", str(proxy_port),
              "--target-port", str(broker_port), "--cuttable-client", BRIDGE_CLIENT_ID],
         )  # fmt: skip
         broker = self._exit.enter_context(EmbeddedKafka())  # stopped even if start fails
@@ -205,7 +210,7 @@ class Stack:
                 **self.options.bridge_env,
             }
         )
-        self.bridge = self._spawn("bridge", [sys.executable, "-m", "producer"], env)
+        self.bridge = self._spawn("bridge", [sys.executable, "-m", "intentflow.producer"], env)
         deadline = time.monotonic() + 30
         async with httpx.AsyncClient() as client:
             while time.monotonic() < deadline:
@@ -250,7 +255,7 @@ class Stack:
         raise StackError(f"the consumers did not join within {timeout_s:g} s; see {self.logs}")
 
     def start_consumer(self, i: int) -> None:
-        argv = [sys.executable, "-m", "consumer", "run"]
+        argv = [sys.executable, "-m", "intentflow.consumer", "run"]
         self.consumers[i] = self._spawn(f"consumer-{i + 1}", argv, self.consumer_env())
 
     def kill_consumer(self, i: int) -> int:

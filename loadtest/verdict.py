@@ -25,9 +25,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from loadtest.delivery import Tally
-from loadtest.report import Check, Second
-from loadtest.workload import History, Scenario
+from intentflow.loadtest.delivery import Tally
+from intentflow.loadtest.report import Check, Second
+from intentflow.loadtest.workload import History, Scenario
 
 ALLOCATED = "placed|out_of_stock"
 

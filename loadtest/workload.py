@@ -26,8 +26,8 @@ from typing import Any
 
 import asyncpg
 
-from schemas import payment_intent_key
-from stripekit import events
+from intentflow.schemas import payment_intent_key
+from intentflow.stripekit import events
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`stripe-bridge` (also `python -m producer`): serve the Stripe webhook bridge.
+"""`stripe-bridge` (also `python -m intentflow.producer`): serve the Stripe webhook bridge.
 
 Settings are read from the environment once, here, and passed down. A setting
 that cannot work ends the process before anything listens, with one line that
@@ -31,11 +31,11 @@ import structlog
 import uvicorn
 from pydantic import ValidationError
 
-from producer import logs
-from producer.app import create_app
-from producer.guard import ConnectionLimits, protocol_class
-from producer.settings import BridgeSettings
-from schemas.config import describe
+from intentflow.producer import logs
+from intentflow.producer.app import create_app
+from intentflow.producer.guard import ConnectionLimits, protocol_class
+from intentflow.producer.settings import BridgeSettings
+from intentflow.schemas.config import describe
 
 log = structlog.get_logger("bridge")
 

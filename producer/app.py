@@ -19,12 +19,12 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from producer.logs import EventLog
-from producer.metrics import CONTENT_TYPE, BridgeMetrics
-from producer.publisher import Publisher
-from producer.settings import BridgeSettings
-from producer.signature import SignatureVerifier
-from producer.webhook import WebhookEndpoint
+from intentflow.producer.logs import EventLog
+from intentflow.producer.metrics import CONTENT_TYPE, BridgeMetrics
+from intentflow.producer.publisher import Publisher
+from intentflow.producer.settings import BridgeSettings
+from intentflow.producer.signature import SignatureVerifier
+from intentflow.producer.webhook import WebhookEndpoint
 
 log = structlog.get_logger("bridge")
 

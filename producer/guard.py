@@ -84,7 +84,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from producer.settings import BridgeSettings
+from intentflow.producer.settings import BridgeSettings
 
 REASONS = (
     "too_many_connections",

@@ -50,9 +50,9 @@ from aiokafka.errors import (
     UnsupportedVersionError,
 )
 
-from producer.settings import BridgeSettings
-from schemas.kafka import client_kwargs
-from schemas.partitioner import partition
+from intentflow.producer.settings import BridgeSettings
+from intentflow.schemas.kafka import client_kwargs
+from intentflow.schemas.partitioner import partition
 
 log = structlog.get_logger("bridge")
 

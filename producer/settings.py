@@ -12,9 +12,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from schemas import DEFAULT_TOPIC
-from schemas.config import check_log_level
-from schemas.kafka import KafkaConnection
+from intentflow.schemas import DEFAULT_TOPIC
+from intentflow.schemas.config import check_log_level
+from intentflow.schemas.kafka import KafkaConnection
 
 # Every webhook signing secret Stripe issues (dashboard or `stripe listen`) starts so.
 SECRET_PREFIX = "whsec_"

@@ -31,11 +31,11 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from producer.logs import EventLog
-from producer.metrics import BridgeMetrics
-from producer.publisher import BrokerRefused, Publisher, PublishError
-from producer.signature import SignatureError, SignatureVerifier
-from schemas import charge_key, contract_headers, encode_key, payment_intent_key
+from intentflow.producer.logs import EventLog
+from intentflow.producer.metrics import BridgeMetrics
+from intentflow.producer.publisher import BrokerRefused, Publisher, PublishError
+from intentflow.producer.signature import SignatureError, SignatureVerifier
+from intentflow.schemas import charge_key, contract_headers, encode_key, payment_intent_key
 
 SIGNATURE_HEADER = b"stripe-signature"
 

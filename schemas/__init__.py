@@ -3,7 +3,7 @@
 Nothing here imports from the rest of the repository.
 """
 
-from schemas.contract import (
+from intentflow.schemas.contract import (
     DEFAULT_TOPIC,
     HEADER_ERROR,
     HEADER_ERROR_DETAIL,
@@ -19,7 +19,7 @@ from schemas.contract import (
     encode_key,
     payment_intent_key,
 )
-from schemas.orders import (
+from intentflow.schemas.orders import (
     DEFAULT_ORDERS_TOPIC,
     HEADER_ORDER_EVENT_TYPE,
     HEADER_OUTBOX_ID,
@@ -28,7 +28,7 @@ from schemas.orders import (
     OrderEvent,
     OrderSnapshot,
 )
-from schemas.stripe import (
+from intentflow.schemas.stripe import (
     Charge,
     Dispute,
     EventData,

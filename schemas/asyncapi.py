@@ -1,6 +1,6 @@
 """The topics' contract as an AsyncAPI 3.0 document, generated from this package.
 
-`python -m schemas.asyncapi` (`make contract`) prints it; `docs/asyncapi.json`
+`python -m intentflow.schemas.asyncapi` (`make contract`) prints it; `docs/asyncapi.json`
 is the checked-in copy, and a test fails when that copy no longer matches what
 the code would write. Three channels: the events topic the bridge writes and
 the consumer reads (Stripe's event JSON as the bridge received it, keyed by
@@ -18,7 +18,7 @@ import json
 import sys
 from typing import Any
 
-from schemas.contract import (
+from intentflow.schemas.contract import (
     DEFAULT_TOPIC,
     HEADER_ERROR,
     HEADER_ERROR_DETAIL,
@@ -30,14 +30,14 @@ from schemas.contract import (
     HEADER_REPLAYED_FROM,
     dlq_topic,
 )
-from schemas.orders import (
+from intentflow.schemas.orders import (
     DEFAULT_ORDERS_TOPIC,
     HEADER_ORDER_EVENT_TYPE,
     HEADER_OUTBOX_ID,
     ORDER_EVENT_TYPES,
     OrderEvent,
 )
-from schemas.stripe import StripeEvent
+from intentflow.schemas.stripe import StripeEvent
 
 VERSION = "1.0.0"
 

@@ -27,7 +27,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 
-from schemas.config import check_bootstrap_servers
+from intentflow.schemas.config import check_bootstrap_servers
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]

@@ -14,8 +14,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from schemas import charge_key, contract_headers, encode_key, payment_intent_key
-from stripekit import events
+from intentflow.schemas import charge_key, contract_headers, encode_key, payment_intent_key
+from intentflow.stripekit import events
 
 
 async def publish(

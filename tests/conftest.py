@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from consumer.migrate import migrate
-from devservices import Services, services
-from devservices.topics import create_topics
-from schemas import DEFAULT_ORDERS_TOPIC, dlq_topic
+from intentflow.consumer.migrate import migrate
+from intentflow.devservices import Services, services
+from intentflow.devservices.topics import create_topics
+from intentflow.schemas import DEFAULT_ORDERS_TOPIC, dlq_topic
 from tests.stripe_emulator import stripe_emulator
 from tests.stripe_proxy import stripe_proxy
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from consumer.decode import Envelope, decode
-from schemas import contract_headers, encode_key
-from stripekit import events
+from intentflow.consumer.decode import Envelope, decode
+from intentflow.schemas import contract_headers, encode_key
+from intentflow.stripekit import events
 from tests import lifecycle_model as model
 
 PARTITIONS = 3

@@ -23,11 +23,11 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
-from consumer import logs
-from consumer.bootstrap import build_relay, order_events
-from consumer.order_events import OrderEvents
-from consumer.outbox import Claimed
-from consumer.settings import ConsumerSettings
+from intentflow.consumer import logs
+from intentflow.consumer.bootstrap import build_relay, order_events
+from intentflow.consumer.order_events import OrderEvents
+from intentflow.consumer.outbox import Claimed
+from intentflow.consumer.settings import ConsumerSettings
 
 CRASH_ON_CALL = 2
 EXIT_KILLED = 137  # what a shell reports for SIGKILL

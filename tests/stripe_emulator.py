@@ -23,7 +23,7 @@ from typing import Any, Self
 import httpx
 import pytest
 
-from devservices.embedded import free_port
+from intentflow.devservices.embedded import free_port
 
 TEST_API_KEY = "sk_test_emulator"
 # 4242… succeeds without authentication. In localstripe 1.15.10, 4000002500003155 and five

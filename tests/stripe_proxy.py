@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from devservices.embedded import free_port
+from intentflow.devservices.embedded import free_port
 from tests.stripe_emulator import StripeEmulator
 
 # Set per connection by each side; copying them would describe the wrong message.

@@ -17,10 +17,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import SecretStr
 
-from consumer.settings import ConsumerSettings
-from devservices import Services
-from stripekit import events
-from stripekit.publish import publish as publish_events
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.devservices import Services
+from intentflow.stripekit import events
+from intentflow.stripekit.publish import publish as publish_events
 
 
 async def eventually(
@@ -184,7 +184,7 @@ async def read_topic(
 
 
 class ConsumerProcess:
-    """`python -m consumer run` as a separate OS process, as an operator would start it."""
+    """`order-consumer run` as a separate OS process, as an operator would start it."""
 
     def __init__(self, settings: ConsumerSettings, exit_when_idle_s: float = 4.0) -> None:
         self._argv = [

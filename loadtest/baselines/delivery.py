@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from consumer.connections import Connection
+from intentflow.consumer.connections import Connection
 
 Handler = Callable[[Connection, dict[str, Any]], Awaitable[object]]
 

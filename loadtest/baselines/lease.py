@@ -30,9 +30,9 @@ from typing import Any, Protocol
 
 import redis.asyncio
 
-from consumer.connections import Connection
-from loadtest.baselines.naive import Pause, Shop
-from schemas import payment_intent_key
+from intentflow.consumer.connections import Connection
+from intentflow.loadtest.baselines.naive import Pause, Shop
+from intentflow.schemas import payment_intent_key
 
 REDIS, POSTGRES = "redis", "postgres"
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import asyncpg
 
-from consumer.connections import Connection
-from loadtest.workload import Workload
+from intentflow.consumer.connections import Connection
+from intentflow.loadtest.workload import Workload
 
 # The event types that mean "the customer paid (or authorized) for the cart".
 AUTHORIZATIONS = frozenset({"payment_intent.amount_capturable_updated", "payment_intent.succeeded"})

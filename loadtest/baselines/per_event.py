@@ -28,8 +28,8 @@ from typing import Any, Self
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer.decode import Envelope, decode
-from consumer.store import apply_batch
+from intentflow.consumer.decode import Envelope, decode
+from intentflow.consumer.store import apply_batch
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The bridge process protects itself before authentication (producer/guard.py, webhook.py).
 
-Each test runs the real server (`python -m producer`, uvicorn + httptools +
+Each test runs the real server (`python -m intentflow.producer`, uvicorn + httptools +
 uvloop) on 127.0.0.1 and talks to it over raw sockets, as an attacker would,
 while a signed webhook still lands in the real broker.
 """
@@ -12,10 +12,10 @@ import contextlib
 import signal
 import time
 
-from devservices import Services
-from producer.app import WEBHOOK_PATH
-from stripekit.events import encode, intent_event, new_id
-from stripekit.signing import stripe_signature
+from intentflow.devservices import Services
+from intentflow.producer.app import WEBHOOK_PATH
+from intentflow.stripekit.events import encode, intent_event, new_id
+from intentflow.stripekit.signing import stripe_signature
 from tests.integration.bridge_support import (
     SECRET,
     BridgeProcess,

@@ -1,4 +1,4 @@
-"""`python -m producer` as an operator runs it: configuration, logs, a webhook, and shutdown."""
+"""`stripe-bridge` as an operator runs it: configuration, logs, a webhook, and shutdown."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import time
 import orjson
 import pytest
 
-from devservices import Services
-from devservices.embedded import EmbeddedKafka
-from devservices.topics import create_topics
-from producer.app import WEBHOOK_PATH
-from stripekit.events import encode, intent_event, new_id
-from stripekit.signing import stripe_signature
+from intentflow.devservices import Services
+from intentflow.devservices.embedded import EmbeddedKafka
+from intentflow.devservices.topics import create_topics
+from intentflow.producer.app import WEBHOOK_PATH
+from intentflow.stripekit.events import encode, intent_event, new_id
+from intentflow.stripekit.signing import stripe_signature
 from tests.integration.bridge_support import SECRET, bridge_env, bridge_process
 from tests.support import read_topic
 
@@ -27,7 +27,7 @@ API_KEY = "sk_live_51HkQ2bFakeKeyThatMustNeverBeLogged"
 
 def run_bridge(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "producer", *args],
+        [sys.executable, "-m", "intentflow.producer", *args],
         env=env,
         capture_output=True,
         text=True,

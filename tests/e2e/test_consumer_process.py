@@ -1,4 +1,4 @@
-"""`python -m consumer` as an operator runs it: configuration errors, start-up checks, shutdown.
+"""`order-consumer` as an operator runs it: configuration errors, start-up checks, shutdown.
 
 Every test starts the consumer as a separate OS process and judges it only by
 what an operator sees: its exit status, its stderr (JSON lines), its stdout
@@ -27,12 +27,12 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.settings import ConsumerSettings
-from devservices import Services
-from devservices.embedded import free_port
-from devservices.proxy import Proxy
-from devservices.topics import create_topics
-from schemas import dlq_topic
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.devservices import Services
+from intentflow.devservices.embedded import free_port
+from intentflow.devservices.proxy import Proxy
+from intentflow.devservices.topics import create_topics
+from intentflow.schemas import dlq_topic
 from tests.support import (
     ConsumerProcess,
     consumer_env,
@@ -45,7 +45,7 @@ from tests.support import (
 )
 
 EXIT_CANNOT_START = 2
-CONSUMER = [sys.executable, "-m", "consumer"]
+CONSUMER = [sys.executable, "-m", "intentflow.consumer"]
 SECRET = "s3cretpassw0rd"
 EVENTS = 6  # authorizations published per shutdown test
 
@@ -83,7 +83,7 @@ async def run_to_end(args: list[str], env: dict[str, str], timeout_s: float = 30
 
 
 class Running:
-    """`python -m consumer run` in the background, its stderr read line by line as it comes."""
+    """`order-consumer run` in the background, its stderr read line by line as it comes."""
 
     def __init__(self, env: dict[str, str], *args: str) -> None:
         self._argv = [*CONSUMER, "run", *args]

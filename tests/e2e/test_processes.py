@@ -12,7 +12,7 @@ from pathlib import Path
 
 import asyncpg
 
-from devservices import Services
+from intentflow.devservices import Services
 from tests.support import (
     ConsumerProcess,
     consumer_settings,
@@ -62,7 +62,7 @@ async def test_demo_runs_to_the_end_on_given_services_and_every_check_holds(
     env["DATABASE_URL"] = infra.database_url
     report_json = tmp_path / "demo.json"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loadtest.demo", "--intents", "150",
+        sys.executable, "-m", "intentflow.loadtest.demo", "--intents", "150",
         "--report-json", str(report_json), "--report-html", str(tmp_path / "demo.html"),
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -31,7 +31,7 @@ def test_a_small_replay_with_every_fault_holds_every_check(tmp_path: Path) -> No
     }
     report_json, report_html = tmp_path / "report.json", tmp_path / "report.html"
     argv = [
-        sys.executable, "-m", "loadtest",
+        sys.executable, "-m", "intentflow.loadtest",
         "--intents", "300", "--duplicates", "3", "--reorder", "0.2", "--rate", "300",
         "--consumers", "2", "--chaos", "all", "--chaos-every", "1", "--chaos-down", "2",
         "--report-json", str(report_json), "--report-html", str(report_html),

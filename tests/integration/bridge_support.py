@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from devservices.embedded import free_port
-from producer.app import WEBHOOK_PATH, create_app
-from producer.settings import BridgeSettings
-from stripekit.signing import stripe_signature
+from intentflow.devservices.embedded import free_port
+from intentflow.producer.app import WEBHOOK_PATH, create_app
+from intentflow.producer.settings import BridgeSettings
+from intentflow.stripekit.signing import stripe_signature
 
 SECRET = "whsec_test_current"
 
@@ -85,7 +85,7 @@ async def topic_size(bootstrap: str, topic: str) -> int:
 
 
 def bridge_env(bootstrap: str, topic: str, idempotence: bool, **overrides: str) -> dict[str, str]:
-    """The environment an operator would give `python -m producer` (port chosen later)."""
+    """The environment an operator would give `stripe-bridge` (port chosen later)."""
     return {
         **os.environ,
         "STRIPE_WEBHOOK_SECRET": SECRET,
@@ -98,7 +98,7 @@ def bridge_env(bootstrap: str, topic: str, idempotence: bool, **overrides: str) 
 
 @dataclass
 class BridgeProcess:
-    """A running `python -m producer`, its port, and its stderr lines so far."""
+    """A running `python -m intentflow.producer`, its port, and its stderr lines so far."""
 
     process: asyncio.subprocess.Process
     port: int
@@ -134,7 +134,7 @@ class BridgeProcess:
 
 @contextlib.asynccontextmanager
 async def bridge_process(env: dict[str, str], ready: bool = True) -> AsyncIterator[BridgeProcess]:
-    """`python -m producer` on a free port; SIGKILLed at the end if it is still running."""
+    """`stripe-bridge` on a free port; SIGKILLed at the end if it is still running."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,

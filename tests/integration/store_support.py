@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import asyncpg
 
-from consumer.decode import Envelope
-from schemas import StripeEvent
+from intentflow.consumer.decode import Envelope
+from intentflow.schemas import StripeEvent
 
 
 def envelope(payload: dict[str, object], offset: int = 0) -> Envelope:

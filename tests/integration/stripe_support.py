@@ -34,15 +34,15 @@ import asyncpg
 import httpx
 import pytest
 
-from consumer import outbox_tool
-from consumer.bootstrap import build_relay
-from consumer.outbox import Action, CapturePolicy, OutboxPolicy
-from consumer.relay import RelayStats
-from consumer.settings import ConsumerSettings
-from consumer.store import BatchResult, apply_batch
-from devservices import Services
-from devservices.topics import create_topics
-from stripekit import events
+from intentflow.consumer import outbox_tool
+from intentflow.consumer.bootstrap import build_relay
+from intentflow.consumer.outbox import Action, CapturePolicy, OutboxPolicy
+from intentflow.consumer.relay import RelayStats
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.store import BatchResult, apply_batch
+from intentflow.devservices import Services
+from intentflow.devservices.topics import create_topics
+from intentflow.stripekit import events
 from tests.integration.store_support import envelope
 from tests.stripe_emulator import TEST_API_KEY, StripeEmulator, create_manual_capture_intent
 from tests.stripe_proxy import RecordedRequest, StripeProxy
@@ -169,7 +169,7 @@ async def run_relay(settings: ConsumerSettings, timeout_s: float = 20) -> RelayS
 async def start_consumer(settings: ConsumerSettings, *command: str) -> Process:
     """`order-consumer COMMAND…` with `settings` in its environment, its output piped."""
     return await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "consumer", *command),
+        *(sys.executable, "-m", "intentflow.consumer", *command),
         env=consumer_env(settings),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

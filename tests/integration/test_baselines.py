@@ -12,14 +12,14 @@ from collections import Counter
 
 import asyncpg
 
-from consumer.worker import Worker
-from devservices import Services
-from loadtest.baselines import measure
-from loadtest.baselines.delivery import deliver, simultaneous
-from loadtest.baselines.lease import LeasedShop, PostgresLease
-from loadtest.baselines.naive import Shop
-from loadtest.compare import authorized_intents, comparison_workload, parser
-from loadtest.workload import Workload, seed_database
+from intentflow.consumer.worker import Worker
+from intentflow.devservices import Services
+from intentflow.loadtest.baselines import measure
+from intentflow.loadtest.baselines.delivery import deliver, simultaneous
+from intentflow.loadtest.baselines.lease import LeasedShop, PostgresLease
+from intentflow.loadtest.baselines.naive import Shop
+from intentflow.loadtest.compare import authorized_intents, comparison_workload, parser
+from intentflow.loadtest.workload import Workload, seed_database
 from tests.support import consumer_settings, publish
 
 

@@ -10,14 +10,14 @@ import orjson
 import pytest
 from aiokafka.partitioner import murmur2
 
-from devservices import Services
-from devservices.embedded import EmbeddedKafka, free_port
-from devservices.topics import create_topics
-from producer.app import WEBHOOK_PATH
-from producer.webhook import THIN_EVENT_REASON
-from schemas import HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_RECEIVED_AT
-from stripekit.events import charge_event, encode, event, intent_event, new_id
-from stripekit.signing import stripe_signature
+from intentflow.devservices import Services
+from intentflow.devservices.embedded import EmbeddedKafka, free_port
+from intentflow.devservices.topics import create_topics
+from intentflow.producer.app import WEBHOOK_PATH
+from intentflow.producer.webhook import THIN_EVENT_REASON
+from intentflow.schemas import HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_RECEIVED_AT
+from intentflow.stripekit.events import charge_event, encode, event, intent_event, new_id
+from intentflow.stripekit.signing import stripe_signature
 from tests.integration.bridge_support import (
     SECRET,
     bridge_settings,

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 import asyncpg
 import pytest
 
-import consumer.orders
-from consumer.allocation import Cart, OrderPlan
-from consumer.decisions import Allocation, OrderStatus, PlaceOrder
-from consumer.store import apply_batch
-from stripekit import events
+import intentflow.consumer.orders
+from intentflow.consumer.allocation import Cart, OrderPlan
+from intentflow.consumer.decisions import Allocation, OrderStatus, PlaceOrder
+from intentflow.consumer.store import apply_batch
+from intentflow.stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import seed_cart, seed_stock, snapshot
 
@@ -89,7 +89,7 @@ async def test_an_allocation_that_oversells_is_refused_whole_by_the_database(
             plans.append(OrderPlan(request, cart, Allocation.PLACED, None, cart.demand()))
         return plans, dict(stock)
 
-    monkeypatch.setattr(consumer.orders, "allocate", place_everything)
+    monkeypatch.setattr(intentflow.consumer.orders, "allocate", place_everything)
     await seed_stock(db, {"sku-a": 3})
     batch = []
     for i in range(2):

@@ -1,6 +1,6 @@
 """`order-consumer dlq`: dead letters listed with their reason, replayed once fixed, safely twice.
 
-The command runs as an operator runs it (`python -m consumer dlq ...`, its
+The command runs as an operator runs it (`python -m intentflow.consumer dlq ...`, its
 settings from the environment) against the real broker and PostgreSQL; the
 consumer that dead-letters and then applies the replayed event is a Worker in
 this process, so the group is joined once per test.
@@ -21,14 +21,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
-from consumer.deadletter import DeadLetters, Poison
-from consumer.settings import ConsumerSettings
-from consumer.worker import Worker
-from devservices import Services
-from devservices.embedded import free_port
-from schemas import contract_headers, dlq_topic
-from schemas.partitioner import partition
-from stripekit import events
+from intentflow.consumer.deadletter import DeadLetters, Poison
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.worker import Worker
+from intentflow.devservices import Services
+from intentflow.devservices.embedded import free_port
+from intentflow.schemas import contract_headers, dlq_topic
+from intentflow.schemas.partitioner import partition
+from intentflow.stripekit import events
 from tests.support import (
     consumer_env,
     consumer_settings,
@@ -60,9 +60,9 @@ class Run:
 
 
 async def dlq(settings: ConsumerSettings, *argv: str) -> Run:
-    """`python -m consumer dlq ...` as a separate process, settings in its environment."""
+    """`order-consumer dlq ...` as a separate process, settings in its environment."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", "dlq", *argv,
+        sys.executable, "-m", "intentflow.consumer", "dlq", *argv,
         env=consumer_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     stdout, stderr = await asyncio.wait_for(process.communicate(), 30)

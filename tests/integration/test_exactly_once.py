@@ -10,9 +10,9 @@ from typing import Any
 
 import asyncpg
 
-from consumer.worker import Worker
-from devservices import Services
-from stripekit import events
+from intentflow.consumer.worker import Worker
+from intentflow.devservices import Services
+from intentflow.stripekit import events
 from tests.support import (
     ConsumerProcess,
     consumer_settings,

@@ -15,14 +15,14 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumer.deadletter import DeadLetterRefused
-from consumer.migrate import migrate, needed_version
-from consumer.preflight import StartupError
-from consumer.worker import Worker
-from devservices import Services
-from devservices.topics import create_topics
-from schemas import dlq_topic
-from stripekit import events
+from intentflow.consumer.deadletter import DeadLetterRefused
+from intentflow.consumer.migrate import migrate, needed_version
+from intentflow.consumer.preflight import StartupError
+from intentflow.consumer.worker import Worker
+from intentflow.devservices import Services
+from intentflow.devservices.topics import create_topics
+from intentflow.schemas import dlq_topic
+from intentflow.stripekit import events
 from tests.support import (
     consumer_settings,
     eventually,

@@ -7,12 +7,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from consumer.migrate import migrate, needed_version
-from consumer.worker import Worker
-from devservices import Services
-from devservices.proxy import Proxy
-from schemas import dlq_topic
-from stripekit import events
+from intentflow.consumer.migrate import migrate, needed_version
+from intentflow.consumer.worker import Worker
+from intentflow.devservices import Services
+from intentflow.devservices.proxy import Proxy
+from intentflow.schemas import dlq_topic
+from intentflow.stripekit import events
 from tests.support import (
     consumer_settings,
     eventually,

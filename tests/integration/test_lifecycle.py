@@ -19,12 +19,12 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumer.settings import ConsumerSettings
-from consumer.worker import Worker
-from devservices import Services
-from schemas import contract_headers, encode_key
-from stripekit import events
-from stripekit.events import dispute_event, expired_event, refunded_event
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.worker import Worker
+from intentflow.devservices import Services
+from intentflow.schemas import contract_headers, encode_key
+from intentflow.stripekit import events
+from intentflow.stripekit.events import dispute_event, expired_event, refunded_event
 from tests.support import (
     consumer_settings,
     eventually,

@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumer import reconcile
-from consumer.store import apply_batch
-from stripekit import events
+from intentflow.consumer import reconcile
+from intentflow.consumer.store import apply_batch
+from intentflow.stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import seed_cart, seed_stock
 

@@ -30,8 +30,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from consumer import reconcile
-from consumer.store import apply_batch
+from intentflow.consumer import reconcile
+from intentflow.consumer.store import apply_batch
 from tests import lifecycle_model as model
 from tests.lifecycle_histories import Delivery, Scenario, deliveries, scenarios
 

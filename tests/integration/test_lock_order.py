@@ -24,9 +24,9 @@ from typing import Any
 
 import asyncpg
 
-from consumer.decode import Envelope
-from consumer.store import BatchResult, apply_batch
-from stripekit import events
+from intentflow.consumer.decode import Envelope
+from intentflow.consumer.store import BatchResult, apply_batch
+from intentflow.stripekit import events
 from tests.integration.store_support import deadlocks, envelope, waiting_for_a_lock
 from tests.support import eventually, seed_cart, seed_stock, snapshot
 

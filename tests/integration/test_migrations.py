@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncpg
 
-from consumer import reconcile
-from consumer.migrate import available, migrate
-from devservices import Services
+from intentflow.consumer import reconcile
+from intentflow.consumer.migrate import available, migrate
+from intentflow.devservices import Services
 
 
 async def test_upgrading_from_version_1_restores_canceled_stock_and_releases_held_money(

@@ -27,11 +27,11 @@ import asyncpg
 import pytest
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from consumer.bootstrap import build_relay
-from consumer.connections import create_pool
-from consumer.decisions import OrderStatus
-from consumer.order_events import OrderEvents
-from consumer.outbox import (
+from intentflow.consumer.bootstrap import build_relay
+from intentflow.consumer.connections import create_pool
+from intentflow.consumer.decisions import OrderStatus
+from intentflow.consumer.order_events import OrderEvents
+from intentflow.consumer.outbox import (
     Claimed,
     Kind,
     Mark,
@@ -41,14 +41,14 @@ from consumer.outbox import (
     enqueue,
     record,
 )
-from consumer.relay import Relay
-from consumer.settings import ConsumerSettings
-from consumer.store import apply_batch
-from devservices import Services
-from devservices.topics import create_topics
-from schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, OrderEvent, encode_key
-from stripekit import events
-from stripekit.events import dispute_event, refunded_event, stamped
+from intentflow.consumer.relay import Relay
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.store import apply_batch
+from intentflow.devservices import Services
+from intentflow.devservices.topics import create_topics
+from intentflow.schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, OrderEvent, encode_key
+from intentflow.stripekit import events
+from intentflow.stripekit.events import dispute_event, refunded_event, stamped
 from tests.integration.store_support import envelope
 from tests.integration.stripe_support import run_relay, start_consumer
 from tests.support import (

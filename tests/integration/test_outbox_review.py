@@ -21,13 +21,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumer.bootstrap import build_relay
-from consumer.connections import create_pool
-from consumer.outbox import Action, Kind, backlog, claim
-from consumer.reconcile import check
-from consumer.relay import Relay
-from devservices import Services
-from stripekit import events
+from intentflow.consumer.bootstrap import build_relay
+from intentflow.consumer.connections import create_pool
+from intentflow.consumer.outbox import Action, Kind, backlog, claim
+from intentflow.consumer.reconcile import check
+from intentflow.consumer.relay import Relay
+from intentflow.devservices import Services
+from intentflow.stripekit import events
 from tests.integration.stripe_support import (
     NEVER_TRIED,
     SKU,

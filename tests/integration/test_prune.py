@@ -17,12 +17,12 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from consumer import prune, reconcile
-from consumer.settings import ConsumerSettings
-from consumer.worker import Worker
-from devservices import Services
-from schemas import dlq_topic
-from stripekit import events
+from intentflow.consumer import prune, reconcile
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.worker import Worker
+from intentflow.devservices import Services
+from intentflow.schemas import dlq_topic
+from intentflow.stripekit import events
 from tests.support import (
     consumer_env,
     consumer_settings,
@@ -254,9 +254,9 @@ async def test_beside_a_running_consumer_nothing_fresh_is_deleted_and_every_even
 
 
 async def command(settings: ConsumerSettings, *argv: str) -> tuple[int, str, str]:
-    """`python -m consumer prune …` as an operator runs it."""
+    """`python -m intentflow.consumer prune …` as an operator runs it."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", "prune", *argv,
+        sys.executable, "-m", "intentflow.consumer", "prune", *argv,
         env=consumer_env(settings), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -17,11 +17,11 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from consumer import reconcile
-from consumer.settings import ConsumerSettings
-from consumer.store import apply_batch
-from devservices import Services
-from stripekit import events
+from intentflow.consumer import reconcile
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.store import apply_batch
+from intentflow.devservices import Services
+from intentflow.stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import consumer_env, consumer_settings, seed_cart, seed_stock
 
@@ -251,9 +251,9 @@ async def test_the_checks_see_the_one_snapshot_taken_by_the_first(
 
 
 async def command(settings: ConsumerSettings, *argv: str) -> tuple[int, str, str]:
-    """`python -m consumer reconcile …` as an operator runs it."""
+    """`python -m intentflow.consumer reconcile …` as an operator runs it."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", "reconcile", *argv,
+        sys.executable, "-m", "intentflow.consumer", "reconcile", *argv,
         env=consumer_env(settings), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

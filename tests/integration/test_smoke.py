@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncpg
 
-from consumer.worker import Worker
-from devservices import Services
-from stripekit import events
+from intentflow.consumer.worker import Worker
+from intentflow.devservices import Services
+from intentflow.stripekit import events
 from tests.support import consumer_settings, publish, seed_cart, seed_stock, snapshot
 
 

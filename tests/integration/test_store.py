@@ -7,8 +7,8 @@ import asyncio
 import asyncpg
 import pytest
 
-from consumer.store import ConcurrentIntentWrite, apply_batch
-from stripekit import events
+from intentflow.consumer.store import ConcurrentIntentWrite, apply_batch
+from intentflow.stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import eventually, seed_cart, seed_stock, snapshot
 

@@ -25,10 +25,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumer.bootstrap import build_relay
-from consumer.outbox import Action, ActionRow, insert_actions
-from consumer.reconcile import check
-from stripekit import events
+from intentflow.consumer.bootstrap import build_relay
+from intentflow.consumer.outbox import Action, ActionRow, insert_actions
+from intentflow.consumer.reconcile import check
+from intentflow.stripekit import events
 from tests.integration.stripe_support import (
     NEVER_TRIED,
     SKU,

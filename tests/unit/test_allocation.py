@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from consumer.allocation import Cart, CartLine, allocate, review_reason, skus_wanted
-from consumer.decisions import Allocation as OrderStatus
-from consumer.decisions import PlaceOrder
+from intentflow.consumer.allocation import Cart, CartLine, allocate, review_reason, skus_wanted
+from intentflow.consumer.decisions import Allocation as OrderStatus
+from intentflow.consumer.decisions import PlaceOrder
 
 
 def request(

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import structlog
 
-from producer import logs
+from intentflow.producer import logs
 
 
 def lines(stream: io.BytesIO) -> list[dict[str, object]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from producer.settings import BridgeSettings
-from schemas.config import describe
+from intentflow.producer.settings import BridgeSettings
+from intentflow.schemas.config import describe
 
 SECRET = "whsec_unit"
 

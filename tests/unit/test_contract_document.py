@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from schemas import asyncapi, contract_headers
-from schemas.stripe import StripeEvent
-from stripekit import events
+from intentflow.schemas import asyncapi, contract_headers
+from intentflow.schemas.stripe import StripeEvent
+from intentflow.stripekit import events
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.json"
 

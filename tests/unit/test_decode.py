@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from consumer.decode import Envelope, Poison, decode
-from schemas import Charge, PaymentIntent, payment_intent_key
-from stripekit import events
+from intentflow.consumer.decode import Envelope, Poison, decode
+from intentflow.schemas import Charge, PaymentIntent, payment_intent_key
+from intentflow.stripekit import events
 
 
 @dataclass

@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
-from consumer.settings import ConsumerSettings
-from producer.settings import BridgeSettings
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.producer.settings import BridgeSettings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 KNOWN = {name.upper() for name in [*ConsumerSettings.model_fields, *BridgeSettings.model_fields]}

@@ -15,13 +15,13 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
-from consumer.errors import Fault, cause, classify, is_read_only, is_statement_timeout
-from consumer.migrate import SchemaBehind
-from consumer.preflight import TopicsMissing, redact, until_ready
-from consumer.settings import ConsumerSettings
-from consumer.store import ConcurrentIntentWrite
-from schemas.config import check_bootstrap_servers
+from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
+from intentflow.consumer.errors import Fault, cause, classify, is_read_only, is_statement_timeout
+from intentflow.consumer.migrate import SchemaBehind
+from intentflow.consumer.preflight import TopicsMissing, redact, until_ready
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.store import ConcurrentIntentWrite
+from intentflow.schemas.config import check_bootstrap_servers
 
 
 def pg(code: str) -> asyncpg.PostgresError:

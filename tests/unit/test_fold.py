@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from consumer.decisions import (
+from intentflow.consumer.decisions import (
     Allocation,
     CancelOrder,
     Decision,
@@ -17,9 +17,9 @@ from consumer.decisions import (
     RecordPayment,
     RecordRefund,
 )
-from consumer.fold import IntentFold, IntentState, OrderView, Outcome, fold_intent
-from schemas import StripeEvent
-from stripekit import events
+from intentflow.consumer.fold import IntentFold, IntentState, OrderView, Outcome, fold_intent
+from intentflow.schemas import StripeEvent
+from intentflow.stripekit import events
 
 T0 = 1_790_000_000
 

@@ -27,17 +27,17 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
 from pydantic import ValidationError
 
-from consumer import connections, dlq, preflight, prune
-from consumer import producer as consumer_producer
-from consumer.__main__ import main as consumer_main
-from consumer.bootstrap import order_events
-from consumer.connections import create_consumer, create_dead_letters
-from consumer.settings import ConsumerSettings
-from producer import publisher
-from producer.publisher import Publisher
-from producer.settings import BridgeSettings
-from schemas.config import describe
-from schemas.kafka import client_kwargs
+from intentflow.consumer import connections, dlq, preflight, prune
+from intentflow.consumer import producer as consumer_producer
+from intentflow.consumer.__main__ import main as consumer_main
+from intentflow.consumer.bootstrap import order_events
+from intentflow.consumer.connections import create_consumer, create_dead_letters
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.producer import publisher
+from intentflow.producer.publisher import Publisher
+from intentflow.producer.settings import BridgeSettings
+from intentflow.schemas.config import describe
+from intentflow.schemas.kafka import client_kwargs
 
 SASL_PASSWORD = "sasl-pass-e1f2"
 KEY_PASSWORD = "key-pass-7c3d"

@@ -15,8 +15,8 @@ import pytest
 import stripe
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, RequestTimedOutError
 
-from consumer.decisions import OrderStatus
-from consumer.outbox import (
+from intentflow.consumer.decisions import OrderStatus
+from intentflow.consumer.outbox import (
     CANCELLATION_REASON,
     Action,
     ActionRow,
@@ -29,9 +29,9 @@ from consumer.outbox import (
     idempotency_key,
     stripe_actions_for,
 )
-from consumer.relay import Relay
-from consumer.settings import ConsumerSettings
-from consumer.stripe_actions import Answer, Outcome, classify, settled_by_webhooks
+from intentflow.consumer.relay import Relay
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.stripe_actions import Answer, Outcome, classify, settled_by_webhooks
 
 NEVER = OutboxPolicy(CapturePolicy.NEVER)
 ON_PLACED = OutboxPolicy(CapturePolicy.ON_PLACED)

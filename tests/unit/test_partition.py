@@ -16,8 +16,8 @@ import random
 import pytest
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
-from schemas.partitioner import murmur2 as schemas_murmur2
-from schemas.partitioner import partition
+from intentflow.schemas.partitioner import murmur2 as schemas_murmur2
+from intentflow.schemas.partitioner import partition
 
 KAFKA_MURMUR2_VECTORS = {
     b"21": -973932308,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from loadtest.delivery import plan
-from loadtest.verdict import (
+from intentflow.loadtest.delivery import plan
+from intentflow.loadtest.verdict import (
     ALLOCATED,
     IntentRow,
     OrderRow,
@@ -18,8 +18,8 @@ from loadtest.verdict import (
     reckon,
     refused_with_stock,
 )
-from loadtest.workload import CartSpec, Fate, History, Scenario, scenario
-from stripekit import events
+from intentflow.loadtest.workload import CartSpec, Fate, History, Scenario, scenario
+from intentflow.stripekit import events
 
 
 def test_a_seed_repeats_its_scenario_and_every_history_runs_forward_in_time() -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from loadtest.charts import nice_ticks
-from loadtest.progress import Progress
-from loadtest.report import (
+from intentflow.loadtest.charts import nice_ticks
+from intentflow.loadtest.progress import Progress
+from intentflow.loadtest.report import (
     Check,
     Fault,
     Report,

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from producer.signature import SignatureError, SignatureVerifier
-from stripekit.signing import stripe_signature
+from intentflow.producer.signature import SignatureError, SignatureVerifier
+from intentflow.stripekit.signing import stripe_signature
 
 BODY = b'{"id":"evt_1","type":"payment_intent.succeeded","data":{"object":{}}}'
 OLD, NEW = "whsec_old", "whsec_new"

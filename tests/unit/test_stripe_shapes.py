@@ -16,13 +16,13 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from consumer.decode import Envelope, Poison, decode
-from producer.logs import EventLog
-from producer.metrics import BridgeMetrics
-from producer.publisher import Published, Publisher
-from producer.signature import SignatureVerifier
-from producer.webhook import THIN_EVENT_REASON, WebhookEndpoint
-from schemas import (
+from intentflow.consumer.decode import Envelope, Poison, decode
+from intentflow.producer.logs import EventLog
+from intentflow.producer.metrics import BridgeMetrics
+from intentflow.producer.publisher import Published, Publisher
+from intentflow.producer.signature import SignatureVerifier
+from intentflow.producer.webhook import THIN_EVENT_REASON, WebhookEndpoint
+from intentflow.schemas import (
     Charge,
     Dispute,
     PaymentIntent,
@@ -31,7 +31,7 @@ from schemas import (
     charge_key,
     payment_intent_key,
 )
-from stripekit.signing import stripe_signature
+from intentflow.stripekit.signing import stripe_signature
 
 INTENT = "pi_1PgafyB7WZ01zgkWSjxsAJo3"
 CHARGE = "ch_1PgafuB7WZ01zgkWXYmPNZs8"

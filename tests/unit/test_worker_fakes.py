@@ -22,13 +22,13 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import TopicAuthorizationFailedError
 from aiokafka.structs import ConsumerRecord
 
-from consumer.bootstrap import BrokerConsumer, Dependencies
-from consumer.deadletter import Poison
-from consumer.decode import Envelope
-from consumer.settings import ConsumerSettings
-from consumer.store import BatchResult
-from consumer.worker import RunStats, Worker
-from stripekit import events
+from intentflow.consumer.bootstrap import BrokerConsumer, Dependencies
+from intentflow.consumer.deadletter import Poison
+from intentflow.consumer.decode import Envelope
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.store import BatchResult
+from intentflow.consumer.worker import RunStats, Worker
+from intentflow.stripekit import events
 
 TOPIC = "stripe.events.fake"
 TP = TopicPartition(TOPIC, 0)

@@ -14,12 +14,12 @@ import asyncpg
 import pytest
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
-from consumer.backoff import StopRequested
-from consumer.deadletter import DeadLetterRefused, Poison
-from consumer.decode import Envelope
-from consumer.settings import ConsumerSettings
-from consumer.store import BatchResult
-from consumer.worker import Superseded, Worker
+from intentflow.consumer.backoff import StopRequested
+from intentflow.consumer.deadletter import DeadLetterRefused, Poison
+from intentflow.consumer.decode import Envelope
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.store import BatchResult
+from intentflow.consumer.worker import Superseded, Worker
 
 
 def pg(code: str) -> asyncpg.PostgresError:

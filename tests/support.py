@@ -190,7 +190,7 @@ class ConsumerProcess:
         self._argv = [
             sys.executable,
             "-m",
-            "consumer",
+            "intentflow.consumer",
             "run",
             "--exit-when-idle",
             str(exit_when_idle_s),

@@ -139,7 +139,7 @@ async def bridge_process(env: dict[str, str], ready: bool = True) -> AsyncIterat
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "producer",
+        "intentflow.producer",
         env={**env, "BRIDGE_PORT": str(port)},
         stderr=asyncio.subprocess.PIPE,
     )

@@ -34,6 +34,7 @@ from intentflow.consumer.bootstrap import bootstrap, build_relay, relay_checks
 from intentflow.consumer.deadletter import DeadLetterRefused
 from intentflow.consumer.migrate import migrate
 from intentflow.consumer.preflight import StartupError, redact, until_ready
+from intentflow.consumer.probes import ProbeServer, ProbeServerError
 from intentflow.consumer.relay import Relay, RelayStats
 from intentflow.consumer.runtime import tune_gc
 from intentflow.consumer.settings import ConsumerSettings
@@ -102,6 +103,12 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
     relay = build_relay(settings) if settings.relay_enabled else None
     _handle_stop_signals([worker, *([relay] if relay else [])], settings.shutdown_timeout_s)
     relay_stats: RelayStats | None = None
+    probes = ProbeServer(worker, settings.consumer_http_host, settings.consumer_http_port)
+    try:
+        await probes.start()
+    except ProbeServerError as exc:
+        log.error("cannot_start", error=str(exc))
+        return EXIT_CANNOT_START
     try:
         async with worker:
             tune_gc()
@@ -119,6 +126,8 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
     except DeadLetterRefused as exc:
         log.error("stopped", error=str(exc))
         return EXIT_REFUSED
+    finally:
+        await probes.stop()
     summary = {
         "batches": stats.batches,
         "events": stats.events,

@@ -96,6 +96,11 @@ class ConsumerSettings(KafkaConnection, BaseSettings):
     relay_retry_max_s: float = Field(default=300.0, gt=0)
     relay_sweep_interval_s: float = Field(default=60.0, gt=0)
 
+    # /healthz, /readyz and /metrics (consumer/probes.py) for `run`. In a pod:
+    # CONSUMER_HTTP_HOST=0.0.0.0. Port 0: any free port (logged as `http_listening`).
+    consumer_http_host: str = Field(default="127.0.0.1", min_length=1)
+    consumer_http_port: int = Field(default=8081, ge=0, le=65535)
+
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 

@@ -53,7 +53,8 @@ class BatchResult:
     claimed: int = 0
     rejected: int = 0  # refused by the database for their data, and dead-lettered
     outcomes: Counter[str] = field(default_factory=Counter)
-    orders: Counter[str] = field(default_factory=Counter)
+    orders: Counter[str] = field(default_factory=Counter)  # new orders, by status
+    entered: Counter[str] = field(default_factory=Counter)  # statuses orders entered (new or moved)
 
     @property
     def duplicates(self) -> int:
@@ -66,6 +67,7 @@ class BatchResult:
             rejected=self.rejected + other.rejected,
             outcomes=self.outcomes + other.outcomes,
             orders=self.orders + other.orders,
+            entered=self.entered + other.entered,
         )
 
 
@@ -99,6 +101,7 @@ async def apply_batch(
         await enqueue(conn, changes, policy)
         await _record_outcomes(conn, claimed, folds, result)
         result.orders.update(str(c.status) for c in changes if c.previous is None)
+        result.entered.update(str(c.status) for c in changes if c.previous is not c.status)
     return result
 
 

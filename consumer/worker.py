@@ -61,6 +61,7 @@ from intentflow.consumer.errors import (
     is_statement_timeout,
 )
 from intentflow.consumer.errors import sqlstate as sqlstate_of
+from intentflow.consumer.metrics import CONTENT_TYPE, ConsumerMetrics
 from intentflow.consumer.preflight import until_ready
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import BatchResult
@@ -72,6 +73,8 @@ log = structlog.get_logger("consumer")
 SPLIT_AFTER_TIMEOUTS = 2
 # How much longer than its own timeout a poll may take before it is cut short.
 POLL_MARGIN_S = 1.0
+# What a readiness probe waits for the database's answer.
+READY_DATABASE_TIMEOUT_S = 2.0
 
 
 class Superseded(Exception):
@@ -171,6 +174,9 @@ class Worker:
         self.epoch = 0  # bumped on every revocation; older batches are not applied
         self.last_activity = time.monotonic()
         self.in_group = False  # between an assignment and the next revocation
+        self.metrics = ConsumerMetrics()
+        self.last_poll: float | None = None  # time.monotonic() of the loop's latest poll
+        self.waiting_out: str | None = None  # the failure a batch is waiting out, if any
         self._stopping = asyncio.Event()
         self._stop_deadline: float | None = None  # time.monotonic()
         self._poll_lock = asyncio.Lock()
@@ -279,6 +285,63 @@ class Worker:
             log.warning("shutdown_step_abandoned", step=what, reason="shutdown deadline")
             return False
 
+    # -- what the probes read (consumer.probes) -----------------------------
+
+    def alive(self) -> tuple[bool, str]:
+        """Alive while starting, stopping, or polling at least every few statement timeouts."""
+        if self._stopping.is_set():
+            return True, "stopping"
+        if self.last_poll is None:
+            return True, "starting"
+        s = self.settings
+        # The loop polls every POLL_TIMEOUT_MS, and while a batch waits out a
+        # failure; the longest it waits without polling is one batch's
+        # client-side timeout (`_apply_once`).
+        limit_s = 2 * s.statement_timeout_s + s.db_connect_timeout_s + 30.0
+        quiet_s = time.monotonic() - self.last_poll
+        if quiet_s > limit_s:
+            return False, f"stalled: the loop has not polled for {quiet_s:.0f} s"
+        return True, "alive"
+
+    async def ready(self) -> tuple[bool, str]:
+        """Ready once joined (with partitions or waiting for some) while the database answers."""
+        if self._stopping.is_set():
+            return False, "stopping"
+        pool = self._pool
+        if self._consumer is None or pool is None:
+            return False, "starting: checking the database, the broker and the topics"
+        if self.waiting_out is not None:
+            return False, f"waiting out a failure: {self.waiting_out}"
+        if not self.inflight.locked():  # else the batch in flight is the database's answer
+            try:
+                async with asyncio.timeout(READY_DATABASE_TIMEOUT_S), pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+            except Exception as exc:
+                return False, f"the database does not answer: {describe(exc, 200)}"
+        held = len(self.assignment())
+        return True, f"ready: {held} partitions" if held else "ready: waiting for partitions"
+
+    async def exposition(self) -> tuple[bytes, str]:
+        """/metrics, with each owned partition's lag read now."""
+        await self._read_lag()
+        return self.metrics.render(), CONTENT_TYPE
+
+    async def _read_lag(self) -> None:
+        consumer = self._consumer
+        lags: dict[tuple[str, int], int] = {}
+        for tp in consumer.assignment() if consumer is not None else ():
+            assert consumer is not None
+            high = consumer.highwater(tp)  # None until a fetch from the partition answered
+            if high is None:
+                continue
+            try:
+                async with asyncio.timeout(0.5):
+                    position = await consumer.position(tp)
+            except (TimeoutError, IllegalStateError, KafkaError):
+                continue  # moving or not yet positioned: no figure rather than a wrong one
+            lags[(tp.topic, tp.partition)] = max(high - position, 0)
+        self.metrics.set_lag(lags)
+
     # -- the loop ----------------------------------------------------------
 
     async def run(self) -> RunStats:
@@ -369,6 +432,7 @@ class Worker:
         async with self._poll_lock:  # the loop and a back-off wait both poll
             if self._consumer is None or self._stopping.is_set():
                 raise StopRequested
+            self.last_poll = time.monotonic()
             fetch = asyncio.ensure_future(
                 self._consumer.getmany(
                     timeout_ms=timeout_ms,
@@ -420,7 +484,17 @@ class Worker:
                 self.stats.abandoned += 1
                 log.info("batch_left_to_new_owner", records=len(batch.records))
                 return
+            finally:
+                self.waiting_out = None
             duration_ms = (time.perf_counter() - started) * 1000
+        self.metrics.batch_applied(
+            outcomes=result.outcomes,
+            duplicates=result.duplicates,
+            dead_lettered=len(batch.poison) + result.rejected,
+            entered=result.entered,
+            duration_s=duration_ms / 1000,
+            received_at_ms=(e.arrival[0] for e in batch.envelopes),
+        )
         self.stats.batches += 1
         self.stats.add(result)
         self.stats.batch_latencies_ms.append(duration_ms)
@@ -516,6 +590,7 @@ class Worker:
                 return
             try:
                 await consumer.commit(mine)
+                self.metrics.committed()
                 return
             except (CommitFailedError, IllegalStateError) as exc:
                 log.warning(
@@ -565,6 +640,8 @@ class Worker:
         label = cause(exc)
         self.stats.retries += 1
         self.stats.retries_by_cause[label] += 1
+        self.metrics.retried(label)
+        self.waiting_out = label
         log.warning(
             what, cause=label, error=describe(exc), attempt=attempt + 1, retry_in_s=round(wait_s, 2)
         )

@@ -88,6 +88,7 @@ class Stack:
         self.bridge: subprocess.Popen[bytes] | None = None
         self.bridge_port = 0
         self.consumers: list[subprocess.Popen[bytes] | None] = []
+        self.consumer_ports: list[int] = []  # each consumer's /healthz, /readyz, /metrics
         self._log_files: list[IO[bytes]] = []
 
     # -- services ------------------------------------------------------------
@@ -118,6 +119,7 @@ class Stack:
         await self.start_bridge()
         for i in range(self.options.consumers):
             self.consumers.append(None)
+            self.consumer_ports.append(0)
             self.start_consumer(i)
         await self.wait_consumers_joined()
 
@@ -256,7 +258,9 @@ class Stack:
 
     def start_consumer(self, i: int) -> None:
         argv = [sys.executable, "-m", "intentflow.consumer", "run"]
-        self.consumers[i] = self._spawn(f"consumer-{i + 1}", argv, self.consumer_env())
+        self.consumer_ports[i] = port = free_port()
+        env = {**self.consumer_env(), "CONSUMER_HTTP_PORT": str(port)}
+        self.consumers[i] = self._spawn(f"consumer-{i + 1}", argv, env)
 
     def kill_consumer(self, i: int) -> int:
         """SIGKILL consumer `i`; its pid."""

@@ -34,7 +34,7 @@ budget is cut after that read. Two approximations: bytes of a request pipelined
 behind another in the same read are not counted, and a body's non-body bytes
 are checked after the read; either may exceed the limit by at most one read
 (uvloop reads 256 KiB at most). Refusals are counted by reason
-(`bridge_connections_refused_total`), not logged: a flood would otherwise flood
+(`intentflow_bridge_connections_refused_total`), not logged: a flood would otherwise flood
 the log too.
 
 Cost on the hot path: per read, two comparisons and a subtraction; per request,

@@ -1,39 +1,50 @@
-"""The bridge's Prometheus metrics, in a registry of its own per app."""
+"""The bridge's Prometheus metrics, in a registry of its own per app.
+
+Beside its own (`intentflow_bridge_*`), the registry has what both services
+export: `intentflow_build_info` and the process_* and python_* defaults.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from intentflow.schemas.metrics import NAMESPACE, service_registry
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class BridgeMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = service_registry("stripe-bridge")
+        ns = {"namespace": NAMESPACE, "subsystem": "bridge"}
         self.webhooks = Counter(
-            "bridge_webhooks",
+            "webhooks",
             "Webhook requests by outcome.",
             ["outcome"],
             registry=self.registry,
+            **ns,
         )
         self.signature_failures = Counter(
-            "bridge_signature_failures",
+            "signature_failures",
             "Webhooks refused because of their Stripe-Signature, by reason.",
             ["reason"],
             registry=self.registry,
+            **ns,
         )
         self.connections_refused = Counter(
-            "bridge_connections_refused",
+            "connections_refused",
             "Connections answered and closed before authentication, by the limit they hit.",
             ["reason"],
             registry=self.registry,
+            **ns,
         )
         self.publish_seconds = Histogram(
-            "bridge_publish_seconds",
+            "publish_seconds",
             "Time from send to broker acknowledgement.",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
             registry=self.registry,
+            **ns,
         )
 
     def refused(self, reason: str) -> None:

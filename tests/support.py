@@ -50,6 +50,7 @@ def consumer_settings(
         "retry_max_s": 0.5,
         "session_timeout_ms": 6000,
         "heartbeat_interval_ms": 500,
+        "consumer_http_port": 0,  # several consumers run at once: any free port each
     }
     values.update(overrides)
     return ConsumerSettings(**values)

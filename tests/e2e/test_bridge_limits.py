@@ -29,6 +29,10 @@ MiB = 1024 * 1024
 PARTIAL_HEADERS = b"POST /webhooks/stripe HTTP/1.1\r\nHost: bridge\r\nStripe-Sig"
 
 
+def refused_metric(reason: str) -> str:
+    return f'intentflow_bridge_connections_refused_total{{reason="{reason}"}}'
+
+
 async def connect(bridge: BridgeProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", bridge.port)
 
@@ -77,10 +81,8 @@ async def test_slow_headers_and_slow_bodies_are_answered_408_and_closed_after_th
         assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers), answers[:3]
         assert body_answer.startswith(b"HTTP/1.1 408 ")
         assert elapsed_s >= 0.5  # closed by the timeout, not at once
-        assert await bridge.metric('bridge_connections_refused_total{reason="header_timeout"}') == (
-            210
-        )
-        assert await bridge.metric('bridge_connections_refused_total{reason="body_timeout"}') == 1
+        assert await bridge.metric(refused_metric("header_timeout")) == (210)
+        assert await bridge.metric(refused_metric("body_timeout")) == 1
         for _, writer in [*stalled, slow_body]:
             writer.close()
 
@@ -119,11 +121,9 @@ async def test_a_header_flood_is_refused_with_memory_bounded_and_a_webhook_still
         writer.close()
 
         await assert_a_webhook_lands(bridge, infra, topic)
-        refused = 'bridge_connections_refused_total{reason="headers_too_large"}'
+        refused = refused_metric("headers_too_large")
         assert await bridge.metric(refused) == 1
-        assert (
-            await bridge.metric('bridge_connections_refused_total{reason="too_many_headers"}') == 1
-        )
+        assert await bridge.metric(refused_metric("too_many_headers")) == 1
 
 
 async def test_connections_beyond_the_cap_are_answered_503_and_closed(
@@ -150,7 +150,7 @@ async def test_connections_beyond_the_cap_are_answered_503_and_closed(
             held_writer.close()
         await asyncio.sleep(0.3)
         await assert_a_webhook_lands(bridge, infra, topic)
-        refused = 'bridge_connections_refused_total{reason="too_many_connections"}'
+        refused = refused_metric("too_many_connections")
         assert await bridge.metric(refused) == 1
         for _, held_writer in held[5:]:
             held_writer.close()
@@ -259,7 +259,7 @@ async def test_chunked_trailers_are_refused_with_memory_bounded_and_a_webhook_st
         assert peak - before < 32 * MiB, (before, peak)
 
         await assert_a_webhook_lands(bridge, infra, topic)
-        refused = 'bridge_connections_refused_total{reason="headers_too_large"}'
+        refused = refused_metric("headers_too_large")
         assert await bridge.metric(refused) == 3
 
 
@@ -293,7 +293,7 @@ async def test_a_connection_idle_after_a_crlf_is_closed_after_the_header_timeout
             writer.close()
         await asyncio.sleep(0.3)
         await assert_a_webhook_lands(bridge, infra, topic)
-        timeouts = 'bridge_connections_refused_total{reason="header_timeout"}'
+        timeouts = refused_metric("header_timeout")
         assert await bridge.metric(timeouts) == 20
 
 
@@ -389,7 +389,7 @@ async def test_a_slow_body_queued_behind_a_pipelined_request_is_closed_without_a
         # The second request's body times out while the first is still being published:
         # a 408 on the wire now would read as the first request's answer.
         assert answer == b"", answer
-        assert await bridge.metric('bridge_connections_refused_total{reason="body_timeout"}') == 1
+        assert await bridge.metric(refused_metric("body_timeout")) == 1
         # The first request's app ends quietly once published, its answer unsent.
         for _ in range(100):
             if '"outcome":"published"' in bridge.logs:

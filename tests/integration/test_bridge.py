@@ -112,7 +112,7 @@ async def test_an_event_about_no_payment_intent_is_acknowledged_and_not_publishe
         metrics = (await client.get("/metrics")).text
 
     assert (response.status_code, response.json()["outcome"]) == (200, "ignored")
-    assert 'bridge_webhooks_total{outcome="ignored"} 1.0' in metrics
+    assert 'intentflow_bridge_webhooks_total{outcome="ignored"} 1.0' in metrics
     await asyncio.sleep(0.3)
     assert await topic_size(infra.kafka_bootstrap_servers, topic) == 0
 
@@ -180,7 +180,7 @@ async def test_a_charge_without_an_intent_lands_keyed_by_its_charge_id_and_count
         metrics = (await client.get("/metrics")).text
 
     assert [a.json()["outcome"] for a in answers] == ["published_without_intent"] * 2
-    assert 'bridge_webhooks_total{outcome="published_without_intent"} 2.0' in metrics
+    assert 'intentflow_bridge_webhooks_total{outcome="published_without_intent"} 2.0' in metrics
     records = await read_topic(infra.kafka_bootstrap_servers, topic, expected=2)
     assert [r.value for r in records] == bodies
     assert {r.key for r in records} == {charge.encode()}
@@ -285,7 +285,7 @@ async def test_health_readiness_and_metrics(infra: Services, topic: str) -> None
         assert (await client.get("/readyz")).status_code == 200
         await post_webhook(client, GOOD, secret="whsec_wrong")
         metrics = (await client.get("/metrics")).text
-    assert 'bridge_signature_failures_total{reason="forged"} 1.0' in metrics
+    assert 'intentflow_bridge_signature_failures_total{reason="forged"} 1.0' in metrics
     assert SECRET not in metrics
 
 
@@ -393,7 +393,7 @@ async def test_an_event_the_broker_refuses_for_good_is_answered_500_and_logged_a
     assert (refused.status_code, refused.json()["outcome"]) == (500, "rejected_by_broker")
     assert "MessageSizeTooLargeError" in refused.json()["reason"]
     assert (accepted.status_code, ready) == (200, 200)  # one refused event is not an outage
-    assert 'bridge_webhooks_total{outcome="rejected_by_broker"} 1.0' in metrics
+    assert 'intentflow_bridge_webhooks_total{outcome="rejected_by_broker"} 1.0' in metrics
     [line] = [
         orjson.loads(text)
         for text in capfd.readouterr().err.splitlines()

@@ -374,7 +374,7 @@ class Bridge:
 
     def count(self, outcome: str) -> float:
         value = self.metrics.registry.get_sample_value(
-            "bridge_webhooks_total", {"outcome": outcome}
+            "intentflow_bridge_webhooks_total", {"outcome": outcome}
         )
         return value or 0.0
 

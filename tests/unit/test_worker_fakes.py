@@ -51,6 +51,12 @@ def record(offset: int, value: bytes | None = None) -> Any:
 class FakeConnection:
     def __init__(self, log: Log) -> None:
         self.log = log
+        self.down = False  # what a readiness probe's `SELECT 1` meets
+
+    async def fetchval(self, query: str) -> int:
+        if self.down:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return 1
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
@@ -83,7 +89,7 @@ class FakeConsumer:
 
     def __init__(self, log: Log, records: list[Any], refuse_commit: Exception | None) -> None:
         self.log, self.records, self.refuse_commit = log, records, refuse_commit
-        self.position, self.paused, self.stopped = 0, False, False
+        self.next_index, self.paused, self.stopped = 0, False, False
         self.owned: set[Any] = set()
         self.listener: ConsumerRebalanceListener = None
 
@@ -102,8 +108,8 @@ class FakeConsumer:
         if not self.owned:
             self.owned = {TP}
             await self.listener.on_partitions_assigned({TP})
-        fetched = [] if self.paused else self.records[self.position :][:max_records]
-        self.position += len(fetched)
+        fetched = [] if self.paused else self.records[self.next_index :][:max_records]
+        self.next_index += len(fetched)
         if not fetched:
             await asyncio.sleep(timeout_ms / 1000)
         return {TP: fetched} if fetched else {}
@@ -120,7 +126,13 @@ class FakeConsumer:
         self.paused = False
 
     def seek(self, partition: Any, offset: int) -> None:
-        self.position = offset
+        self.next_index = offset
+
+    def highwater(self, partition: Any) -> int | None:
+        return len(self.records)
+
+    async def position(self, partition: Any) -> int:
+        return self.next_index
 
 
 class FakeDeadLetters:

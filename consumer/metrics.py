@@ -1,0 +1,123 @@
+"""The consumer's Prometheus metrics, in a registry of its own per worker.
+
+Names follow Prometheus' conventions: one `intentflow_consumer_` namespace,
+base units (seconds, records), `_total` on counters. What each one means:
+
+  events_total{outcome}           events handled: applied, stale, ignored (the fold's
+                                  outcomes), duplicate (already in the inbox),
+                                  dead_lettered (poison, or refused by the database)
+  orders_total{status}            orders that entered a status: created in it, or moved to it
+  batch_events                    events per applied batch (histogram)
+  batch_duration_seconds          from the batch's start to its offsets' commit (histogram)
+  latency_seconds                 from the bridge's receipt (`received-at`) to the database
+                                  commit that applied the event, duplicates included
+  lag_records{topic,partition}    records after this member's position, per owned partition
+  retries_total{cause}            waits for the database or broker to come back
+  last_commit_timestamp_seconds   when offsets were last committed (Unix time)
+  intentflow_build_info{service,version}, and the process_* and python_* defaults.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from intentflow.schemas.metrics import NAMESPACE, service_registry
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Every outcome is exported from the start, so that a rate over it exists at zero.
+EVENT_OUTCOMES = ("applied", "stale", "ignored", "duplicate", "dead_lettered")
+
+# Seconds, from a quiet consumer's tens of milliseconds to a backlog's minutes.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+BATCH_EVENTS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class ConsumerMetrics:
+    def __init__(self) -> None:
+        self.registry = registry = service_registry("order-consumer")
+        ns, sub = NAMESPACE, "consumer"
+        self.events = Counter(
+            "events", "Events handled, by outcome.", ["outcome"],
+            namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+        for outcome in EVENT_OUTCOMES:
+            self.events.labels(outcome)
+        self.orders = Counter(
+            "orders", "Orders that entered a status (created in it or moved to it).", ["status"],
+            namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+        self.batch_events = Histogram(
+            "batch_events", "Events per applied batch.", buckets=BATCH_EVENTS_BUCKETS,
+            namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+        self.batch_seconds = Histogram(
+            "batch_duration_seconds", "From a batch's start to its offsets' commit.",
+            buckets=BATCH_SECONDS_BUCKETS, namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "latency_seconds",
+            "From the bridge's receipt of an event (received-at) to the commit that applied it.",
+            buckets=LATENCY_BUCKETS, namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+        self.lag = Gauge(
+            "lag_records", "Records after this member's position, per owned partition.",
+            ["topic", "partition"], namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+        self.retries = Counter(
+            "retries", "Waits for the database or the broker to come back, by cause.", ["cause"],
+            namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+        self.last_commit = Gauge(
+            "last_commit_timestamp_seconds", "When offsets were last committed (Unix time).",
+            namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+        self._lag_series: set[tuple[str, str]] = set()
+
+    def batch_applied(
+        self,
+        *,
+        outcomes: Mapping[str, int],
+        duplicates: int,
+        dead_lettered: int,
+        entered: Mapping[str, int],
+        duration_s: float,
+        received_at_ms: Iterable[int],
+    ) -> None:
+        """One batch committed (database and offsets): count it and time its events."""
+        for outcome, n in outcomes.items():
+            self.events.labels(str(outcome)).inc(n)
+        self.events.labels("duplicate").inc(duplicates)
+        self.events.labels("dead_lettered").inc(dead_lettered)
+        for status, n in entered.items():
+            self.orders.labels(str(status)).inc(n)
+        events = sum(outcomes.values()) + duplicates + dead_lettered
+        self.batch_events.observe(events)
+        self.batch_seconds.observe(duration_s)
+        now_ms = time.time() * 1000
+        for received in received_at_ms:
+            if received > 0:  # a record that did not come through the bridge has none
+                self.latency.observe(max(now_ms - received, 0.0) / 1000)
+
+    def committed(self) -> None:
+        self.last_commit.set_to_current_time()
+
+    def retried(self, cause: str) -> None:
+        self.retries.labels(cause).inc()
+
+    def set_lag(self, lags: Mapping[tuple[str, int], int]) -> None:
+        """The lag of each partition owned now; series of partitions no longer owned go."""
+        current = {(topic, str(partition)) for topic, partition in lags}
+        for gone in self._lag_series - current:
+            self.lag.remove(*gone)
+        for (topic, partition), lag in lags.items():
+            self.lag.labels(topic, str(partition)).set(lag)
+        self._lag_series = current
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,135 @@
+"""The consumer's HTTP server, beside the loop: /healthz, /readyz, /metrics.
+
+A few GET requests a minute from a kubelet and a Prometheus: asyncio's own
+server on the worker's event loop is enough, and it leaves the process's
+signal handling to `consumer.__main__`. Each request is one line and a few
+headers, bounded in size and time; each answer closes its connection.
+
+  /healthz   200 while the loop is alive (starting, polling, waiting out a
+             failure, stopping); 503 once it has stopped making progress.
+  /readyz    200 once the member has joined (with partitions, or waiting for
+             some) and the database answers; 503 with the reason otherwise.
+  /metrics   the Prometheus text format (consumer.metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import structlog
+
+log = structlog.get_logger("consumer")
+
+MAX_REQUEST_BYTES = 8192
+READ_TIMEOUT_S = 5.0
+TEXT = "text/plain; charset=utf-8"
+
+
+class Health(Protocol):
+    def alive(self) -> tuple[bool, str]: ...
+
+    async def ready(self) -> tuple[bool, str]: ...
+
+    async def exposition(self) -> tuple[bytes, str]: ...
+
+
+class ProbeServerError(Exception):
+    """The server cannot listen (the message says what to change)."""
+
+
+Answer = tuple[int, bytes, str]
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           503: "Service Unavailable"}  # fmt: skip
+
+
+class ProbeServer:
+    def __init__(self, health: Health, host: str, port: int) -> None:
+        self.health = health
+        self.host = host
+        self.port = port  # the bound port once started (PORT=0 picks a free one)
+        self._server: asyncio.Server | None = None
+        self._routes: dict[str, Callable[[], Awaitable[Answer]]] = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics,
+        }
+
+    async def start(self) -> ProbeServer:
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, self.host, self.port, limit=MAX_REQUEST_BYTES
+            )
+        except OSError as exc:
+            raise ProbeServerError(
+                f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc}): "
+                "set CONSUMER_HTTP_HOST/CONSUMER_HTTP_PORT to a free address"
+            ) from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("http_listening", host=self.host, port=self.port)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            method, path = await self._read_request(reader)
+            if method is None:
+                answer: Answer = (400, b"bad request\n", TEXT)
+            elif path not in self._routes:
+                answer = (404, b"not found: try /healthz, /readyz or /metrics\n", TEXT)
+            elif method not in ("GET", "HEAD"):
+                answer = (405, b"only GET\n", TEXT)
+            else:
+                answer = await self._routes[path]()
+            self._write(writer, answer, head_only=method == "HEAD")
+            await writer.drain()
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away or never finished its request
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str | None, str]:
+        """The request's method and path; (None, "") for anything this server will not read."""
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return None, ""  # cut short, or longer than MAX_REQUEST_BYTES
+        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return None, ""
+        return parts[0], parts[1].split("?", 1)[0]
+
+    @staticmethod
+    def _write(writer: asyncio.StreamWriter, answer: Answer, head_only: bool) -> None:
+        status, body, content_type = answer
+        head = (
+            f"HTTP/1.1 {status} {REASONS[status]}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        writer.write(head.encode("latin-1") + (b"" if head_only else body))
+
+    async def _healthz(self) -> Answer:
+        ok, why = self.health.alive()
+        return (200 if ok else 503), f"{why}\n".encode(), TEXT
+
+    async def _readyz(self) -> Answer:
+        ok, why = await self.health.ready()
+        return (200 if ok else 503), f"{why}\n".encode(), TEXT
+
+    async def _metrics(self) -> Answer:
+        body, content_type = await self.health.exposition()
+        return 200, body, content_type

@@ -1,0 +1,140 @@
+"""/metrics of a running bridge and a running consumer, scraped after a small replay.
+
+The harness's stack (loadtest/stack.py) runs the bridge and a consumer as OS
+processes on the test's services; a few dozen intents' histories go through
+the bridge with duplicates and reordering. Each counter must have moved by
+what the database, the topic and the sender's tally say happened, and the
+lag and latency series must be there.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from intentflow.devservices import Services
+from intentflow.loadtest import delivery, readback
+from intentflow.loadtest.stack import Stack, StackOptions
+from intentflow.loadtest.workload import scenario, seed_scenario
+
+pytestmark = pytest.mark.timeout(180)
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def labelled(samples: Samples, name: str, label: str) -> dict[str, float]:
+    """name{label=...} -> value, for every series of `name`."""
+    return {dict(key)[label]: v for (n, key), v in samples.items() if n == name}
+
+
+async def topic_records(bootstrap: str, topic: str) -> int:
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await reader.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+        if not partitions:
+            await reader.topics()  # metadata, then again
+            partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic)]
+        ends = await reader.end_offsets(partitions)
+        return sum(ends.values())
+    finally:
+        await reader.stop()
+
+
+async def test_bridge_and_consumer_metrics_move_by_what_a_replay_did(
+    infra: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka_bootstrap_servers)
+    monkeypatch.setenv("KAFKA_ENABLE_IDEMPOTENCE", str(infra.kafka_enable_idempotence).lower())
+    monkeypatch.setenv("DATABASE_URL", infra.database_url)
+    world = scenario(40, seed=5)
+    plan = delivery.plan(world, duplicates=2, reorder=0.3, concurrent=0.2, seed=5)
+    async with Stack(StackOptions(consumers=1, keep_logs=False)) as stack:
+        conn = await asyncpg.connect(stack.database_url)
+        try:
+            await seed_scenario(conn, world)
+            sender = delivery.HttpSender("127.0.0.1", stack.bridge_port, stack.options.secret, 4)
+            tally = delivery.Tally()
+            await delivery.deliver(plan, sender, tally, senders=4)
+            await sender.close()
+            assert await readback.wait_caught_up(stack, tally, idle_s=15, timeout_s=90)
+            records = await topic_records(stack.kafka_bootstrap_servers, stack.topic)
+            inbox: dict[str, int] = {
+                outcome: n
+                for outcome, n in await conn.fetch(
+                    "SELECT outcome, count(*) FROM processed_events GROUP BY 1"
+                )
+            }
+            entered = {
+                name.removeprefix("order."): n
+                for name, n in await conn.fetch(
+                    "SELECT name, count(*) FROM outbox WHERE kind = 'order_event'"
+                    " AND name <> 'order.updated' GROUP BY 1"
+                )
+            }
+        finally:
+            await conn.close()
+        consumer_url = f"http://127.0.0.1:{stack.consumer_ports[0]}"
+        async with httpx.AsyncClient() as client:
+            bridge = parse((await client.get(f"http://127.0.0.1:{stack.bridge_port}/metrics")).text)
+            scraped = await client.get(f"{consumer_url}/metrics")
+            consumer = parse(scraped.text)
+            healthz = await client.get(f"{consumer_url}/healthz")
+            readyz = await client.get(f"{consumer_url}/readyz")
+
+    assert tally.acked == plan.deliveries and tally.given_up == 0
+    distinct = sum(inbox.values())
+    assert distinct == plan.events
+    assert records >= plan.deliveries  # every acknowledged delivery is a record
+
+    # The bridge: one publish per acknowledged delivery, none failed.
+    webhooks = labelled(bridge, "intentflow_bridge_webhooks_total", "outcome")
+    published = webhooks["published"] + webhooks["published_without_intent"]
+    assert published == records
+    assert webhooks["unavailable"] == webhooks["rejected_by_broker"] == 0
+    assert value(bridge, "intentflow_bridge_publish_seconds_count") == published
+
+    # The consumer: every record once, by the outcome the inbox recorded.
+    assert scraped.headers["content-type"].startswith("text/plain; version=")
+    events = labelled(consumer, "intentflow_consumer_events_total", "outcome")
+    assert {k: events[k] for k in inbox} == inbox
+    assert events["duplicate"] == records - distinct > 0
+    assert events["dead_lettered"] == 0
+    assert sum(events.values()) == records
+    assert labelled(consumer, "intentflow_consumer_orders_total", "status") == entered
+    assert entered.get("placed", 0) > 0
+    assert value(consumer, "intentflow_consumer_batch_events_sum") == records
+    batches = value(consumer, "intentflow_consumer_batch_events_count")
+    assert batches >= 1
+    assert value(consumer, "intentflow_consumer_batch_duration_seconds_count") == batches
+    # Every record came through the bridge, so each has a received-at to time.
+    assert value(consumer, "intentflow_consumer_latency_seconds_count") == records
+    assert 0 < value(consumer, "intentflow_consumer_latency_seconds_sum") < 60 * records
+    lag = labelled(consumer, "intentflow_consumer_lag_records", "partition")
+    assert lag and set(lag.values()) == {0.0}  # caught up, on every partition it owns
+    assert value(consumer, "intentflow_consumer_last_commit_timestamp_seconds") > tally.started
+
+    # Both: the build, and the process defaults.
+    for samples, service in ((bridge, "stripe-bridge"), (consumer, "order-consumer")):
+        build = [dict(k) for (n, k), _ in samples.items() if n == "intentflow_build_info"]
+        assert [b["service"] for b in build] == [service] and build[0]["version"]
+        assert value(samples, "process_cpu_seconds_total") > 0
+        assert value(samples, "process_resident_memory_bytes") > 0
+
+    assert healthz.status_code == 200 and healthz.text == "alive\n"
+    assert readyz.status_code == 200 and readyz.text.startswith("ready: ")

@@ -18,11 +18,13 @@ def documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def test_configmap_and_secret_set_only_known_settings() -> None:
+def test_configmap_and_secrets_set_only_known_settings() -> None:
     for name in ("configmap.yaml", "secret.example.yaml"):
-        (doc,) = documents(DEPLOY / "k8s" / name)
-        keys = set(doc.get("data") or doc.get("stringData") or {})
-        assert keys <= KNOWN, (name, keys - KNOWN)
+        docs = documents(DEPLOY / "k8s" / name)
+        assert docs, name
+        for doc in docs:
+            keys = set(doc.get("data") or doc.get("stringData") or {})
+            assert keys <= KNOWN, (name, doc["metadata"]["name"], keys - KNOWN)
 
 
 def test_containers_set_only_known_settings_and_run_real_commands() -> None:
@@ -30,11 +32,15 @@ def test_containers_set_only_known_settings_and_run_real_commands() -> None:
     for path in (DEPLOY / "k8s").glob("*.yaml"):
         for doc in documents(path):
             spec = doc.get("spec", {}).get("template", {}).get("spec", {})
-            for container in spec.get("containers", []):
-                commands.add(container["command"][0])
+            for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+                commands.add(tuple(container["command"]))
                 names = {env["name"] for env in container.get("env", [])}
                 assert names <= KNOWN, (path.name, names - KNOWN)
-    assert commands == {"order-consumer", "stripe-bridge"}
+    assert commands == {
+        ("order-consumer", "migrate"),
+        ("order-consumer", "run"),
+        ("stripe-bridge",),
+    }
 
 
 def test_compose_services_set_only_known_settings() -> None:

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit demo bench bench-consumer bench-bridge bench-compare contract clean
+.PHONY: venv test lint unit demo bench bench-consumer bench-bridge bench-compare contract lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,20 @@ bench-compare: $(STAMP)
 # The topics' contract as an AsyncAPI document, from schemas/ (a test fails when it is stale).
 contract: $(STAMP)
 	$(BIN)/python -m intentflow.schemas.asyncapi > docs/asyncapi.json
+
+# The image's locks (deploy/Dockerfile installs them with --require-hashes): the
+# runtime dependencies, no extras, and the build backend, each pinned with the
+# hashes of its files, resolved for the image's Python and platform rather than
+# this machine's. Versions already locked stay unless pyproject.toml moves them;
+# `make lock UPGRADE=1` takes the newest that fit.
+LOCK := $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command 'make lock' \
+	$(if $(UPGRADE),--upgrade)
+
+lock: $(STAMP)
+	$(LOCK) pyproject.toml -o deploy/requirements.lock
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(LOCK) - -o deploy/build.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,12 +1,14 @@
 # Two commands set everything up on a fresh machine with Python 3.11 and no Docker:
 #   make demo    run the main job on embedded services
 #   make test    lint, type-check and run the whole suite
+# and for working on it with the Stripe CLI:
+#   make dev     the embedded services, the bridge and a consumer, in the foreground
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit demo bench bench-consumer bench-bridge bench-compare contract lock clean
+.PHONY: venv test lint unit demo dev bench bench-consumer bench-bridge bench-compare contract lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,13 @@ unit: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m intentflow.loadtest.demo
+
+# Ctrl-C stops it all. It prints the `stripe listen --forward-to` line and the addresses
+# to connect to; `stripe listen` signs with a secret of its own, so give the bridge that one:
+#   make dev STRIPE_WEBHOOK_SECRET=$(stripe listen --print-secret)
+# BRIDGE_PORT (8000) and CONSUMER_HTTP_PORT (8081) choose the ports. `seed-cart` makes a cart.
+dev: $(STAMP)
+	$(BIN)/python -m intentflow.devservices.dev
 
 # The bridge's part drives it with wrk, a real HTTP load generator (Debian: apt-get).
 WRK := command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)

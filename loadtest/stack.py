@@ -32,9 +32,8 @@ from typing import IO, Self
 
 import asyncpg
 import httpx
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 
+from intentflow.devservices import group
 from intentflow.devservices.embedded import (
     EmbeddedKafka,
     EmbeddedPostgres,
@@ -238,23 +237,17 @@ class Stack:
     async def wait_consumers_joined(self, timeout_s: float = 90.0) -> None:
         """Until the group is stable with every consumer in it, so the clock starts on a
         running pipeline, not on the group's first join."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka_bootstrap_servers)
-        await admin.start()
-        try:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                if self.dead_consumers():
-                    raise StackError(f"a consumer exited at start; see {self.logs}")
-                with contextlib.suppress(KafkaError):
-                    (response,) = await admin.describe_consumer_groups([self.group_id])
-                    group = response.groups[0]
-                    state, members = group[2], group[5]
-                    if state == "Stable" and len(members) == len(self.consumers):
-                        return
-                await asyncio.sleep(0.2)
-        finally:
-            await admin.close()
-        raise StackError(f"the consumers did not join within {timeout_s:g} s; see {self.logs}")
+
+        def still_running() -> None:
+            if self.dead_consumers():
+                raise StackError(f"a consumer exited at start; see {self.logs}")
+
+        joined = await group.until_stable(
+            self.kafka_bootstrap_servers, self.group_id, len(self.consumers),
+            timeout_s=timeout_s, still_running=still_running,
+        )  # fmt: skip
+        if not joined:
+            raise StackError(f"the consumers did not join within {timeout_s:g} s; see {self.logs}")
 
     def start_consumer(self, i: int) -> None:
         argv = [sys.executable, "-m", "intentflow.consumer", "run"]

@@ -17,6 +17,7 @@ SHUTDOWN_TIMEOUT_S exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -66,7 +67,9 @@ def _write_now(event: str, **fields: object) -> None:
     where a buffered stream that may be mid-write is not."""
     stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     line = {**fields, "event": event, "level": "warning", "timestamp": stamp}
-    os.write(2, orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+    # A closed stderr (a pipe whose reader quit) must not cost the stop it reports.
+    with contextlib.suppress(OSError):
+        os.write(2, orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
 
 
 class BridgeServer(uvicorn.Server):

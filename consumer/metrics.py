@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from intentflow.consumer.decisions import OrderStatus
 from intentflow.schemas.metrics import NAMESPACE, service_registry
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -52,6 +53,8 @@ class ConsumerMetrics:
             "orders", "Orders that entered a status (created in it or moved to it).", ["status"],
             namespace=ns, subsystem=sub, registry=registry,
         )  # fmt: skip
+        for status in OrderStatus:  # a closed set: each exported at zero, as the outcomes
+            self.orders.labels(str(status))
         self.batch_events = Histogram(
             "batch_events", "Events per applied batch.", buckets=BATCH_EVENTS_BUCKETS,
             namespace=ns, subsystem=sub, registry=registry,
@@ -79,30 +82,33 @@ class ConsumerMetrics:
         )  # fmt: skip
         self._lag_series: set[tuple[str, str]] = set()
 
-    def batch_applied(
+    def transaction_committed(
         self,
         *,
         outcomes: Mapping[str, int],
         duplicates: int,
-        dead_lettered: int,
         entered: Mapping[str, int],
-        duration_s: float,
         received_at_ms: Iterable[int],
     ) -> None:
-        """One batch committed (database and offsets): count it and time its events."""
+        """One database transaction committed: count its events, and time them."""
         for outcome, n in outcomes.items():
             self.events.labels(str(outcome)).inc(n)
         self.events.labels("duplicate").inc(duplicates)
-        self.events.labels("dead_lettered").inc(dead_lettered)
         for status, n in entered.items():
             self.orders.labels(str(status)).inc(n)
-        events = sum(outcomes.values()) + duplicates + dead_lettered
-        self.batch_events.observe(events)
-        self.batch_seconds.observe(duration_s)
         now_ms = time.time() * 1000
         for received in received_at_ms:
             if received > 0:  # a record that did not come through the bridge has none
                 self.latency.observe(max(now_ms - received, 0.0) / 1000)
+
+    def dead_lettered(self, n: int) -> None:
+        """`n` events acknowledged by the dead-letter topic."""
+        self.events.labels("dead_lettered").inc(n)
+
+    def batch_applied(self, *, events: int, duration_s: float) -> None:
+        """One batch done (database and offsets)."""
+        self.batch_events.observe(events)
+        self.batch_seconds.observe(duration_s)
 
     def committed(self) -> None:
         self.last_commit.set_to_current_time()

@@ -24,6 +24,8 @@ import structlog
 log = structlog.get_logger("consumer")
 
 MAX_REQUEST_BYTES = 8192
+# Connections served at once; more are closed unanswered (a probe or a scrape retries).
+MAX_CLIENTS = 32
 READ_TIMEOUT_S = 5.0
 TEXT = "text/plain; charset=utf-8"
 
@@ -51,6 +53,7 @@ class ProbeServer:
         self.host = host
         self.port = port  # the bound port once started (PORT=0 picks a free one)
         self._server: asyncio.Server | None = None
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._routes: dict[str, Callable[[], Awaitable[Answer]]] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
@@ -78,8 +81,21 @@ class ProbeServer:
                 async with asyncio.timeout(1.0):
                     await self._server.wait_closed()
             self._server = None
+        # Connections still open (a client that sent half a request, or nothing):
+        # closed here, so that each handler ends by itself instead of being
+        # cancelled at the loop's end (Python 3.11 logs that as an error).
+        for writer in self._clients.values():
+            writer.transport.abort()
+        if self._clients:
+            await asyncio.wait(list(self._clients), timeout=1.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= MAX_CLIENTS:
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients[task] = writer
         try:
             method, path = await self._read_request(reader)
             if method is None:
@@ -90,11 +106,14 @@ class ProbeServer:
                 answer = (405, b"only GET\n", TEXT)
             else:
                 answer = await self._routes[path]()
+            if writer.is_closing():
+                return  # the client reset the connection (uvloop refuses a write then)
             self._write(writer, answer, head_only=method == "HEAD")
             await writer.drain()
         except (ConnectionError, TimeoutError):
             pass  # the client went away or never finished its request
         finally:
+            self._clients.pop(task, None)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

@@ -40,7 +40,7 @@ from typing import Any, Self
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
 
 from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped
 from intentflow.consumer.bootstrap import (
@@ -75,6 +75,10 @@ SPLIT_AFTER_TIMEOUTS = 2
 POLL_MARGIN_S = 1.0
 # What a readiness probe waits for the database's answer.
 READY_DATABASE_TIMEOUT_S = 2.0
+# What a scrape waits for the broker's end and committed offsets.
+LAG_READ_TIMEOUT_S = 2.0
+# What one offset commit may take before it is retried as a broker failure.
+COMMIT_TIMEOUT_S = 15.0
 
 
 class Superseded(Exception):
@@ -127,6 +131,8 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         # waiting out a failure gives up at once: only a running transaction is
         # worth waiting for, and not by a member that is stopping.
         worker.epoch += 1
+        for tp in revoked:
+            worker._committed.pop(tp, None)
         drained = asyncio.ensure_future(worker.inflight.acquire())
         try:
             await asyncio.wait(
@@ -175,7 +181,7 @@ class Worker:
         self.last_activity = time.monotonic()
         self.in_group = False  # between an assignment and the next revocation
         self.metrics = ConsumerMetrics()
-        self.last_poll: float | None = None  # time.monotonic() of the loop's latest poll
+        self.last_progress: float | None = None  # monotonic: the latest poll or transaction
         self.waiting_out: str | None = None  # the failure a batch is waiting out, if any
         self._stopping = asyncio.Event()
         self._stop_deadline: float | None = None  # time.monotonic()
@@ -185,6 +191,8 @@ class Worker:
         self._pool: Pool | None = None
         self._consumer: BrokerConsumer | None = None
         self._dead_letters: DeadLetterSink | None = None
+        # The group's committed offset of each owned partition, as this member last knew it.
+        self._committed: dict[TopicPartition, int | None] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -291,14 +299,14 @@ class Worker:
         """Alive while starting, stopping, or polling at least every few statement timeouts."""
         if self._stopping.is_set():
             return True, "stopping"
-        if self.last_poll is None:
+        if self.last_progress is None:
             return True, "starting"
         s = self.settings
         # The loop polls every POLL_TIMEOUT_MS, and while a batch waits out a
         # failure; the longest it waits without polling is one batch's
         # client-side timeout (`_apply_once`).
         limit_s = 2 * s.statement_timeout_s + s.db_connect_timeout_s + 30.0
-        quiet_s = time.monotonic() - self.last_poll
+        quiet_s = time.monotonic() - self.last_progress
         if quiet_s > limit_s:
             return False, f"stalled: the loop has not polled for {quiet_s:.0f} s"
         return True, "alive"
@@ -327,19 +335,31 @@ class Worker:
         return self.metrics.render(), CONTENT_TYPE
 
     async def _read_lag(self) -> None:
+        """Each owned partition's end offset, asked now, minus the offset committed for it.
+
+        Neither the last fetch's high watermark (a paused partition is not
+        fetched) nor this member's position (past the records polled but not yet
+        applied, up to two batches) would count what is waiting.
+        """
         consumer = self._consumer
+        owned = sorted(consumer.assignment()) if consumer is not None else []
         lags: dict[tuple[str, int], int] = {}
-        for tp in consumer.assignment() if consumer is not None else ():
-            assert consumer is not None
-            high = consumer.highwater(tp)  # None until a fetch from the partition answered
-            if high is None:
-                continue
+        if consumer is not None and owned:
             try:
-                async with asyncio.timeout(0.5):
-                    position = await consumer.position(tp)
-            except (TimeoutError, IllegalStateError, KafkaError):
-                continue  # moving or not yet positioned: no figure rather than a wrong one
-            lags[(tp.topic, tp.partition)] = max(high - position, 0)
+                async with asyncio.timeout(LAG_READ_TIMEOUT_S):
+                    ends = await consumer.end_offsets(owned)
+                    for tp in owned:
+                        if self._committed.get(tp) is None:  # none yet: from where it reads
+                            done = await consumer.committed(tp)
+                            self._committed[tp] = (
+                                done if done is not None else await consumer.position(tp)
+                            )
+            except (TimeoutError, KafkaError, IllegalStateError):
+                ends = {}  # the broker is away or the group is moving: no figure, not a stale one
+            for tp in owned:
+                end, done = ends.get(tp), self._committed.get(tp)
+                if end is not None and done is not None:
+                    lags[(tp.topic, tp.partition)] = max(end - done, 0)
         self.metrics.set_lag(lags)
 
     # -- the loop ----------------------------------------------------------
@@ -432,7 +452,7 @@ class Worker:
         async with self._poll_lock:  # the loop and a back-off wait both poll
             if self._consumer is None or self._stopping.is_set():
                 raise StopRequested
-            self.last_poll = time.monotonic()
+            self.last_progress = time.monotonic()
             fetch = asyncio.ensure_future(
                 self._consumer.getmany(
                     timeout_ms=timeout_ms,
@@ -488,12 +508,7 @@ class Worker:
                 self.waiting_out = None
             duration_ms = (time.perf_counter() - started) * 1000
         self.metrics.batch_applied(
-            outcomes=result.outcomes,
-            duplicates=result.duplicates,
-            dead_lettered=len(batch.poison) + result.rejected,
-            entered=result.entered,
-            duration_s=duration_ms / 1000,
-            received_at_ms=(e.arrival[0] for e in batch.envelopes),
+            events=result.events + len(batch.poison), duration_s=duration_ms / 1000
         )
         self.stats.batches += 1
         self.stats.add(result)
@@ -517,7 +532,14 @@ class Worker:
             if epoch != self.epoch:
                 raise Superseded
             try:
-                return await self._apply_once(envelopes)
+                result = await self._apply_once(envelopes)
+                self.metrics.transaction_committed(
+                    outcomes=result.outcomes,
+                    duplicates=result.duplicates,
+                    entered=result.entered,
+                    received_at_ms=(e.arrival[0] for e in envelopes),
+                )
+                return result
             except Exception as exc:
                 fault = classify(exc)
                 if fault is Fault.FATAL:
@@ -540,6 +562,9 @@ class Worker:
         # A backstop on the client's side: a network that drops packets silently
         # gives no error, and the server's statement timeout cannot reach us.
         s = self.settings
+        # Progress, for alive(): the loop may wait for several of these in a row
+        # (a batch bisected or split) without polling, each one bounded here.
+        self.last_progress = time.monotonic()
         async with asyncio.timeout(2 * s.statement_timeout_s + s.db_connect_timeout_s):
             async with self._pool.acquire() as conn:
                 return await self.deps.apply_batch(conn, envelopes)
@@ -589,9 +614,19 @@ class Worker:
             if not mine:
                 return
             try:
-                await consumer.commit(mine)
+                # aiokafka retries a commit by itself, without end, while the group
+                # coordinator is away: bounded here, it is waited out like any other
+                # failure (polling, so the member stays alive and says what it waits for).
+                async with asyncio.timeout(COMMIT_TIMEOUT_S):
+                    await consumer.commit(mine)
+                self._committed.update(mine)
                 self.metrics.committed()
                 return
+            except TimeoutError:
+                away = KafkaTimeoutError("the group coordinator did not answer the offset commit")
+                await self._backoff("offset_commit_failed", away, attempt, epoch)
+                attempt += 1
+                continue
             except (CommitFailedError, IllegalStateError) as exc:
                 log.warning(
                     "offset_commit_refused",
@@ -620,6 +655,7 @@ class Worker:
             await self._backoff("dead_letter_failed", failed[0][1], attempt, epoch)
             attempt += 1
         self.stats.dead_lettered += len(poison)
+        self.metrics.dead_lettered(len(poison))
         for p in poison:
             log.warning(
                 "dead_lettered",

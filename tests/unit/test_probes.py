@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from intentflow.consumer.probes import ProbeServer, ProbeServerError
+from intentflow.consumer.probes import MAX_CLIENTS, ProbeServer, ProbeServerError
 from tests.unit.test_worker_fakes import Harness, record
 
 
@@ -34,11 +34,14 @@ class Stub:
 
 async def raw(port: int, request: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    answer = await reader.read()
-    writer.close()
-    return answer
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await reader.read()
+    except ConnectionResetError:
+        return b""  # closed unanswered
+    finally:
+        writer.close()
 
 
 async def test_the_server_answers_each_probe_by_the_health_it_reads() -> None:
@@ -96,7 +99,7 @@ async def test_the_worker_is_starting_then_ready_and_not_ready_once_the_database
         await worker.run()
         assert worker.alive() == (True, "alive")
         assert await worker.ready() == (True, "ready: 1 partitions")
-        worker.last_poll = time.monotonic() - 1000  # as if the loop had hung
+        worker.last_progress = time.monotonic() - 1000  # as if the loop had hung
         ok, why = worker.alive()
         assert not ok and why.startswith("stalled: the loop has not polled for ")
     assert worker.alive() == (True, "stopping")
@@ -129,3 +132,20 @@ async def test_a_batch_waiting_out_an_outage_is_not_ready_and_its_retries_are_co
     assert sum(retries.values()) == 3
     assert samples[("intentflow_consumer_batch_events_count", None)] == 1
     assert samples[("intentflow_consumer_last_commit_timestamp_seconds", None)] > 0
+
+
+async def test_connections_beyond_the_cap_are_closed_and_the_probes_still_answer() -> None:
+    server = await ProbeServer(Stub(), "127.0.0.1", 0).start()
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(MAX_CLIENTS)]
+    try:
+        await asyncio.sleep(0.05)  # each held connection has a handler waiting for its request
+        assert await raw(server.port, b"GET /healthz HTTP/1.1\r\n\r\n") == b""  # closed at once
+        for _, writer in held[:2]:
+            writer.close()
+        await asyncio.sleep(0.05)
+        answer = await raw(server.port, b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        for _, writer in held[2:]:
+            writer.close()
+        await server.stop()

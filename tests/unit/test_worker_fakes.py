@@ -134,6 +134,15 @@ class FakeConsumer:
     async def position(self, partition: Any) -> int:
         return self.next_index
 
+    async def end_offsets(self, partitions: list[Any]) -> dict[Any, int]:
+        return {tp: len(self.records) for tp in partitions}
+
+    async def committed(self, partition: Any) -> int | None:
+        commits = [
+            entry[1] for entry in self.log if isinstance(entry, tuple) and entry[0] == "offsets"
+        ]
+        return commits[-1] if commits else None
+
 
 class FakeDeadLetters:
     def __init__(self, log: Log) -> None:

@@ -27,7 +27,10 @@ def pg(code: str) -> asyncpg.PostgresError:
 
 
 def envelopes(count: int) -> list[Envelope]:
-    records = [SimpleNamespace(partition=0, offset=i, key=b"k", value=b"v") for i in range(count)]
+    records = [
+        SimpleNamespace(partition=0, offset=i, key=b"k", value=b"v", headers=())
+        for i in range(count)
+    ]
     return [Envelope(None, r, f"pi_{i}") for i, r in enumerate(records)]  # type: ignore[arg-type]
 
 

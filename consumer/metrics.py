@@ -11,7 +11,8 @@ base units (seconds, records), `_total` on counters. What each one means:
   batch_duration_seconds          from the batch's start to its offsets' commit (histogram)
   latency_seconds                 from the bridge's receipt (`received-at`) to the database
                                   commit that applied the event, duplicates included
-  lag_records{topic,partition}    records after this member's position, per owned partition
+  lag_records{topic,partition}    records after the group's committed offset, per owned
+                                  partition (the broker's end offset, asked at scrape time)
   retries_total{cause}            waits for the database or broker to come back
   last_commit_timestamp_seconds   when offsets were last committed (Unix time)
   intentflow_build_info{service,version}, and the process_* and python_* defaults.
@@ -69,7 +70,7 @@ class ConsumerMetrics:
             buckets=LATENCY_BUCKETS, namespace=ns, subsystem=sub, registry=registry,
         )  # fmt: skip
         self.lag = Gauge(
-            "lag_records", "Records after this member's position, per owned partition.",
+            "lag_records", "Records after the group's committed offset, per owned partition.",
             ["topic", "partition"], namespace=ns, subsystem=sub, registry=registry,
         )  # fmt: skip
         self.retries = Counter(

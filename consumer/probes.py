@@ -25,7 +25,9 @@ log = structlog.get_logger("consumer")
 
 MAX_REQUEST_BYTES = 8192
 # Connections served at once; more are closed unanswered (a probe or a scrape retries).
-MAX_CLIENTS = 32
+# Each is cut after READ_TIMEOUT_S without a request: this bounds the descriptors a
+# flood can take from the process's Kafka and database connections.
+MAX_CLIENTS = 128
 READ_TIMEOUT_S = 5.0
 TEXT = "text/plain; charset=utf-8"
 

@@ -8,6 +8,7 @@ when it asks for one, its own database cloned from a migrated template.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
@@ -20,6 +21,10 @@ from intentflow.devservices.topics import create_topics
 from intentflow.schemas import DEFAULT_ORDERS_TOPIC, dlq_topic
 from tests.stripe_emulator import stripe_emulator
 from tests.stripe_proxy import stripe_proxy
+
+# Every consumer a test starts serves its probes on a free port of its own, unless the
+# test names one: the default (8081) may be taken on the machine, or by another test.
+os.environ.setdefault("CONSUMER_HTTP_PORT", "0")
 
 # A Stripe emulator (localstripe) for the whole session, and a recording,
 # fault-injecting proxy in front of it per test.

@@ -13,6 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from intentflow.consumer.probes import MAX_CLIENTS
 from intentflow.devservices import Services
 from intentflow.devservices.embedded import free_port
 from intentflow.stripekit import events
@@ -84,7 +85,12 @@ async def test_lag_counts_the_records_that_arrive_while_the_database_is_away(
     try:
         await running.until_logged("partitions_assigned")
         await publish_each(infra, topic, carts[:10])
-        await running.until_logged("batch_applied")
+
+        async def first_ten_applied() -> bool:
+            return await db.fetchval("SELECT count(*) FROM processed_events") == 10
+
+        await eventually(first_ten_applied, timeout_s=20)
+        await asyncio.sleep(0.5)  # and their offsets committed, just after
         blocker = await asyncpg.connect(database_url)
         tx = blocker.transaction()
         await tx.start()
@@ -127,7 +133,7 @@ async def test_sigterm_stops_in_time_while_clients_hold_connections_open(
         await running.until_logged("partitions_assigned")
         async with httpx.AsyncClient() as client:
             await eventually(lambda: _ok(client, f"http://127.0.0.1:{port}/readyz"), timeout_s=10)
-        for i in range(200):  # half a request each, or nothing at all
+        for i in range(MAX_CLIENTS - 8):  # half a request each, or nothing at all
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             if i % 2:
                 writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")

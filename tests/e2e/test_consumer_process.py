@@ -54,8 +54,11 @@ EVENTS = 6  # authorizations published per shutdown test
 
 
 def bare_env(**variables: str) -> dict[str, str]:
-    """Only what Python needs to start, and `variables`: no setting leaks in from the tests."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **variables}
+    """Only what Python needs to start, and `variables`: no setting leaks in from the tests.
+
+    And a free port for the probes: 8081 may be taken on this machine (tests/conftest.py).
+    """
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CONSUMER_HTTP_PORT": "0", **variables}
     if "PYTHONPATH" in os.environ:
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return env

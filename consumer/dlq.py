@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -191,6 +192,10 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     except DlqError as exc:
         print(f"order-consumer dlq: {exc}", file=sys.stderr)
         return exc.status
+    except BrokenPipeError:
+        # stdout's reader left (`dlq list | head`): not the broker's doing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (KafkaError, OSError) as exc:
         broker = f"the broker at {settings.kafka_bootstrap_servers}"
         if classify(exc) is Fault.ENVIRONMENT:

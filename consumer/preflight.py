@@ -151,6 +151,12 @@ def _hint(exc: BaseException, settings: ConsumerSettings) -> str:
             f"the broker at {settings.kafka_bootstrap_servers} did not answer "
             f"({describe(exc, 200)}): check KAFKA_BOOTSTRAP_SERVERS"
         )
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        # The server is up and took the login: DATABASE_URL's role is missing its grants.
+        return (
+            f"PostgreSQL at {redact(settings.database_url)} refused this role "
+            f"({describe(exc, 200)}): run deploy/grants.sql as the schema's owner"
+        )
     if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError):
         return (
             f"PostgreSQL at {redact(settings.database_url)} is not usable "

@@ -299,6 +299,14 @@ def banner(stack: DevStack, secret_given: bool) -> str:
         "",
         "  Create a cart and stock, and get the Stripe CLI command that pays for it:",
         f"    DATABASE_URL={stack.database_url} {seed_cmd}",
+        *(
+            []
+            if os.environ.get("STRIPE_API_KEY", "").strip()
+            else [
+                "  STRIPE_API_KEY is not set: the relay cannot release what an out_of_stock",
+                "  order holds (its cancel stays pending). `make dev STRIPE_API_KEY=sk_test_…`",
+            ]
+        ),
         "",
         "  To connect yourself:",
         f"    DATABASE_URL={stack.database_url}",
@@ -317,7 +325,7 @@ async def run() -> int:
     secret = os.environ.get("STRIPE_WEBHOOK_SECRET", "").strip()
     if not secret_given:
         secret = f"{SECRET_PREFIX}dev_{secrets.token_hex(16)}"
-    elif not secret.startswith(SECRET_PREFIX):
+    elif not all(part.strip().startswith(SECRET_PREFIX) for part in secret.split(",")):
         _say(
             f"STRIPE_WEBHOOK_SECRET must be a signing secret ({SECRET_PREFIX}…): "
             "give the one `stripe listen --print-secret` prints"

@@ -32,6 +32,13 @@ DEFAULT_STOCK = 10
 DEFAULT_UNIT_AMOUNT = 2500
 # Stripe's test card that authorizes without 3-D Secure.
 TEST_PAYMENT_METHOD = "pm_card_visa"
+# What Stripe accepts as a PaymentIntent's amount: at least its minimum charge (50
+# in the smallest unit of usd, eur and most currencies; a few ask more) and at
+# most eight digits. A total outside them prints a command Stripe refuses.
+STRIPE_MIN_AMOUNT = 50
+STRIPE_MAX_AMOUNT = 99_999_999
+# The columns': cart_items.quantity and inventory_levels.stocked_quantity are integers.
+INT4_MAX = 2**31 - 1
 
 
 class SeedError(RuntimeError):
@@ -166,12 +173,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.quantity < 1:
-        parser.error("--quantity must be 1 or more")
-    if args.price < 0:
-        parser.error("--price must be 0 or more")
-    if args.stock is not None and args.stock < 0:
-        parser.error("--stock must be 0 or more")
+    if not 1 <= args.quantity <= INT4_MAX:
+        parser.error(f"--quantity must be from 1 to {INT4_MAX}")
+    if not 0 <= args.price <= STRIPE_MAX_AMOUNT:
+        parser.error(f"--price must be from 0 to {STRIPE_MAX_AMOUNT}")
+    if args.stock is not None and not 0 <= args.stock <= INT4_MAX:
+        parser.error(f"--stock must be from 0 to {INT4_MAX}")
+    total = args.quantity * args.price
+    if not STRIPE_MIN_AMOUNT <= total <= STRIPE_MAX_AMOUNT:
+        parser.error(
+            f"the cart's total ({total}) must be from {STRIPE_MIN_AMOUNT} to "
+            f"{STRIPE_MAX_AMOUNT}, what Stripe accepts as an amount: change --quantity or --price"
+        )
     if not _CURRENCY.match(args.currency):
         parser.error("--currency must be a three-letter ISO code in lower case, such as usd")
     if args.cart_id is not None and not args.cart_id.strip():
@@ -181,7 +194,10 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 async def _seed(database_url: str, args: argparse.Namespace) -> SeededCart:
     try:
         conn = await asyncpg.connect(database_url, timeout=5)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (
+        OSError, TimeoutError, ValueError, OverflowError,
+        asyncpg.PostgresError, asyncpg.InterfaceError,
+    ) as exc:  # fmt: skip
         raise SeedError(
             f"PostgreSQL at DATABASE_URL does not answer ({exc}): "
             "start `make dev` and use the DATABASE_URL it prints"
@@ -220,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     except SeedError as exc:
         print(f"seed-cart: {exc}", file=sys.stderr)
         return 2
-    print(describe(cart))
+    try:
+        print(describe(cart), flush=True)
+    except BrokenPipeError:  # `seed-cart | head`: the cart exists, the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -87,7 +87,7 @@ async def test_lag_counts_the_records_that_arrive_while_the_database_is_away(
         await publish_each(infra, topic, carts[:10])
 
         async def first_ten_applied() -> bool:
-            return await db.fetchval("SELECT count(*) FROM processed_events") == 10
+            return bool(await db.fetchval("SELECT count(*) FROM processed_events") == 10)
 
         await eventually(first_ten_applied, timeout_s=20)
         await asyncio.sleep(0.5)  # and their offsets committed, just after

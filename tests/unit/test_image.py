@@ -23,13 +23,16 @@ import tomllib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import distribution, version
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
+
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.producer.settings import BridgeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -568,6 +571,55 @@ def test_the_build_lock_pins_a_backend_pyproject_accepts() -> None:
         assert req.specifier.contains(locked[canonical(req.name)][0]), spec
 
 
+def test_the_build_backends_pyproject_accepts_read_its_license_expression() -> None:
+    # A string `license` is an SPDX expression (PEP 639): setuptools reads one from 77 on,
+    # and 76 and older refuse pyproject.toml ("`project.license` must be valid exactly by
+    # one definition"), so `requires` must not let a builder pick them.
+    assert isinstance(PYPROJECT["project"]["license"], str)
+    (spec,) = PYPROJECT["build-system"]["requires"]
+    req = Requirement(spec)
+    assert canonical(req.name) == "setuptools"
+    assert not req.specifier.contains("76.1.0"), f"{spec}: setuptools 77 or newer"
+
+
+# What the image's Python and platform evaluate markers with (python:3.11-slim, amd64).
+IMAGE_MARKERS = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.14",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "extra": "",
+}
+
+
+def test_the_lock_holds_every_package_the_runtime_dependencies_need() -> None:
+    # The Dockerfile installs the lock with --no-deps: a package missing from it would be
+    # found only by the image build's `pip check`. Here: the runtime dependencies and,
+    # through each one's installed metadata, all that they require in the image.
+    locked = read_lock(LOCK)
+    todo = [Requirement(s) for s in PYPROJECT["project"]["dependencies"]]
+    seen: set[str] = set()
+    missing: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonical(req.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        if name not in locked:
+            missing.add(name)
+            continue
+        for spec in distribution(name).requires or []:
+            needed = Requirement(spec)
+            if needed.marker is None or needed.marker.evaluate(IMAGE_MARKERS):
+                todo.append(needed)
+    assert not missing, f"deploy/requirements.lock lacks {sorted(missing)}: run `make lock`"
+
+
 # -- compose ------------------------------------------------------------------
 
 
@@ -658,3 +710,29 @@ def test_every_service_is_healthchecked_or_one_shot_and_starts_on_conditions() -
     assert startup_problems(without) == [
         "bridge: no healthcheck, and no one-shot others wait to complete"
     ]
+
+
+# The grace each process gets beyond its own shutdown deadline before Docker's SIGKILL.
+COMPOSE_GRACE_MARGIN_S = 10
+
+
+def seconds(duration: str) -> float:
+    """A compose duration (`1m30s`, `45s`, `500ms`) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_compose_lets_each_process_finish_its_shutdown_before_killing_it() -> None:
+    assert seconds("1m30s") == 90 and seconds("500ms") == 0.5
+    services = compose()["services"]
+    for name, settings in (("bridge", BridgeSettings), ("consumer", ConsumerSettings)):
+        service = services[name]
+        deadline = float(
+            service["environment"].get(
+                "SHUTDOWN_TIMEOUT_S", settings.model_fields["shutdown_timeout_s"].default
+            )
+        )
+        grace = seconds(str(service.get("stop_grace_period", "10s")))
+        assert grace >= deadline + COMPOSE_GRACE_MARGIN_S, (name, grace, deadline)

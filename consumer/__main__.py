@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
 
 import asyncpg
@@ -40,6 +39,7 @@ from intentflow.consumer.runtime import tune_gc
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.worker import RunStats, Worker
 from intentflow.schemas.config import describe
+from intentflow.schemas.metrics import package_version
 
 log = structlog.get_logger("consumer")
 
@@ -47,16 +47,9 @@ EXIT_CANNOT_START = 2
 EXIT_REFUSED = 3
 
 
-def _version() -> str:
-    try:
-        return version("intentflow")
-    except PackageNotFoundError:  # pragma: no cover - run from a checkout without installing
-        return "unknown"
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="order-consumer", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="apply pending database migrations (safe to repeat)")
     run = commands.add_parser("run", help="join the consumer group and apply events")

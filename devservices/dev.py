@@ -38,10 +38,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
-import httpx
 
 from intentflow.consumer.migrate import migrate
-from intentflow.devservices import group
+from intentflow.devservices import waits
 from intentflow.devservices.embedded import (
     EmbeddedKafka,
     EmbeddedPostgres,
@@ -201,19 +200,17 @@ class DevStack:
             )
 
     async def _bridge_ready(self) -> None:
-        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
-        async with httpx.AsyncClient(timeout=1.0) as client:
-            while asyncio.get_running_loop().time() < deadline:
-                self._exited("bridge", self.bridge)
-                with contextlib.suppress(httpx.HTTPError):
-                    answer = await client.get(f"http://127.0.0.1:{self.bridge_port}/readyz")
-                    if answer.status_code == 200:
-                        return
-                await asyncio.sleep(0.1)
-        raise DevError(f"the bridge was not ready within {READY_TIMEOUT_S:g} s: its log is above")
+        ready = await waits.until_answering(
+            f"http://127.0.0.1:{self.bridge_port}/readyz", timeout_s=READY_TIMEOUT_S,
+            still_running=lambda: self._exited("bridge", self.bridge),
+        )  # fmt: skip
+        if not ready:
+            raise DevError(
+                f"the bridge was not ready within {READY_TIMEOUT_S:g} s: its log is above"
+            )
 
     async def _consumer_joined(self) -> None:
-        joined = await group.until_stable(
+        joined = await waits.until_stable(
             self.kafka_bootstrap_servers, GROUP_ID, 1, timeout_s=READY_TIMEOUT_S,
             still_running=lambda: self._exited("consumer", self.consumer),
         )  # fmt: skip

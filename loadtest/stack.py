@@ -24,16 +24,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
 import asyncpg
-import httpx
 
-from intentflow.devservices import group
+from intentflow.devservices import waits
 from intentflow.devservices.embedded import (
     EmbeddedKafka,
     EmbeddedPostgres,
@@ -212,16 +210,15 @@ class Stack:
             }
         )
         self.bridge = self._spawn("bridge", [sys.executable, "-m", "intentflow.producer"], env)
-        deadline = time.monotonic() + 30
-        async with httpx.AsyncClient() as client:
-            while time.monotonic() < deadline:
-                if self.bridge.poll() is not None:
-                    raise StackError(f"the bridge exited at start; see {self.logs}/bridge.log")
-                with contextlib.suppress(httpx.HTTPError):
-                    answer = await client.get(f"http://127.0.0.1:{self.bridge_port}/readyz")
-                    if answer.status_code == 200:
-                        return
-                await asyncio.sleep(0.1)
+
+        def still_running() -> None:
+            assert self.bridge is not None
+            if self.bridge.poll() is not None:
+                raise StackError(f"the bridge exited at start; see {self.logs}/bridge.log")
+
+        url = f"http://127.0.0.1:{self.bridge_port}/readyz"
+        if await waits.until_answering(url, timeout_s=30, still_running=still_running):
+            return
         raise StackError(f"the bridge was not ready within 30 s; see {self.logs}/bridge.log")
 
     def consumer_env(self) -> dict[str, str]:
@@ -242,7 +239,7 @@ class Stack:
             if self.dead_consumers():
                 raise StackError(f"a consumer exited at start; see {self.logs}")
 
-        joined = await group.until_stable(
+        joined = await waits.until_stable(
             self.kafka_bootstrap_servers, self.group_id, len(self.consumers),
             timeout_s=timeout_s, still_running=still_running,
         )  # fmt: skip

@@ -24,7 +24,6 @@ import socket
 import sys
 import threading
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 
 import orjson
@@ -37,18 +36,12 @@ from intentflow.producer.app import create_app
 from intentflow.producer.guard import ConnectionLimits, protocol_class
 from intentflow.producer.settings import BridgeSettings
 from intentflow.schemas.config import describe
+from intentflow.schemas.metrics import package_version
 
 log = structlog.get_logger("bridge")
 
 EXIT_CANNOT_START = 2
 EXIT_OVERDUE = 1
-
-
-def _version() -> str:
-    try:
-        return version("intentflow")
-    except PackageNotFoundError:  # pragma: no cover - run from a checkout without installing
-        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Configured by environment variables (README, 'Bridge configuration'); "
         "STRIPE_WEBHOOK_SECRET is required.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
 
 

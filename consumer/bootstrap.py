@@ -34,7 +34,7 @@ from intentflow.consumer.connections import (
 from intentflow.consumer.deadletter import Poison
 from intentflow.consumer.decode import Envelope
 from intentflow.consumer.order_events import OrderEvents
-from intentflow.consumer.outbox import CapturePolicy, OutboxPolicy
+from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.preflight import check_database, check_topics
 from intentflow.consumer.relay import EventSink, Relay
 from intentflow.consumer.settings import ConsumerSettings
@@ -104,7 +104,7 @@ def bootstrap(settings: ConsumerSettings) -> Dependencies:
     topics = [settings.kafka_topic, dlq_topic(settings.kafka_topic)]
     if settings.relay_enabled:
         topics.append(settings.orders_topic)
-    policy = OutboxPolicy(CapturePolicy(settings.capture_policy))
+    policy = ShopPolicy.from_settings(settings)
     return Dependencies(
         checks=(
             ("database", functools.partial(check_database, settings)),

@@ -24,6 +24,7 @@ class OrderStatus(StrEnum):
     CANCELED = "canceled"  # stock it took given back, once
     REFUNDED = "refunded"  # money returned in full; stock stays where the warehouse puts it
     DISPUTED = "disputed"  # a chargeback is open or lost; stock untouched
+    DUPLICATE = "duplicate"  # its cart already had a live order: no stock, money released
 
 
 class Allocation(StrEnum):
@@ -32,6 +33,7 @@ class Allocation(StrEnum):
     PLACED = "placed"
     OUT_OF_STOCK = "out_of_stock"
     NEEDS_REVIEW = "needs_review"
+    DUPLICATE = "duplicate"  # the cart already had a live order of another intent
     SKIPPED = "skipped"  # the intent was already canceled: no stock was asked for
 
 

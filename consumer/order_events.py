@@ -15,7 +15,7 @@ import structlog
 from aiokafka.errors import KafkaError
 
 from intentflow.consumer import errors
-from intentflow.consumer.outbox import Claimed, Mark
+from intentflow.consumer.claims import Claimed, Mark
 from intentflow.consumer.producer import Producer
 from intentflow.schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, encode_key
 from intentflow.schemas.kafka import KafkaConnection

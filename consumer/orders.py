@@ -90,7 +90,11 @@ async def write_orders(conn: Connection, folds: list[IntentFold]) -> list[OrderC
         facts = facts_of[pid]
         status = order_status(p.status, facts, amount)
         snapshot = _snapshot(p, created[pid], status, facts)
-        changes.append(OrderChange(created[pid], pid, None, status, facts.status, amount, snapshot))
+        changes.append(
+            OrderChange(
+                created[pid], pid, None, status, facts.status, amount, p.status, snapshot=snapshot
+            )
+        )
     return changes + await _refresh(conn, touched)
 
 
@@ -320,7 +324,11 @@ async def _refresh(conn: Connection, touched: list[IntentFold]) -> list[OrderCha
         d = facts.dispute
         status: OrderStatus = order_status(order.allocation, facts, order.amount)
         pid = fold.state.payment_intent_id
-        changes.append(OrderChange(order.id, pid, order.status, status, facts.status, order.amount))
+        changes.append(
+            OrderChange(
+                order.id, pid, order.status, status, facts.status, order.amount, order.allocation
+            )
+        )
         rows.append(
             (
                 order.id,

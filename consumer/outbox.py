@@ -4,28 +4,26 @@ Written inside the batch's transaction (consumer/store.py), so an order change
 and what it causes commit together or not at all (`enqueue`):
   - an order event for every new order and every order whose snapshot changed
     (schemas/orders.py), built here in SQL from the rows the batch just wrote;
-  - Stripe actions decided by `stripe_actions_for`: cancel the authorization of
-    an `out_of_stock` order, and capture a `placed` one under
-    `CAPTURE_POLICY=on_placed`, only while the intent is `requires_capture`.
-    A unique index keeps one row per intent and action.
-The relay (consumer/relay.py) claims due rows (`claim`, `FOR UPDATE SKIP
-LOCKED`), performs them and marks them (`mark_done`, `mark_failed`,
-`mark_retry`) in the claiming transaction, so a relay that dies leaves its rows
-pending for the next one.
+  - Stripe actions decided by `stripe_actions_for`: give back the money of an
+    order that cannot be filled (`out_of_stock`, `duplicate`): cancel while it
+    is held, refund once captured; capture a new `placed` order under
+    `CAPTURE_POLICY=on_placed` while it is held. A unique index keeps one row
+    per intent and action.
+The relay claims, performs and marks them (consumer/claims.py, consumer/relay.py).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
 import orjson
 
-from intentflow.consumer.connections import Connection, unnest_columns
-from intentflow.consumer.decisions import OrderStatus
+from intentflow.consumer.connections import Connection
+from intentflow.consumer.decisions import Allocation, OrderStatus
+from intentflow.consumer.policy import CapturePolicy, ShopPolicy
 from intentflow.schemas import ORDER_EVENT_SCHEMA_VERSION
 
 
@@ -35,33 +33,38 @@ class Kind(StrEnum):
 
 
 class Action(StrEnum):
+    """The Stripe actions, by the name their outbox rows carry (consumer/stripe_actions.py
+    holds what each one does)."""
+
     CANCEL = "cancel_payment_intent"
     CAPTURE = "capture_payment_intent"
-
-
-class CapturePolicy(StrEnum):
-    NEVER = "never"  # the shop captures (at shipping, from its dashboard)
-    ON_PLACED = "on_placed"  # capture as soon as the stock is taken
+    REFUND = "refund_payment_intent"
 
 
 # Stripe's `cancellation_reason` for an order we cannot fill. Stripe accepts
 # duplicate, fraudulent, requested_by_customer or abandoned; none of them says
-# "out of stock", and `abandoned` is the one that blames nobody. Our own reason
-# is on the order (`status_reason`) and in its events.
+# "out of stock", and `abandoned` is the one that blames nobody. A duplicate
+# says so. Our own reason is on the order (`status_reason`) and in its events.
 CANCELLATION_REASON = "abandoned"
+_CANCEL_REASON = {Allocation.OUT_OF_STOCK: CANCELLATION_REASON, Allocation.DUPLICATE: "duplicate"}
+# A refund's `reason` (Stripe accepts duplicate, fraudulent, requested_by_customer):
+# only a duplicate has one that is true; an out-of-stock refund carries none.
+_REFUND_REASON = {Allocation.DUPLICATE: "duplicate"}
 
-# The intent's status in which its money is held and can be released or taken.
+# The intent's status in which its money is held and can be released or taken,
+# and the one in which it was taken and can only be refunded.
 HELD = "requires_capture"
+CAPTURED = "succeeded"
 
-
-@dataclass(frozen=True, slots=True)
-class OutboxPolicy:
-    """What the batch writes besides order events (consumer settings, same on every member)."""
-
-    capture: CapturePolicy = CapturePolicy.NEVER
-
-
-DEFAULT_POLICY = OutboxPolicy()
+# A refund that REFUND_UNFILLABLE=false keeps intentflow from making: its row is
+# written failed with this outcome, for `order-consumer outbox --failed`, the
+# owed-refunds gauge and `reconcile`.
+OWED = "owed"
+OWED_CODE = "refund_unfillable_off"
+OWED_MESSAGE = (
+    "REFUND_UNFILLABLE=false: refund the customer at Stripe, or set it to true and "
+    "`order-consumer outbox retry ID`"
+)
 
 
 class OrderChange(NamedTuple):
@@ -73,6 +76,12 @@ class OrderChange(NamedTuple):
     status: OrderStatus
     intent_status: str | None  # the intent's Stripe status after the batch
     amount: int
+    allocation: Allocation
+    # What Stripe captured of the intent, what is refunded, and whether a dispute
+    # holds the money (a disputed charge cannot be refunded), after the batch.
+    captured: int = 0
+    refunded: int = 0
+    disputed: bool = False
     # A new order's snapshot as its writer built it, without the two timestamps
     # (the transaction's); None: read back from the rows (`_enqueue_read_back`).
     snapshot: dict[str, Any] | None = None
@@ -89,6 +98,8 @@ class ActionRow(NamedTuple):
     payment_intent_id: str
     order_id: int
     params: dict[str, Any]
+    # Written failed as `owed` instead of pending (a refund REFUND_UNFILLABLE=false forbids).
+    owed: bool = False
 
     @property
     def idempotency_key(self) -> str:
@@ -96,25 +107,72 @@ class ActionRow(NamedTuple):
 
 
 def idempotency_key(action: Action | str, payment_intent_id: str) -> str:
-    """The same key for every attempt at one action on one intent, by any relay."""
+    """The key of an action's first attempt, by any relay (generation 0; consumer/claims.py
+    adds `:<generation>` after an answer Stripe may have saved)."""
     return f"intentflow:{action}:{payment_intent_id}"
 
 
-def stripe_actions_for(change: OrderChange, policy: OutboxPolicy) -> ActionRow | None:
-    """The Stripe action a new order calls for, if any (pure: tested on its own)."""
-    if change.previous is not None or change.intent_status != HELD:
+def stripe_actions_for(change: OrderChange, policy: ShopPolicy) -> ActionRow | None:
+    """The Stripe action an order change calls for, if any (pure: tested on its own).
+
+    An order that cannot be filled (out_of_stock, duplicate) gets its money back
+    whenever a change shows it held (cancel) or captured and not all refunded
+    (refund), whoever captured it and in whichever batch; asking again is
+    harmless (one row per intent and action). A new placed order is captured
+    under CAPTURE_POLICY=on_placed while its money is held.
+    """
+    pid, order_id = change.payment_intent_id, change.order_id
+    if change.allocation in _CANCEL_REASON:
+        if change.intent_status == HELD:
+            params = {"cancellation_reason": _CANCEL_REASON[change.allocation]}
+            return ActionRow(Action.CANCEL, pid, order_id, params)
+        if change.intent_status == CAPTURED and change.captured > change.refunded:
+            if change.disputed:
+                return None  # Stripe refuses to refund a disputed charge; the dispute decides
+            return refund_row(pid, order_id, change.allocation, policy)
         return None
-    params: dict[str, Any]
-    if change.status is OrderStatus.OUT_OF_STOCK:
-        params = {"cancellation_reason": CANCELLATION_REASON}
-        return ActionRow(Action.CANCEL, change.payment_intent_id, change.order_id, params)
-    if change.status is OrderStatus.PLACED and policy.capture is CapturePolicy.ON_PLACED:
-        params = {"amount_to_capture": change.amount}
-        return ActionRow(Action.CAPTURE, change.payment_intent_id, change.order_id, params)
+    if (
+        change.previous is None
+        and change.status is OrderStatus.PLACED
+        and change.intent_status == HELD
+        and policy.capture is CapturePolicy.ON_PLACED
+    ):
+        return ActionRow(Action.CAPTURE, pid, order_id, {"amount_to_capture": change.amount})
     return None
 
 
-async def enqueue(conn: Connection, changes: Sequence[OrderChange], policy: OutboxPolicy) -> None:
+def refund_row(
+    payment_intent_id: str, order_id: int, allocation: Allocation, policy: ShopPolicy
+) -> ActionRow:
+    """The refund of an order that cannot be filled. The relay reads what Stripe captured
+    and what is refunded already, refunds the rest, and adds its outbox id to the metadata."""
+    params: dict[str, Any] = {
+        "metadata": {"intentflow_order_id": str(order_id), "intentflow_reason": str(allocation)}
+    }
+    if allocation in _REFUND_REASON:
+        params["reason"] = _REFUND_REASON[allocation]
+    return ActionRow(
+        Action.REFUND, payment_intent_id, order_id, params, owed=not policy.refund_unfillable
+    )
+
+
+async def ask_refunds(conn: Connection, order_ids: Sequence[int], policy: ShopPolicy) -> int:
+    """Ask for the refund of these orders that cannot be filled (the relay, when Stripe shows
+    one captured before its cancel); return how many rows were added."""
+    rows = await conn.fetch(
+        "SELECT id, payment_intent_id, allocation FROM orders"
+        " WHERE id = ANY($1::bigint[]) AND allocation = ANY($2::text[]) ORDER BY payment_intent_id",
+        list(order_ids),
+        [str(a) for a in _CANCEL_REASON],
+    )
+    wanted = [
+        refund_row(r["payment_intent_id"], r["id"], Allocation(r["allocation"]), policy)
+        for r in rows
+    ]
+    return await insert_actions(conn, wanted) if wanted else 0
+
+
+async def enqueue(conn: Connection, changes: Sequence[OrderChange], policy: ShopPolicy) -> None:
     """Write the outbox rows the batch's order changes cause (in the batch's transaction)."""
     if not changes:
         return
@@ -198,12 +256,18 @@ async def _enqueue_read_back(conn: Connection, changes: Sequence[OrderChange]) -
 
 
 async def insert_actions(conn: Connection, rows: Sequence[ActionRow]) -> int:
-    """Add Stripe actions; one already there for the same intent and action is kept as it is."""
+    """Add Stripe actions (pending, or failed as `owed`); one already there for the same
+    intent and action is kept as it is. Return how many were added."""
     result = await conn.execute(
         """
-        INSERT INTO outbox (kind, name, payment_intent_id, order_id, payload, idempotency_key)
-        SELECT 'stripe_action', * FROM unnest($1::text[], $2::text[], $3::bigint[],
-                                              $4::json[], $5::text[])
+        INSERT INTO outbox (kind, name, payment_intent_id, order_id, payload, idempotency_key,
+                            state, outcome, error_code, last_error, done_at)
+        SELECT 'stripe_action', v.name, v.pid, v.order_id, v.payload, v.key,
+               CASE WHEN v.owed THEN 'failed' ELSE 'pending' END,
+               CASE WHEN v.owed THEN $7 END, CASE WHEN v.owed THEN $8 END,
+               CASE WHEN v.owed THEN $9 END, CASE WHEN v.owed THEN clock_timestamp() END
+        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::json[], $5::text[], $6::bool[])
+            AS v(name, pid, order_id, payload, key, owed)
         ON CONFLICT (payment_intent_id, name) WHERE kind = 'stripe_action' DO NOTHING
         """,
         [str(r.action) for r in rows],
@@ -211,17 +275,26 @@ async def insert_actions(conn: Connection, rows: Sequence[ActionRow]) -> int:
         [r.order_id for r in rows],
         [json.dumps(r.params) for r in rows],
         [r.idempotency_key for r in rows],
+        [r.owed for r in rows],
+        OWED,
+        OWED_CODE,
+        OWED_MESSAGE,
     )
     return int(result.rsplit(" ", 1)[1])
 
 
 async def sweep_needs_review(conn: Connection, older_than_s: float) -> int:
-    """Release the money of `needs_review` orders nobody resolved in time; return how many."""
+    """Release the money of `needs_review` orders nobody resolved in time; return how many.
+
+    Only orders that name a cart: an order without one (made before version 4,
+    when every intent became an order) is another system's payment, never ours to release.
+    """
     rows = await conn.fetch(
         """
         SELECT o.id, o.payment_intent_id FROM orders o
         JOIN payment_intents p ON p.id = o.payment_intent_id
         WHERE o.status = 'needs_review' AND o.created_at < now() - make_interval(secs => $1)
+          AND o.cart_id IS NOT NULL
           AND p.status = $2
           AND NOT EXISTS (SELECT 1 FROM outbox x WHERE x.kind = 'stripe_action'
                           AND x.payment_intent_id = o.payment_intent_id AND x.name = $3)
@@ -237,155 +310,3 @@ async def sweep_needs_review(conn: Connection, older_than_s: float) -> int:
     return await insert_actions(
         conn, [ActionRow(Action.CANCEL, r["payment_intent_id"], r["id"], params) for r in rows]
     )
-
-
-# --- The relay's side ---------------------------------------------------------------
-
-
-class Claimed(NamedTuple):
-    id: int
-    kind: Kind
-    name: str
-    payment_intent_id: str
-    payload: str  # JSON text; an order event's carries its `outbox_id`
-    idempotency_key: str | None
-    attempts: int
-    intent_status: str | None  # for Stripe actions: the intent's status as we know it
-
-
-async def claim(
-    conn: Connection, kind: Kind, limit: int, names: Sequence[str] | None = None
-) -> list[Claimed]:
-    """Lock up to `limit` due rows of `kind` (of `names` only, when given) that no
-    other relay holds (in a transaction).
-
-    An order event is due only when none of its intent's earlier events is
-    pending: a relay never publishes an intent's events out of order, even
-    while another relay holds the earlier ones.
-    """
-    rows = await conn.fetch(
-        """
-        SELECT x.id, x.kind, x.name, x.payment_intent_id,
-               CASE WHEN x.kind = 'order_event'
-                    -- The event's id and time are the row's own: spliced in front.
-                    THEN '{"outbox_id": ' || x.id || ', "occurred_at": '
-                         || to_json(x.created_at)::text || ', ' || substr(x.payload::text, 2)
-                    ELSE x.payload::text END AS payload,
-               x.idempotency_key, x.attempts, p.status AS intent_status
-        FROM outbox x LEFT JOIN payment_intents p ON p.id = x.payment_intent_id
-        WHERE x.state = 'pending' AND x.kind = $1 AND x.due_at <= now()
-          AND ($3::text[] IS NULL OR x.name = ANY($3::text[]))
-          AND (x.kind <> 'order_event' OR NOT EXISTS (
-                SELECT 1 FROM outbox e
-                WHERE e.state = 'pending' AND e.kind = 'order_event'
-                  AND e.payment_intent_id = x.payment_intent_id AND e.id < x.id))
-        ORDER BY x.id
-        LIMIT $2
-        FOR UPDATE OF x SKIP LOCKED
-        """,
-        str(kind),
-        limit,
-        None if names is None else list(names),
-    )
-    return [
-        Claimed(
-            r["id"],
-            Kind(r["kind"]),
-            r["name"],
-            r["payment_intent_id"],
-            r["payload"],
-            r["idempotency_key"],
-            r["attempts"],
-            r["intent_status"],
-        )
-        for r in rows
-    ]
-
-
-class Mark(NamedTuple):
-    """How one claimed row ended this attempt."""
-
-    id: int
-    outcome: str  # succeeded, already_done, published, rejected, or retry
-    error_code: str | None = None
-    error: str | None = None
-    retry_in_s: float | None = None  # set for a retry
-
-
-async def record(conn: Connection, marks: Sequence[Mark]) -> None:
-    """Mark claimed rows done, failed for good, or due again later (in the claiming transaction)."""
-    finished = [m for m in marks if m.retry_in_s is None]
-    retries = [m for m in marks if m.retry_in_s is not None]
-    if finished:
-        await conn.execute(
-            """
-            UPDATE outbox x
-            SET state = CASE WHEN v.outcome = 'rejected' THEN 'failed' ELSE 'done' END,
-                outcome = v.outcome, error_code = v.code, last_error = v.error,
-                attempts = x.attempts + 1, done_at = clock_timestamp()
-            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
-                AS v(id, outcome, code, error)
-            WHERE x.id = v.id
-            """,
-            *unnest_columns([(m.id, m.outcome, m.error_code, m.error) for m in finished], 4),
-        )
-    if retries:
-        await conn.execute(
-            """
-            UPDATE outbox x
-            SET attempts = x.attempts + 1, error_code = v.code, last_error = v.error,
-                due_at = clock_timestamp() + make_interval(secs => v.delay)
-            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[])
-                AS v(id, code, error, delay)
-            WHERE x.id = v.id
-            """,
-            *unnest_columns([(m.id, m.error_code, m.error, m.retry_in_s) for m in retries], 4),
-        )
-
-
-class Backlog(NamedTuple):
-    """What is left to do, for `--exit-when-idle`, the stats and `order-consumer outbox`."""
-
-    pending: dict[str, int]  # by kind, every kind (0 when none)
-    actions: dict[str, int]  # pending Stripe actions by name
-    oldest_pending_s: float | None  # age of the oldest pending row; None when none
-
-
-async def backlog(conn: Connection) -> Backlog:
-    rows = await conn.fetch(
-        """
-        SELECT kind, name, count(*) AS n,
-               extract(epoch FROM clock_timestamp() - min(created_at))::float8 AS oldest_s
-        FROM outbox WHERE state = 'pending' GROUP BY kind, name
-        """
-    )
-    pending = dict.fromkeys(map(str, Kind), 0)
-    for r in rows:
-        pending[r["kind"]] += r["n"]
-    return Backlog(
-        pending=pending,
-        actions={r["name"]: r["n"] for r in rows if r["kind"] == Kind.STRIPE_ACTION},
-        oldest_pending_s=max((r["oldest_s"] for r in rows), default=None),
-    )
-
-
-async def pending_actions(conn: Connection) -> dict[str, int]:
-    """Pending Stripe actions by name: what an idle relay looks at on every poll, so it
-    reads the actions alone (through the pending rows' index), not every order event."""
-    rows = await conn.fetch(
-        "SELECT name, count(*) AS n FROM outbox"
-        " WHERE state = 'pending' AND kind = 'stripe_action' GROUP BY name"
-    )
-    return {r["name"]: r["n"] for r in rows}
-
-
-async def finished_by_outcome(conn: Connection) -> dict[str, dict[str, int]]:
-    """Finished rows by kind and outcome (for `outbox status`)."""
-    rows = await conn.fetch(
-        "SELECT kind, outcome, count(*) AS n FROM outbox WHERE state <> 'pending'"
-        " GROUP BY kind, outcome ORDER BY kind, outcome"
-    )
-    result: dict[str, dict[str, int]] = {}
-    for r in rows:
-        result.setdefault(r["kind"], {})[r["outcome"]] = r["n"]
-    return result

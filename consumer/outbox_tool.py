@@ -14,9 +14,9 @@ from typing import Any
 
 import asyncpg
 
+from intentflow.consumer.claims import backlog, finished_by_outcome
 from intentflow.consumer.errors import describe
 from intentflow.consumer.migrate import check_schema
-from intentflow.consumer.outbox import backlog, finished_by_outcome
 from intentflow.consumer.preflight import redact
 from intentflow.consumer.settings import ConsumerSettings
 

@@ -38,20 +38,18 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from intentflow.consumer import errors
 from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
-from intentflow.consumer.order_events import publish_marks
-from intentflow.consumer.outbox import (
-    Action,
+from intentflow.consumer.claims import (
     Backlog,
-    CapturePolicy,
     Claimed,
-    Kind,
     Mark,
     backlog,
     claim,
     pending_actions,
     record,
-    sweep_needs_review,
 )
+from intentflow.consumer.order_events import publish_marks
+from intentflow.consumer.outbox import Action, Kind, sweep_needs_review
+from intentflow.consumer.policy import CapturePolicy
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.stripe_actions import Answer, Outcome, settled_by_webhooks
 

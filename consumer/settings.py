@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from intentflow.consumer.policy import DEFAULT_CART_KEY
 from intentflow.schemas import DEFAULT_ORDERS_TOPIC, DEFAULT_TOPIC
 from intentflow.schemas.config import check_log_level, port_ok
 from intentflow.schemas.kafka import KafkaConnection
@@ -73,9 +74,23 @@ class ConsumerSettings(KafkaConnection, BaseSettings):
     # at shipping or from its dashboard) or `on_placed` (capture the order's
     # amount as soon as its stock is taken). Same on every member.
     capture_policy: Literal["never", "on_placed"] = "never"
+    # Refund the captured money of an order that cannot be filled (out_of_stock,
+    # duplicate), through the relay. False: nothing is refunded; each such order
+    # is listed as owed a refund (`order-consumer outbox --failed`, a metric,
+    # `reconcile`) for an operator. A relay refunds only under its own true.
+    refund_unfillable: bool = True
     # Release the money of a `needs_review` order still unresolved after this
     # many seconds. Unset: never (an operator decides).
     needs_review_cancel_after_s: float | None = Field(default=None, gt=0)
+    # The PaymentIntent metadata key that names the shop's cart. An intent without
+    # it is not the shop's (a subscription invoice, a Terminal sale, another
+    # integration on the account): recorded, never an order, never acted on.
+    # Stripe's metadata keys are at most 40 characters.
+    cart_metadata_key: str = Field(default=DEFAULT_CART_KEY, min_length=1, max_length=40)
+    # A placed order whose authorization Stripe will let lapse within this many
+    # seconds (the charge's capture_before) and that is not captured yet counts in
+    # intentflow_consumer_captures_due_soon.
+    capture_warning_s: float = Field(default=86_400.0, gt=0)
     # Unset: Stripe actions stay pending, reported, until a key is given.
     stripe_api_key: SecretStr | None = None
     # Another API address (an emulator, a proxy); unset: Stripe's own.

@@ -35,7 +35,8 @@ from intentflow.consumer.fold import (
     fold_intent,
 )
 from intentflow.consumer.orders import write_orders
-from intentflow.consumer.outbox import DEFAULT_POLICY, OutboxPolicy, enqueue
+from intentflow.consumer.outbox import enqueue
+from intentflow.consumer.policy import DEFAULT_POLICY, ShopPolicy
 
 
 class ConcurrentIntentWrite(Exception):
@@ -72,7 +73,7 @@ class BatchResult:
 
 
 async def apply_batch(
-    conn: Connection, envelopes: list[Envelope], policy: OutboxPolicy = DEFAULT_POLICY
+    conn: Connection, envelopes: list[Envelope], policy: ShopPolicy = DEFAULT_POLICY
 ) -> BatchResult:
     """Apply `envelopes` (in Kafka order) in one transaction on `conn`."""
     result = BatchResult(events=len(envelopes))

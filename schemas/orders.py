@@ -31,7 +31,7 @@ HEADER_ORDER_EVENT_TYPE = "order-event-type"
 ORDER_EVENT_SCHEMA_VERSION = 1
 
 OrderStatusName = Literal[
-    "placed", "out_of_stock", "needs_review", "canceled", "refunded", "disputed"
+    "placed", "out_of_stock", "needs_review", "canceled", "refunded", "disputed", "duplicate"
 ]
 ORDER_EVENT_TYPES = frozenset([f"order.{s}" for s in get_args(OrderStatusName)] + ["order.updated"])
 
@@ -58,17 +58,23 @@ class OrderSnapshot(_Frozen):
     cart_id: str | None
     status: OrderStatusName
     # What allocation decided when the order was created: placed, out_of_stock,
-    # needs_review, or skipped (the intent was canceled before it was authorized).
-    allocation: Literal["placed", "out_of_stock", "needs_review", "skipped"]
+    # needs_review, duplicate (its cart already had a live order), or skipped
+    # (the intent was canceled before it was authorized).
+    allocation: Literal["placed", "out_of_stock", "needs_review", "duplicate", "skipped"]
     status_reason: str | None  # why needs_review or out_of_stock, e.g. `authorization_short`
     amount: int
     amount_authorized: int | None
     amount_refunded: int
+    amount_captured: int  # what Stripe captured: what a refund can return
     currency: str
     # The payment intent's Stripe status: `requires_capture` while the money is
     # held, `succeeded` once captured, `canceled` once released.
     payment_status: str | None
     cancellation_reason: str | None  # Stripe's, once the intent is canceled
+    # When an uncaptured authorization lapses (the charge's capture_before); null: not known.
+    capture_before: datetime | None
+    # Connect: the connected account of the payment; null for the platform's own.
+    account: str | None
     dispute: OrderDispute | None
     items: tuple[OrderLine, ...]
 

@@ -41,17 +41,35 @@ class PaymentIntent(_StripeModel):
         return self.metadata.get("cart_id") or None
 
 
+class CardDetails(_StripeModel):
+    # With manual capture: when Stripe lets the authorization lapse (Unix time).
+    # stripe-python types it `Charge.PaymentMethodDetails.Card.capture_before`.
+    capture_before: int | None = None
+
+
+class PaymentMethodDetails(_StripeModel):
+    card: CardDetails | None = None
+
+
 class Charge(_StripeModel):
     object: Literal["charge"]
     id: StripeId
     payment_intent: StripeId | None = None
     amount: Amount = 0
+    # What was captured: less than `amount` after a partial capture, 0 while held.
+    amount_captured: Amount = 0
     amount_refunded: Amount = 0
     currency: Annotated[str, Field(max_length=16)] = ""
     refunded: bool = False
     # False for an authorization not (yet) captured: what Stripe then reports as
     # refunded is the hold released (an expiry, a cancel), not money sent back.
     captured: bool = True
+    payment_method_details: PaymentMethodDetails | None = None
+
+    @property
+    def capture_before(self) -> int | None:
+        details = self.payment_method_details
+        return None if details is None or details.card is None else details.card.capture_before
 
 
 class Dispute(_StripeModel):
@@ -128,6 +146,9 @@ class StripeEvent(_StripeModel):
     type: Annotated[str, Field(min_length=1, max_length=255)]
     created: int
     livemode: bool = False
+    # Connect: the connected account the object lives on (every call about it
+    # must send `Stripe-Account`); absent for the platform's own objects.
+    account: Annotated[str, Field(max_length=255)] | None = None
     data: EventData
 
     @property

@@ -25,8 +25,8 @@ from aiokafka.errors import KafkaError
 
 from intentflow.consumer import logs
 from intentflow.consumer.bootstrap import build_relay, order_events
+from intentflow.consumer.claims import Claimed
 from intentflow.consumer.order_events import OrderEvents
-from intentflow.consumer.outbox import Claimed
 from intentflow.consumer.settings import ConsumerSettings
 
 CRASH_ON_CALL = 2

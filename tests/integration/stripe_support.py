@@ -36,7 +36,8 @@ import pytest
 
 from intentflow.consumer import outbox_tool
 from intentflow.consumer.bootstrap import build_relay
-from intentflow.consumer.outbox import Action, CapturePolicy, OutboxPolicy
+from intentflow.consumer.outbox import Action
+from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.relay import RelayStats
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import BatchResult, apply_batch
@@ -113,11 +114,11 @@ async def shop(
 
 
 async def apply(
-    db: asyncpg.Connection, *payloads: dict[str, Any], policy: OutboxPolicy | None = None
+    db: asyncpg.Connection, *payloads: dict[str, Any], policy: ShopPolicy | None = None
 ) -> BatchResult:
     """One batch, as a consumer applies it."""
     batch = [envelope(p, offset=i) for i, p in enumerate(payloads)]
-    return await apply_batch(db, batch, policy=policy or OutboxPolicy())
+    return await apply_batch(db, batch, policy=policy or ShopPolicy())
 
 
 async def hold(shop: Shop, *, quantity: int, with_cart: bool = True) -> Authorized:
@@ -138,9 +139,9 @@ async def hold(shop: Shop, *, quantity: int, with_cart: bool = True) -> Authoriz
     return Authorized(made["id"], amount, event)
 
 
-def policy_of(settings: ConsumerSettings) -> OutboxPolicy:
+def policy_of(settings: ConsumerSettings) -> ShopPolicy:
     """What a consumer with `settings` writes to the outbox (as consumer.bootstrap builds it)."""
-    return OutboxPolicy(CapturePolicy(settings.capture_policy))
+    return ShopPolicy.from_settings(settings)
 
 
 async def authorize(

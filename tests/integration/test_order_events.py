@@ -28,19 +28,12 @@ import pytest
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from intentflow.consumer.bootstrap import build_relay
+from intentflow.consumer.claims import Claimed, Mark, claim, record
 from intentflow.consumer.connections import create_pool
-from intentflow.consumer.decisions import OrderStatus
+from intentflow.consumer.decisions import Allocation, OrderStatus
 from intentflow.consumer.order_events import OrderEvents
-from intentflow.consumer.outbox import (
-    Claimed,
-    Kind,
-    Mark,
-    OrderChange,
-    OutboxPolicy,
-    claim,
-    enqueue,
-    record,
-)
+from intentflow.consumer.outbox import Kind, OrderChange, enqueue
+from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.relay import Relay
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import apply_batch
@@ -607,14 +600,22 @@ async def test_a_new_orders_event_built_in_memory_is_the_one_read_back_from_its_
 
     async with db.transaction():
         await db.execute("DELETE FROM outbox")
-        orders = await db.fetch("SELECT id, payment_intent_id, status, amount FROM orders")
+        orders = await db.fetch(
+            "SELECT id, payment_intent_id, status, amount, allocation FROM orders"
+        )
         changes = [
             OrderChange(
-                r["id"], r["payment_intent_id"], None, OrderStatus(r["status"]), None, r["amount"]
+                r["id"],
+                r["payment_intent_id"],
+                None,
+                OrderStatus(r["status"]),
+                None,
+                r["amount"],
+                Allocation(r["allocation"]),
             )
             for r in orders
         ]
-        await enqueue(db, changes, OutboxPolicy())
+        await enqueue(db, changes, ShopPolicy())
         read_back = {
             r["order_id"]: (r["name"], json.loads(r["payload"]))
             for r in await db.fetch(

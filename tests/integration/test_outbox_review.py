@@ -22,8 +22,9 @@ import asyncpg
 import pytest
 
 from intentflow.consumer.bootstrap import build_relay
+from intentflow.consumer.claims import backlog, claim
 from intentflow.consumer.connections import create_pool
-from intentflow.consumer.outbox import Action, Kind, backlog, claim
+from intentflow.consumer.outbox import Action, Kind
 from intentflow.consumer.reconcile import check
 from intentflow.consumer.relay import Relay
 from intentflow.devservices import Services

@@ -15,26 +15,24 @@ import pytest
 import stripe
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, RequestTimedOutError
 
-from intentflow.consumer.decisions import OrderStatus
+from intentflow.consumer.claims import Claimed, Mark
+from intentflow.consumer.decisions import Allocation, OrderStatus
 from intentflow.consumer.outbox import (
     CANCELLATION_REASON,
     Action,
     ActionRow,
-    CapturePolicy,
-    Claimed,
     Kind,
-    Mark,
     OrderChange,
-    OutboxPolicy,
     idempotency_key,
     stripe_actions_for,
 )
+from intentflow.consumer.policy import CapturePolicy, ShopPolicy
 from intentflow.consumer.relay import Relay
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.stripe_actions import Answer, Outcome, classify, settled_by_webhooks
 
-NEVER = OutboxPolicy(CapturePolicy.NEVER)
-ON_PLACED = OutboxPolicy(CapturePolicy.ON_PLACED)
+NEVER = ShopPolicy(CapturePolicy.NEVER)
+ON_PLACED = ShopPolicy(CapturePolicy.ON_PLACED)
 
 
 def change(
@@ -44,14 +42,15 @@ def change(
     intent_status: str | None = "requires_capture",
     amount: int = 2500,
 ) -> OrderChange:
-    return OrderChange(7, "pi_1", previous, status, intent_status, amount)
+    allocation = Allocation(status.value) if status.value in set(Allocation) else Allocation.PLACED
+    return OrderChange(7, "pi_1", previous, status, intent_status, amount, allocation)
 
 
 # --- stripe_actions_for -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("policy", [NEVER, ON_PLACED], ids=["never", "on_placed"])
-def test_a_new_out_of_stock_order_while_the_money_is_held_cancels_it(policy: OutboxPolicy) -> None:
+def test_a_new_out_of_stock_order_while_the_money_is_held_cancels_it(policy: ShopPolicy) -> None:
     row = stripe_actions_for(change(OrderStatus.OUT_OF_STOCK), policy)
 
     assert row == ActionRow(Action.CANCEL, "pi_1", 7, {"cancellation_reason": CANCELLATION_REASON})

@@ -5,7 +5,9 @@ in the order their payments were authorized: first paid, first served); an
 order whose summed demand per SKU does not fit the stock left gets
 `out_of_stock` and takes nothing (invariant 3). Two lines of one SKU are one
 demand. An order is trusted as paid for only when its cart exists, matches the
-intent's amount and currency, and the authorization covers it.
+intent's amount and currency, and the authorization covers it. A cart has one
+live (`placed` or `needs_review`) order: a second payment for it is a
+`duplicate`, checked first, and takes nothing.
 """
 
 from __future__ import annotations
@@ -78,29 +80,50 @@ def skus_wanted(requests: Iterable[PlaceOrder], carts: Mapping[str, Cart]) -> li
     return sorted(skus)
 
 
+# What a live order holds its cart with: one per cart (orders_one_live_order_per_cart_idx).
+LIVE = frozenset({Allocation.PLACED, Allocation.NEEDS_REVIEW})
+
+
 def allocate(
-    requests: Iterable[PlaceOrder], carts: Mapping[str, Cart], stock: Mapping[str, int]
+    requests: Iterable[PlaceOrder],
+    carts: Mapping[str, Cart],
+    stock: Mapping[str, int],
+    holders: Mapping[str, str] | None = None,
 ) -> tuple[list[OrderPlan], dict[str, int]]:
     """Plan every order in the given order; return the plans and the stock left.
 
-    A SKU missing from `stock` has none.
+    A SKU missing from `stock` has none. `holders` names, per cart, the payment
+    intent whose live order holds it already: an order for a held cart is a
+    `duplicate` (no stock; its money goes back), and the first live order
+    planned for a cart holds it for the orders after it.
     """
     left = dict(stock)
+    held = dict(holders or {})
     plans = []
     for request in requests:
         cart = carts.get(request.cart_id) if request.cart_id else None
-        reason = review_reason(request, cart)
-        if reason is not None:
-            plans.append(OrderPlan(request, cart, Allocation.NEEDS_REVIEW, reason, {}))
+        holder = held.get(request.cart_id) if request.cart_id else None
+        if holder is not None:
+            reason = f"duplicate_of:{holder}"
+            plans.append(OrderPlan(request, cart, Allocation.DUPLICATE, reason, {}))
             continue
-        assert cart is not None
-        demand = cart.demand()
-        short = sorted(sku for sku, qty in demand.items() if left.get(sku, 0) < qty)
-        if short:
-            reason = "short:" + ",".join(short)
-            plans.append(OrderPlan(request, cart, Allocation.OUT_OF_STOCK, reason, {}))
-            continue
-        for sku, qty in demand.items():
-            left[sku] -= qty
-        plans.append(OrderPlan(request, cart, Allocation.PLACED, None, demand))
+        plan = _plan(request, cart, left)
+        if plan.status in LIVE and request.cart_id:
+            held[request.cart_id] = request.payment_intent_id
+        plans.append(plan)
     return plans, left
+
+
+def _plan(request: PlaceOrder, cart: Cart | None, left: dict[str, int]) -> OrderPlan:
+    """Check one order against its cart, then give it stock from `left` (changed in place)."""
+    reason = review_reason(request, cart)
+    if reason is not None:
+        return OrderPlan(request, cart, Allocation.NEEDS_REVIEW, reason, {})
+    assert cart is not None
+    demand = cart.demand()
+    short = sorted(sku for sku, qty in demand.items() if left.get(sku, 0) < qty)
+    if short:
+        return OrderPlan(request, cart, Allocation.OUT_OF_STOCK, "short:" + ",".join(short), {})
+    for sku, qty in demand.items():
+        left[sku] -= qty
+    return OrderPlan(request, cart, Allocation.PLACED, None, demand)

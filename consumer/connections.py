@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -31,6 +32,36 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 def unnest_columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     """The first `width` fields of `rows`, one list per column: the arrays of an `unnest`."""
     return [[row[i] for row in rows] for i in range(width)]
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """Named, typed columns, and the `unnest` over them: the SQL's column list, its
+    `unnest($1::text[], …)` and the arrays passed to it all come from this one list,
+    so that a value cannot land in its neighbour's column."""
+
+    names: tuple[str, ...]
+    types: tuple[str, ...]
+
+    @classmethod
+    def of(cls, *columns: tuple[str, str]) -> Columns:
+        return cls(tuple(n for n, _ in columns), tuple(t for _, t in columns))
+
+    def __add__(self, other: Columns) -> Columns:
+        return Columns(self.names + other.names, self.types + other.types)
+
+    @property
+    def listed(self) -> str:
+        return ", ".join(self.names)
+
+    @property
+    def unnest(self) -> str:
+        arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(self.types, start=1))
+        return f"unnest({arrays})"
+
+    def arrays(self, rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+        """One list per column, from rows keyed by column name."""
+        return [[row[name] for row in rows] for name in self.names]
 
 
 async def create_pool(

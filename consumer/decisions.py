@@ -87,6 +87,13 @@ class Facts(NamedTuple):
     charge_refunded: bool = False
     refunds: Mapping[str, RefundSnapshot] = _NO_REFUNDS
     dispute: Dispute | None = None
+    # Connect: the account the intent lives on (the events' `account`); None: the platform's.
+    account: str | None = None
+    # The most Stripe says it captured: the intent's `amount_received`, a charge's
+    # `amount_captured`. What a refund of an order that cannot be filled returns.
+    amount_received: int = 0
+    # When an uncaptured authorization lapses (the charge's capture_before, Unix time).
+    capture_before: int | None = None
 
     @property
     def canceled(self) -> bool:
@@ -100,12 +107,17 @@ class Facts(NamedTuple):
     def refunded_in_full(self, order_amount: int) -> bool:
         return self.charge_refunded or (0 < order_amount <= self.amount_refunded)
 
+    @property
+    def disputed(self) -> bool:
+        """A dispute holds the money against us (Stripe refuses to refund a disputed charge)."""
+        return self.dispute is not None and self.dispute.against_us
+
 
 def order_status(allocation: Allocation, facts: Facts, order_amount: int) -> OrderStatus:
     """An order's status: canceled, then disputed, then refunded, then its allocation."""
     if facts.canceled or allocation is Allocation.SKIPPED:
         return OrderStatus.CANCELED
-    if facts.dispute is not None and facts.dispute.against_us:
+    if facts.disputed:
         return OrderStatus.DISPUTED
     if facts.refunded_in_full(order_amount):
         return OrderStatus.REFUNDED

@@ -4,14 +4,17 @@ Pure code: no I/O. Each event is merged into the intent's `Facts` through the
 meanings table (consumer/lifecycle.py); the decisions then follow from what
 changed between the facts before the batch and after it:
 
-- the intent's first authorization creates its one order (`PlaceOrder`);
+- the intent's first authorization that names the shop's cart creates its one
+  order (`PlaceOrder`); an intent that names none is not the shop's and makes
+  no order (`not_an_order`);
 - an existing order whose intent became canceled gives its stock back
   (`CancelOrder`), once; a later change of the reason only is copied
   (`RecordCancellation`);
 - an existing order whose intent's refunds or dispute changed is brought up to
   date (`RecordRefund`, `RecordDispute`);
-- an existing order whose intent's Stripe status changed otherwise (a capture)
-  is announced to its readers (`RecordPayment`).
+- an existing order whose intent's Stripe status changed otherwise (a capture),
+  or what was captured or its deadline, is brought up to date and announced to
+  its readers (`RecordPayment`).
 
 An event that changes no fact is recorded as `stale`; one without a meaning
 here as `ignored`. Because facts merge the same way in any order, the final
@@ -37,6 +40,7 @@ from intentflow.consumer.decisions import (
     RecordRefund,
 )
 from intentflow.consumer.lifecycle import EVENT_STEP, authorized_amount, meaning_of
+from intentflow.consumer.policy import DEFAULT_CART_KEY
 from intentflow.schemas import PaymentIntent, StripeEvent
 
 
@@ -44,6 +48,10 @@ class Outcome(StrEnum):
     APPLIED = "applied"  # changed what is known of the intent (or created its order)
     STALE = "stale"  # a known meaning, but older or no news: recorded, no change
     IGNORED = "ignored"  # carries nothing this consumer acts on: recorded, no change
+    # An authorization of an intent that names no cart (CART_METADATA_KEY): not the
+    # shop's payment (a subscription invoice, a Terminal sale, another integration).
+    # Its facts are kept on the intent; it makes no order and is never acted on.
+    NOT_AN_ORDER = "not_an_order"
 
 
 class OrderView(NamedTuple):
@@ -80,17 +88,23 @@ class IntentFold(NamedTuple):
     state: IntentState
     decisions: tuple[Decision, ...]
     outcomes: tuple[tuple[str, Outcome], ...]
-
-    @property
-    def changed(self) -> bool:
-        """Whether the intent's facts changed (its row must be written)."""
-        return any(outcome is Outcome.APPLIED for _, outcome in self.outcomes)
+    # Whether the intent's facts changed (its row must be written): also for an
+    # intent that is not an order, whose events are not `applied`.
+    changed: bool
 
 
 def fold_intent(
-    state: IntentState, events: list[StripeEvent], arrivals: Arrivals | None = None
+    state: IntentState,
+    events: list[StripeEvent],
+    arrivals: Arrivals | None = None,
+    cart_key: str = DEFAULT_CART_KEY,
 ) -> IntentFold:
-    """Merge `events` (one intent's, in Kafka order) into `state`; decide what follows."""
+    """Merge `events` (one intent's, in Kafka order) into `state`; decide what follows.
+
+    The order comes from the earliest authorization that names a cart under
+    `cart_key`; an authorization of an intent with no order that names none is
+    `not_an_order`.
+    """
     facts = state.facts
     outcomes: list[tuple[str, Outcome]] = []
     first_auth: StripeEvent | None = None
@@ -105,8 +119,15 @@ def fold_intent(
         before = facts
         if learn is not None:
             facts = learn(facts, event)
-        creates_order = held is not None and state.order is None and first_auth is None
+        if event.account is not None and facts.account is None:
+            facts = facts._replace(account=event.account)
         if held is not None and state.order is None:
+            intent = event.data.object
+            assert type(intent) is PaymentIntent  # authorized_amount checked it
+            if intent.cart(cart_key) is None:
+                outcomes.append((event.id, Outcome.NOT_AN_ORDER))
+                continue
+            creates_order = first_auth is None
             arrival = arrivals[i] if arrivals is not None else NO_ARRIVAL
             key = (event.created, *arrival)
             paid_key = key if paid_key is None else min(paid_key, key)
@@ -115,11 +136,14 @@ def fold_intent(
             # the same key as the intent's status, not from whichever came first.
             if first_auth is None or _auth_key(event) < _auth_key(first_auth):
                 first_auth = event
+        else:
+            creates_order = False
         applied = creates_order or facts is not before
         outcomes.append((event.id, Outcome.APPLIED if applied else Outcome.STALE))
-    decisions = _decide(state, facts, first_auth, held_most, paid_key)
+    decisions = _decide(state, facts, first_auth, held_most, paid_key, cart_key)
     new_state = IntentState(state.payment_intent_id, facts, state.order, state.exists)
-    return IntentFold(new_state, decisions, tuple(outcomes))
+    changed = facts is not state.facts or any(o is Outcome.APPLIED for _, o in outcomes)
+    return IntentFold(new_state, decisions, tuple(outcomes), changed)
 
 
 def _auth_key(event: StripeEvent) -> tuple[int, int, str]:
@@ -132,6 +156,7 @@ def _decide(
     first_auth: StripeEvent | None,
     held_most: int,
     paid_key: tuple[int, int, int, int] | None,
+    cart_key: str,
 ) -> tuple[Decision, ...]:
     pid = state.payment_intent_id
     if state.order is None:
@@ -141,7 +166,7 @@ def _decide(
         assert type(intent) is PaymentIntent  # authorized_amount checked it
         place = PlaceOrder(
             payment_intent_id=pid,
-            cart_id=intent.cart_id,
+            cart_id=intent.cart(cart_key),
             amount=intent.amount,
             currency=intent.currency.lower(),
             amount_authorized=held_most,
@@ -155,7 +180,7 @@ def _decide(
         decisions.append(CancelOrder(pid, facts.status_event_id or ""))
     elif facts.canceled and facts.cancellation_reason != before.cancellation_reason:
         decisions.append(RecordCancellation(pid))
-    elif facts.status != before.status:
+    elif facts.status != before.status or _payment(facts) != _payment(before):
         decisions.append(RecordPayment(pid))
     if (facts.amount_refunded, facts.charge_refunded) != (
         before.amount_refunded,
@@ -165,6 +190,11 @@ def _decide(
     if _shown(facts.dispute) != _shown(before.dispute):
         decisions.append(RecordDispute(pid))
     return tuple(decisions)
+
+
+def _payment(facts: Facts) -> tuple[int, int | None]:
+    """What an order shows of where its money is besides the intent's status."""
+    return (facts.amount_received, facts.capture_before)
 
 
 def _shown(dispute: Dispute | None) -> tuple[str, int, str] | None:

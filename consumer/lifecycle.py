@@ -13,6 +13,9 @@ on how often each came (DESIGN.md invariant 6):
   expired authorization ends in) is absorbing;
 - a charge's `amount_refunded` only grows: the largest seen counts (of a
   captured charge: an uncaptured one "refunds" only the hold it releases);
+- what Stripe captured (the intent's `amount_received`, a captured charge's
+  `amount_captured`) and the authorization's deadline (an uncaptured charge's
+  `payment_method_details.card.capture_before`) keep their largest value;
 - a refund or a dispute keeps its greatest snapshot by (event created, the
   rank of its status, id).
 
@@ -113,16 +116,12 @@ def _take_status(facts: Facts, event: StripeEvent, status: str, reason: str | No
     current = status_key(facts)
     if current is not None and key <= current:
         return facts
-    return Facts(
-        status,
-        event.created,
-        key[2],
-        event.id,
-        reason if status == "canceled" else None,
-        facts.charge_amount_refunded,
-        facts.charge_refunded,
-        facts.refunds,
-        facts.dispute,
+    return facts._replace(
+        status=status,
+        status_created=event.created,
+        status_step=key[2],
+        status_event_id=event.id,
+        cancellation_reason=reason if status == "canceled" else None,
     )
 
 
@@ -130,18 +129,30 @@ def learn_intent_status(facts: Facts, event: StripeEvent) -> Facts:
     intent = event.data.object
     if type(intent) is not PaymentIntent or intent.status not in STATUS_TIER:
         return facts
+    facts = _captured(facts, intent.amount_received or 0)
     return _take_status(facts, event, intent.status, intent.cancellation_reason)
 
 
 def learn_charge(facts: Facts, event: StripeEvent) -> Facts:
     charge = event.data.object
-    if type(charge) is not Charge or not charge.captured:
+    if type(charge) is not Charge:
         return facts
+    deadline = charge.capture_before
+    if deadline is not None and (facts.capture_before is None or deadline > facts.capture_before):
+        facts = _with(facts, capture_before=deadline)
+    if not charge.captured:
+        return facts
+    facts = _captured(facts, charge.amount_captured)
     refunded = max(facts.charge_amount_refunded, charge.amount_refunded)
     in_full = facts.charge_refunded or charge.refunded
     if (refunded, in_full) == (facts.charge_amount_refunded, facts.charge_refunded):
         return facts
     return _with(facts, charge_amount_refunded=refunded, charge_refunded=in_full)
+
+
+def _captured(facts: Facts, amount: int) -> Facts:
+    """What Stripe captured only grows (a later capture of the rest, never less)."""
+    return _with(facts, amount_received=amount) if amount > facts.amount_received else facts
 
 
 def learn_expired(facts: Facts, event: StripeEvent) -> Facts:

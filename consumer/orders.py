@@ -1,16 +1,20 @@
 """Apply the batch's order decisions: one set-based writer per kind of decision.
 
 Inside the batch's transaction, after the intents' rows are locked and written:
-  1. collect what canceled orders took (their `order` movements) and what new
+  1. bring every existing order that a decision touched up to date: status,
+     amount refunded and captured, cancellation reason, dispute, capture
+     deadline (`CancelOrder`, `RecordCancellation`, `RecordRefund`,
+     `RecordDispute`, `RecordPayment`); an order canceled here frees its cart
+     for this batch's new orders;
+  2. collect what canceled orders took (their `order` movements) and what new
      orders want; lock those stock rows in SKU order (invariant 8);
-  2. give back what canceled orders took, one `cancellation` movement per SKU
+  3. give back what canceled orders took, one `cancellation` movement per SKU
      (`CancelOrder`; the unique index on movements refuses a second one);
-  3. allocate stock to new orders in the order their payments were
-     authorized (`PlaceOrder`, first paid, first served), and write the
-     orders, their items, `order` movements and the levels;
-  4. bring every existing order that a decision touched up to date: status,
-     amount refunded, cancellation reason, dispute (`CancelOrder`,
-     `RecordCancellation`, `RecordRefund`, `RecordDispute`).
+  4. allocate stock to new orders in the order their payments were
+     authorized (`PlaceOrder`, first paid, first served): an order whose cart
+     already has a live order (read from `holds_cart`, or planned earlier in
+     the batch) is a `duplicate` and takes nothing; write the orders, their
+     items, `order` movements and the levels.
 It returns every order it created or changed (`OrderChange`), for the outbox.
 An order's status is derived by `consumer.decisions.order_status`.
 """
@@ -18,10 +22,13 @@ An order's status is derived by `consumer.decisions.order_status`.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from typing import Any
 
-from intentflow.consumer.allocation import Cart, CartLine, OrderPlan, allocate, skus_wanted
-from intentflow.consumer.connections import Connection, unnest_columns
+import asyncpg
+
+from intentflow.consumer.allocation import LIVE, Cart, CartLine, OrderPlan, allocate, skus_wanted
+from intentflow.consumer.connections import Columns, Connection
 from intentflow.consumer.decisions import (
     Allocation,
     CancelOrder,
@@ -34,6 +41,7 @@ from intentflow.consumer.decisions import (
     RecordRefund,
     order_status,
 )
+from intentflow.consumer.errors import describe
 from intentflow.consumer.fold import IntentFold
 from intentflow.consumer.outbox import OrderChange
 
@@ -59,17 +67,21 @@ async def write_orders(conn: Connection, folds: list[IntentFold]) -> list[OrderC
             touched.append(fold)
     if not places and not touched:
         return []
+    # Existing orders first: one canceled in this batch gives back its cart (the
+    # index holds a cart only while its order is not canceled), as its stock below.
+    refreshed = await _refresh(conn, touched)
     # First paid, first served: the authorization's created, received-at, partition, offset.
     places.sort(key=lambda place: place[0].paid_key)
     to_allocate = [p for p, facts in places if not facts.canceled]
     returns = await _taken_by(conn, cancels)
     # Skipped orders get their cart's lines too: the same order as "authorized, then canceled".
     carts = await _load_carts(conn, sorted({p.cart_id for p, _ in places if p.cart_id}))
+    holders = await _cart_holders(conn, sorted({p.cart_id for p in to_allocate if p.cart_id}))
     skus = sorted(set(skus_wanted(to_allocate, carts)) | {m[0] for m in returns})
     stock = await _lock_stock(conn, skus)
     for sku, delta, *_ in returns:
         stock[sku] = stock.get(sku, 0) + delta
-    plans, _left = allocate(to_allocate, carts, stock)
+    plans, _left = allocate(to_allocate, carts, stock, holders)
     skipped = [
         OrderPlan(p, carts.get(p.cart_id or ""), Allocation.SKIPPED, None, {})
         for p, facts in places
@@ -90,12 +102,33 @@ async def write_orders(conn: Connection, folds: list[IntentFold]) -> list[OrderC
         facts = facts_of[pid]
         status = order_status(p.status, facts, amount)
         snapshot = _snapshot(p, created[pid], status, facts)
-        changes.append(
-            OrderChange(
-                created[pid], pid, None, status, facts.status, amount, p.status, snapshot=snapshot
-            )
-        )
-    return changes + await _refresh(conn, touched)
+        changes.append(_change(created[pid], pid, None, status, facts, amount, p.status, snapshot))
+    return changes + refreshed
+
+
+def _change(
+    order_id: int,
+    pid: str,
+    previous: OrderStatus | None,
+    status: OrderStatus,
+    facts: Facts,
+    amount: int,
+    allocation: Allocation,
+    snapshot: dict[str, Any] | None = None,
+) -> OrderChange:
+    return OrderChange(
+        order_id,
+        pid,
+        previous,
+        status,
+        facts.status,
+        amount,
+        allocation,
+        captured=facts.amount_received,
+        refunded=facts.amount_refunded,
+        disputed=facts.disputed,
+        snapshot=snapshot,
+    )
 
 
 def _snapshot(plan: OrderPlan, order_id: int, status: OrderStatus, facts: Facts) -> dict[str, Any]:
@@ -112,9 +145,12 @@ def _snapshot(plan: OrderPlan, order_id: int, status: OrderStatus, facts: Facts)
         "amount": r.amount,
         "amount_authorized": r.amount_authorized,
         "amount_refunded": facts.amount_refunded,
+        "amount_captured": facts.amount_received,
         "currency": r.currency,
         "payment_status": facts.status,
         "cancellation_reason": facts.cancellation_reason,
+        "capture_before": facts.capture_before,
+        "account": facts.account,
         "dispute": d and {"status": d.status, "amount": d.amount, "reason": d.reason},
         "items": [
             {"sku": line.sku, "quantity": line.quantity, "unit_amount": line.unit_amount}
@@ -147,6 +183,23 @@ async def _taken_by(
         for r in rows
         if r["qty"] > 0
     ]
+
+
+async def _cart_holders(conn: Connection, cart_ids: list[str]) -> dict[str, str]:
+    """Per cart, the payment intent whose live order holds it (one per cart: the index).
+
+    A concurrent batch may be placing a first order for one of these carts right
+    now: then this batch's insert waits on the unique index and fails with
+    `ConcurrentCartOrder` once that one commits, and its retry finds the holder.
+    """
+    if not cart_ids:
+        return {}
+    rows = await conn.fetch(
+        "SELECT cart_id, payment_intent_id FROM orders"
+        " WHERE cart_id = ANY($1::text[]) AND holds_cart AND status <> 'canceled'",
+        cart_ids,
+    )
+    return {r["cart_id"]: r["payment_intent_id"] for r in rows}
 
 
 async def _lock_stock(conn: Connection, skus: list[str]) -> dict[str, int]:
@@ -182,44 +235,68 @@ async def _load_carts(conn: Connection, cart_ids: list[str]) -> dict[str, Cart]:
     return {cid: Cart(cid, cur, tuple(lines[cid])) for cid, cur in currency.items()}
 
 
+class ConcurrentCartOrder(Exception):
+    """Another transaction gave one of the batch's carts its live order first (two
+    payments for one cart, on two partitions, at once). The batch is rolled back and
+    retried; it then finds that order and makes this one a duplicate."""
+
+    retriable = True  # consumer.errors: the environment's, not the event's
+    cause = "conflict"
+
+
+# A new order's columns. Most new orders have nothing yet that happened after
+# their authorization (a refund, a dispute, a capture, a deadline): they are
+# written with `_NEW_ORDER` alone and the rest default.
+_NEW_ORDER = Columns.of(
+    ("payment_intent_id", "text"),
+    ("cart_id", "text"),
+    ("status", "text"),
+    ("allocation", "text"),
+    ("status_reason", "text"),
+    ("amount", "bigint"),
+    ("currency", "text"),
+    ("source_event_id", "text"),
+    ("amount_authorized", "bigint"),
+    ("holds_cart", "bool"),
+)
+_COPIED_FACTS = Columns.of(
+    ("amount_refunded", "bigint"),
+    ("amount_captured", "bigint"),
+    ("cancellation_reason", "text"),
+    ("dispute_status", "text"),
+    ("dispute_amount", "bigint"),
+    ("dispute_reason", "text"),
+    ("capture_before", "timestamptz"),
+    ("account", "text"),
+)
+_EVENTFUL_ORDER = _NEW_ORDER + _COPIED_FACTS
+
+
 async def _insert_orders(
     conn: Connection, plans: list[OrderPlan], facts_of: dict[str, Facts]
 ) -> dict[str, int]:
     """Insert the orders with their items; return each intent's new order id."""
     if not plans:
         return {}
-    # Orders with no refund, dispute or cancellation yet (nearly all) are
-    # written with the columns they set; the rest default.
-    plain: list[OrderPlan] = []
-    eventful: list[OrderPlan] = []
+    plain: list[dict[str, Any]] = []
+    eventful: list[dict[str, Any]] = []
     for p in plans:
         facts = facts_of[p.request.payment_intent_id]
-        (plain if _nothing_after(facts) else eventful).append(p)
+        row = _order_row(p, facts)
+        (plain if _nothing_after(facts) else eventful).append(row)
     rows = []
-    if plain:
-        rows += await conn.fetch(
-            f"""
-            INSERT INTO orders ({_ORDER_COLUMNS})
-            SELECT * FROM unnest(
-                $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-                $7::text[], $8::text[], $9::bigint[])
-            RETURNING id, payment_intent_id
-            """,
-            *unnest_columns(_order_rows(plain, facts_of), 9),
-        )
-    if eventful:
-        rows += await conn.fetch(
-            f"""
-            INSERT INTO orders ({_ORDER_COLUMNS}, amount_refunded, cancellation_reason,
-                                dispute_status, dispute_amount, dispute_reason)
-            SELECT * FROM unnest(
-                $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-                $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::text[], $12::text[],
-                $13::bigint[], $14::text[])
-            RETURNING id, payment_intent_id
-            """,
-            *unnest_columns(_order_rows(eventful, facts_of), 14),
-        )
+    try:
+        for columns, batch in ((_NEW_ORDER, plain), (_EVENTFUL_ORDER, eventful)):
+            if batch:
+                rows += await conn.fetch(
+                    f"INSERT INTO orders ({columns.listed}) SELECT * FROM {columns.unnest}"
+                    " RETURNING id, payment_intent_id",
+                    *columns.arrays(batch),
+                )
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "orders_one_live_order_per_cart_idx":
+            raise ConcurrentCartOrder(describe(exc)) from exc
+        raise
     order_ids: dict[str, int] = {r["payment_intent_id"]: r["id"] for r in rows}
     items = [
         (order_ids[p.request.payment_intent_id], line)
@@ -241,41 +318,54 @@ async def _insert_orders(
     return order_ids
 
 
-_ORDER_COLUMNS = """payment_intent_id, cart_id, status, allocation, status_reason, amount,
-    currency, source_event_id, amount_authorized"""
-
-
 def _nothing_after(facts: Facts) -> bool:
-    """Whether nothing has happened to the intent after its authorization that an order copies."""
-    return not (facts.amount_refunded or facts.charge_refunded or facts.dispute or facts.canceled)
+    """Whether nothing that an order copies has happened to the intent since its authorization."""
+    return not (
+        facts.amount_refunded
+        or facts.charge_refunded
+        or facts.dispute
+        or facts.canceled
+        or facts.amount_received
+        or facts.capture_before
+        or facts.account
+    )
 
 
-def _order_rows(plans: list[OrderPlan], facts_of: dict[str, Facts]) -> list[tuple[Any, ...]]:
-    """One row per order: `_ORDER_COLUMNS`, then the five copied from the intent's facts."""
-    rows = []
-    for p in plans:
-        r = p.request
-        facts = facts_of[r.payment_intent_id]
-        d = facts.dispute
-        rows.append(
-            (
-                r.payment_intent_id,
-                r.cart_id,
-                str(order_status(p.status, facts, r.amount)),
-                str(p.status),
-                p.reason,
-                r.amount,
-                r.currency,
-                r.event_id,
-                r.amount_authorized,
-                facts.amount_refunded,
-                facts.cancellation_reason,
-                d and d.status,
-                d and d.amount,
-                d and d.reason,
-            )
-        )
-    return rows
+def _order_row(plan: OrderPlan, facts: Facts) -> dict[str, Any]:
+    """A new order's row, keyed by `_EVENTFUL_ORDER`'s columns."""
+    r = plan.request
+    return {
+        "payment_intent_id": r.payment_intent_id,
+        "cart_id": r.cart_id,
+        "status": str(order_status(plan.status, facts, r.amount)),
+        "allocation": str(plan.status),
+        "status_reason": plan.reason,
+        "amount": r.amount,
+        "currency": r.currency,
+        "source_event_id": r.event_id,
+        "amount_authorized": r.amount_authorized,
+        "holds_cart": plan.status in LIVE,
+        **_copied(facts),
+    }
+
+
+def _copied(facts: Facts) -> dict[str, Any]:
+    """What an order copies of its intent's facts, keyed by `_COPIED_FACTS`'s columns."""
+    d = facts.dispute
+    return {
+        "amount_refunded": facts.amount_refunded,
+        "amount_captured": facts.amount_received,
+        "cancellation_reason": facts.cancellation_reason,
+        "dispute_status": d and d.status,
+        "dispute_amount": d and d.amount,
+        "dispute_reason": d and d.reason,
+        "capture_before": _timestamp(facts.capture_before),
+        "account": facts.account,
+    }
+
+
+def _timestamp(unix_s: int | None) -> datetime | None:
+    return None if unix_s is None else datetime.fromtimestamp(unix_s, UTC)
 
 
 async def _move_stock(conn: Connection, movements: list[Movement]) -> None:
@@ -311,48 +401,32 @@ async def _move_stock(conn: Connection, movements: list[Movement]) -> None:
     )
 
 
+_REFRESHED = Columns.of(("id", "bigint"), ("status", "text")) + _COPIED_FACTS
+
+
 async def _refresh(conn: Connection, touched: list[IntentFold]) -> list[OrderChange]:
     """Re-derive the status and copy the facts of existing orders a decision touched."""
     if not touched:
         return []
-    rows: list[tuple[object, ...]] = []
+    rows: list[dict[str, Any]] = []
     changes: list[OrderChange] = []
     for fold in sorted(touched, key=lambda f: f.state.payment_intent_id):
         order = fold.state.order
         assert order is not None
         facts = fold.state.facts
-        d = facts.dispute
         status: OrderStatus = order_status(order.allocation, facts, order.amount)
         pid = fold.state.payment_intent_id
         changes.append(
-            OrderChange(
-                order.id, pid, order.status, status, facts.status, order.amount, order.allocation
-            )
+            _change(order.id, pid, order.status, status, facts, order.amount, order.allocation)
         )
-        rows.append(
-            (
-                order.id,
-                str(status),
-                facts.amount_refunded,
-                facts.cancellation_reason,
-                d and d.status,
-                d and d.amount,
-                d and d.reason,
-            )
-        )
+        rows.append({"id": order.id, "status": str(status), **_copied(facts)})
+    assigned = ", ".join(f"{name} = v.{name}" for name in _REFRESHED.names[1:])
     await conn.execute(
-        """
-        UPDATE orders o
-        SET status = v.status, amount_refunded = v.amount_refunded,
-            cancellation_reason = v.cancellation_reason, dispute_status = v.dispute_status,
-            dispute_amount = v.dispute_amount, dispute_reason = v.dispute_reason,
-            updated_at = now()
-        FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                    $6::bigint[], $7::text[])
-            AS v(id, status, amount_refunded, cancellation_reason, dispute_status,
-                 dispute_amount, dispute_reason)
+        f"""
+        UPDATE orders o SET {assigned}, updated_at = now()
+        FROM {_REFRESHED.unnest} AS v({_REFRESHED.listed})
         WHERE o.id = v.id
         """,
-        *unnest_columns(rows, 7),
+        *_REFRESHED.arrays(rows),
     )
     return changes

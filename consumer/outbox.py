@@ -232,9 +232,12 @@ async def _enqueue_read_back(conn: Connection, changes: Sequence[OrderChange]) -
                     'status', o.status, 'allocation', o.allocation,
                     'status_reason', o.status_reason, 'amount', o.amount,
                     'amount_authorized', o.amount_authorized,
-                    'amount_refunded', o.amount_refunded, 'currency', o.currency,
+                    'amount_refunded', o.amount_refunded,
+                    'amount_captured', o.amount_captured, 'currency', o.currency,
                     'payment_status', p.status,
                     'cancellation_reason', o.cancellation_reason,
+                    'capture_before', extract(epoch FROM o.capture_before)::bigint,
+                    'account', o.account,
                     'dispute', CASE WHEN o.dispute_status IS NULL THEN NULL ELSE
                         json_build_object('status', o.dispute_status,
                                           'amount', o.dispute_amount,

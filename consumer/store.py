@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from intentflow.consumer.connections import Connection, unnest_columns
+from intentflow.consumer.connections import Columns, Connection
 from intentflow.consumer.decisions import Allocation, Dispute, Facts, OrderStatus, RefundSnapshot
 from intentflow.consumer.decode import Envelope
 from intentflow.consumer.fold import (
@@ -92,7 +92,7 @@ async def apply_batch(
             by_intent[intent_id].append(envelope)
         states = await _lock_intents(conn, sorted(by_intent))
         folds = [
-            fold_intent(states[pid], [e.event for e in group], _Arrivals(group))
+            fold_intent(states[pid], [e.event for e in group], _Arrivals(group), policy.cart_key)
             for pid, group in by_intent.items()
         ]
         # Before any order: from here on this transaction holds every intent's row.
@@ -141,11 +141,28 @@ async def _claim(conn: Connection, envelopes: list[Envelope]) -> list[Envelope]:
     return [e for e in first.values() if e.event.id in won]
 
 
-_INTENT_COLUMNS = """
-    id, status, status_created, status_step, last_event_id, cancellation_reason,
-    charge_amount_refunded, charge_refunded,
-    dispute_id, dispute_status, dispute_amount, dispute_reason, dispute_created
-"""
+# An intent's row. Most new intents know only their status: those are written
+# with `_STATUS` alone (the rest default), which halved the insert's cost.
+_STATUS = Columns.of(
+    ("id", "text"),
+    ("status", "text"),
+    ("status_created", "bigint"),
+    ("status_step", "smallint"),
+    ("last_event_id", "text"),
+    ("cancellation_reason", "text"),
+)
+_INTENT = _STATUS + Columns.of(
+    ("charge_amount_refunded", "bigint"),
+    ("charge_refunded", "bool"),
+    ("dispute_id", "text"),
+    ("dispute_status", "text"),
+    ("dispute_amount", "bigint"),
+    ("dispute_reason", "text"),
+    ("dispute_created", "bigint"),
+    ("account", "text"),
+    ("amount_received", "bigint"),
+    ("capture_before", "bigint"),
+)
 
 
 async def _lock_intents(conn: Connection, intent_ids: list[str]) -> dict[str, IntentState]:
@@ -155,7 +172,7 @@ async def _lock_intents(conn: Connection, intent_ids: list[str]) -> dict[str, In
     insert of the same intent is detected there and the batch retried.
     """
     rows = await conn.fetch(
-        f"SELECT {_INTENT_COLUMNS} FROM payment_intents"
+        f"SELECT {_INTENT.listed} FROM payment_intents"
         " WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
         intent_ids,
     )
@@ -209,99 +226,75 @@ def _facts(row: asyncpg.Record, refunds: dict[str, RefundSnapshot]) -> Facts:
         charge_refunded=row["charge_refunded"],
         refunds=refunds,
         dispute=dispute,
+        account=row["account"],
+        amount_received=row["amount_received"],
+        capture_before=row["capture_before"],
     )
 
 
-def _intent_rows(folds: list[IntentFold]) -> list[tuple[Any, ...]]:
-    """One row per intent, its values in the order of `_INTENT_COLUMNS`."""
-    rows = []
-    for fold in folds:
-        f = fold.state.facts
-        d = f.dispute
-        rows.append(
-            (
-                fold.state.payment_intent_id,
-                f.status,
-                f.status_created,
-                f.status_step,
-                f.status_event_id,
-                f.cancellation_reason,
-                f.charge_amount_refunded,
-                f.charge_refunded,
-                d and d.id,
-                d and d.status,
-                d and d.amount,
-                d and d.reason,
-                d and d.created,
-            )
-        )
-    return rows
-
-
-_UNNEST_INTENTS = """
-    unnest($1::text[], $2::text[], $3::bigint[], $4::smallint[], $5::text[], $6::text[],
-           $7::bigint[], $8::bool[], $9::text[], $10::text[], $11::bigint[], $12::text[],
-           $13::bigint[])
-"""
+def _intent_row(fold: IntentFold) -> dict[str, Any]:
+    """One intent's row, keyed by `_INTENT`'s columns."""
+    f = fold.state.facts
+    d = f.dispute
+    return {
+        "id": fold.state.payment_intent_id,
+        "status": f.status,
+        "status_created": f.status_created,
+        "status_step": f.status_step,
+        "last_event_id": f.status_event_id,
+        "cancellation_reason": f.cancellation_reason,
+        "charge_amount_refunded": f.charge_amount_refunded,
+        "charge_refunded": f.charge_refunded,
+        "dispute_id": d and d.id,
+        "dispute_status": d and d.status,
+        "dispute_amount": d and d.amount,
+        "dispute_reason": d and d.reason,
+        "dispute_created": d and d.created,
+        "account": f.account,
+        "amount_received": f.amount_received,
+        "capture_before": f.capture_before,
+    }
 
 
 async def _write_intents(conn: Connection, folds: list[IntentFold]) -> None:
     """Store each changed intent's facts; fail retriably if another writer raced us."""
     changed = sorted((f for f in folds if f.changed), key=lambda f: f.state.payment_intent_id)
-    known = [f for f in changed if f.state.exists]
+    known = [_intent_row(f) for f in changed if f.state.exists]
     new = [f for f in changed if not f.state.exists]
     if known:
+        assigned = ", ".join(f"{name} = v.{name}" for name in _INTENT.names[1:])
         await conn.execute(
             f"""
-            UPDATE payment_intents p
-            SET status = v.status, status_created = v.status_created,
-                status_step = v.status_step, last_event_id = v.last_event_id,
-                cancellation_reason = v.cancellation_reason,
-                charge_amount_refunded = v.charge_amount_refunded,
-                charge_refunded = v.charge_refunded, dispute_id = v.dispute_id,
-                dispute_status = v.dispute_status, dispute_amount = v.dispute_amount,
-                dispute_reason = v.dispute_reason, dispute_created = v.dispute_created,
-                updated_at = now()
-            FROM {_UNNEST_INTENTS} AS v({_INTENT_COLUMNS})
+            UPDATE payment_intents p SET {assigned}, updated_at = now()
+            FROM {_INTENT.unnest} AS v({_INTENT.listed})
             WHERE p.id = v.id
             """,
-            *unnest_columns(_intent_rows(known), 13),
+            *_INTENT.arrays(known),
         )
-    # Most new intents know only their status: their row is written with the
-    # status columns alone (the rest default), which halved this insert's cost.
-    status_only = [f for f in new if _status_only(f.state.facts)]
-    everything = [f for f in new if not _status_only(f.state.facts)]
+    status_only = [_intent_row(f) for f in new if _status_only(f.state.facts)]
+    everything = [_intent_row(f) for f in new if not _status_only(f.state.facts)]
     inserted = 0
-    if status_only:
-        rows = await conn.fetch(
-            """
-            INSERT INTO payment_intents
-                (id, status, status_created, status_step, last_event_id, cancellation_reason)
-            SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::smallint[],
-                                 $5::text[], $6::text[])
-            ON CONFLICT (id) DO NOTHING
-            RETURNING id
-            """,
-            *unnest_columns(_intent_rows(status_only), 6),
-        )
-        inserted += len(rows)
-    if everything:
-        rows = await conn.fetch(
-            f"""
-            INSERT INTO payment_intents ({_INTENT_COLUMNS})
-            SELECT * FROM {_UNNEST_INTENTS}
-            ON CONFLICT (id) DO NOTHING
-            RETURNING id
-            """,
-            *unnest_columns(_intent_rows(everything), 13),
-        )
-        inserted += len(rows)
+    for columns, rows in ((_STATUS, status_only), (_INTENT, everything)):
+        if rows:
+            written = await conn.fetch(
+                f"INSERT INTO payment_intents ({columns.listed}) SELECT * FROM {columns.unnest}"
+                " ON CONFLICT (id) DO NOTHING RETURNING id",
+                *columns.arrays(rows),
+            )
+            inserted += len(written)
     if inserted != len(new):
         raise ConcurrentIntentWrite(f"{len(new) - inserted} intents written concurrently")
 
 
 def _status_only(facts: Facts) -> bool:
-    return not (facts.charge_amount_refunded or facts.charge_refunded or facts.dispute)
+    return not (
+        facts.charge_amount_refunded
+        or facts.charge_refunded
+        or facts.dispute
+        or facts.account
+        or facts.amount_received
+        or facts.capture_before
+    )
 
 
 async def _write_refunds(

@@ -71,8 +71,9 @@ class OrderSnapshot(_Frozen):
     # held, `succeeded` once captured, `canceled` once released.
     payment_status: str | None
     cancellation_reason: str | None  # Stripe's, once the intent is canceled
-    # When an uncaptured authorization lapses (the charge's capture_before); null: not known.
-    capture_before: datetime | None
+    # When an uncaptured authorization lapses, Unix time as Stripe gives it (the
+    # charge's payment_method_details.card.capture_before); null: not known.
+    capture_before: int | None
     # Connect: the connected account of the payment; null for the platform's own.
     account: str | None
     dispute: OrderDispute | None

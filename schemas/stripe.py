@@ -36,9 +36,10 @@ class PaymentIntent(_StripeModel):
     amount_received: Amount | None = None
     cancellation_reason: Annotated[str, Field(max_length=64)] | None = None
 
-    @property
-    def cart_id(self) -> str | None:
-        return self.metadata.get("cart_id") or None
+    def cart(self, key: str) -> str | None:
+        """The shop's cart id under metadata `key` (CART_METADATA_KEY); None when absent
+        or empty: then the intent is not the shop's order."""
+        return self.metadata.get(key) or None
 
 
 class CardDetails(_StripeModel):

@@ -82,11 +82,15 @@ def charge_object(
     refunded: bool = False,
     status: str = "succeeded",
 ) -> dict[str, Any]:
+    # An authorization's deadline: Stripe shows it on the charge while it is uncaptured
+    # (payment_method_details.card.capture_before, about 7 days for most cards).
+    card = {"capture_before": None if captured else BASE_S + 7 * 86_400}
     return {
         "id": charge_id(purchase.intent_id),
         "object": "charge",
         "amount": purchase.authorized,
         "amount_captured": purchase.authorized if captured else 0,
+        "payment_method_details": {"type": "card", "card": card},
         "amount_refunded": amount_refunded,
         "captured": captured,
         "currency": purchase.currency,
@@ -324,8 +328,8 @@ class History:
 
 
 @st.composite
-def histories(draw: st.DrawFn) -> History:
-    h = History(draw, draw(terms()))
+def histories(draw: st.DrawFn, paying: Terms | None = None) -> History:
+    h = History(draw, paying or draw(terms()))
     # Paid and not canceled twice as often as anything else: those compete for stock.
     path = draw(st.sampled_from(PATHS[:3] + PATHS))
     h.intent("payment_intent.created", "requires_payment_method")
@@ -407,6 +411,12 @@ class Scenario:
         printer.text("\n".join(lines))
 
     @property
+    def twins(self) -> set[str]:
+        """The intents that pay for a cart another intent pays for too."""
+        payers = Counter(p.cart_id for p in self.purchases if p.cart_id)
+        return {p.intent_id for p in self.purchases if p.cart_id and payers[p.cart_id] > 1}
+
+    @property
     def carts(self) -> dict[str, model.Cart]:
         return {
             p.cart_id or f"cart-of-{p.intent_id}": p.cart
@@ -416,13 +426,17 @@ class Scenario:
 
 
 def placed_in_time(
-    index: int, slot: int, history: History
+    index: int, slot: int, history: History, cart_index: int
 ) -> tuple[Purchase, list[dict[str, Any]]]:
-    """The intent's ids and its events, its first authorization at its own second."""
+    """The intent's ids and its events, its first authorization at its own second.
+
+    `cart_index` names the cart: the intent's own, or the one an earlier intent
+    pays for too (a checkout submitted twice).
+    """
     t = history.terms
     purchase = Purchase(
         intent_id=f"pi_{index:03d}",
-        cart_id=None if t.problem == "no_cart_id" else f"cart-{index}",
+        cart_id=None if t.problem == "no_cart_id" else f"cart-{cart_index}",
         cart=t.cart,
         amount=t.amount,
         currency="usd",
@@ -449,12 +463,21 @@ def scenarios(draw: st.DrawFn, *, scarce: bool) -> Scenario:
     else:
         stock = dict.fromkeys(SKUS, ABUNDANT)
     # Scarce stock needs payments that compete for it: three make a contest likely.
-    plans = draw(st.lists(histories(), min_size=3 if scarce else 1, max_size=6))
+    count = draw(st.integers(3 if scarce else 1, 6))
+    # One intent in four pays again for an earlier intent's cart (same terms): one
+    # of the two is the cart's order, the other a duplicate.
+    carts_of: list[int] = []
+    paying: list[Terms] = []
+    for index in range(count):
+        twin = draw(st.integers(0, index - 1)) if index and draw(st.integers(0, 3)) == 0 else None
+        carts_of.append(index if twin is None else carts_of[twin])
+        paying.append(draw(terms()) if twin is None else paying[twin])
+    plans = [draw(histories(t)) for t in paying]
     slots = draw(st.permutations(range(len(plans))))
     bought: list[Purchase] = []
     all_events: list[dict[str, Any]] = []
     for index, (slot, history) in enumerate(zip(slots, plans, strict=True)):
-        purchase, built = placed_in_time(index, slot, history)
+        purchase, built = placed_in_time(index, slot, history, carts_of[index])
         bought.append(purchase)
         all_events.extend(built)
     # Event ids in a random order, so that same-second ties fall either way.

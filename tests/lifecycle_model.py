@@ -13,7 +13,12 @@ takes them in any order, duplicates included, and never looks at delivery
 order. Allocation of scarce stock between intents is the one exception: it
 depends on which batch each authorization lands in. `one_batch` predicts it
 for a single batch from `created` alone; `in_batches` for any sequence of
-batches, given where each copy of an event arrived.
+batches, given where each copy of an event arrived. So does which of two
+payments for one cart is its order and which the `duplicate` (issue 17: one
+live order per cart, the first decided wins). An intent whose authorizations
+name no cart is not the shop's: it has no order (issue 17, `not_an_order`).
+`money_owed` says which Stripe action each order that cannot be filled is owed
+at the end: a cancel while its money is held, a refund once it is captured.
 """
 
 from __future__ import annotations
@@ -70,6 +75,13 @@ DISPUTE_RANK = {
     "charge_refunded": 2,
 }
 DISPUTE_NOT_AGAINST_US = frozenset({"won", "warning_closed", "prevented", "charge_refunded"})
+# The metadata key that names the shop's cart (CART_METADATA_KEY's default). An
+# intent whose authorizations name none is not the shop's: no order, no action.
+CART_KEY = "cart_id"
+# Allocations whose order holds its cart while not canceled: one per cart.
+LIVE = frozenset({"placed", "needs_review"})
+# Allocations whose money goes back: canceled while held, refunded once captured.
+UNFILLABLE = frozenset({"out_of_stock", "duplicate"})
 
 
 def _object(event: Event) -> Mapping[str, Any]:
@@ -135,6 +147,8 @@ class Intent:
     charge_refunded: bool = False
     refunds: Mapping[str, RefundFact] = field(default_factory=dict)
     dispute: DisputeFact | None = None
+    amount_received: int = 0  # the most Stripe said it captured
+    capture_before: int | None = None  # the latest deadline of an uncaptured authorization
 
     @property
     def canceled(self) -> bool:
@@ -147,6 +161,10 @@ class Intent:
 
     def refunded_in_full(self, order_amount: int) -> bool:
         return self.charge_refunded or self.amount_refunded >= order_amount
+
+    @property
+    def disputed(self) -> bool:
+        return self.dispute is not None and self.dispute.against_us
 
 
 def _status_of(event: Event) -> tuple[str, str | None] | None:
@@ -180,7 +198,7 @@ def _authorization(event: Event) -> Authorization | None:
         event_id=event["id"],
         created=event["created"],
         step=STEP[event["type"]],
-        cart_id=(obj.get("metadata") or {}).get("cart_id") or None,
+        cart_id=(obj.get("metadata") or {}).get(CART_KEY) or None,
         amount=obj["amount"],
         currency=str(obj["currency"]).lower(),
         amount_authorized=authorized,
@@ -188,12 +206,17 @@ def _authorization(event: Event) -> Authorization | None:
 
 
 def intent_facts(events: Iterable[Event]) -> Intent:
-    """The facts of one intent from its events, in any order, duplicates included."""
+    """The facts of one intent from its events, in any order, duplicates included.
+
+    Its order (if any) comes from the earliest authorization that names a cart.
+    """
     unique = {e["id"]: e for e in events}
     status_key: tuple[int, int, int, str] | None = None
     status: tuple[str, str | None] | None = None
     first_auth: Authorization | None = None
     charge_refunded_max, charge_refunded = 0, False
+    received = 0
+    deadline: int | None = None
     refunds: dict[str, tuple[tuple[int, int], RefundFact]] = {}
     dispute_key: tuple[int, int, str] | None = None
     dispute: DisputeFact | None = None
@@ -204,15 +227,24 @@ def intent_facts(events: Iterable[Event]) -> Intent:
             key = (TIER[carried[0]], event["created"], STEP[event["type"]], event["id"])
             if status_key is None or key > status_key:
                 status_key, status = key, carried
+            if obj.get("object") == "payment_intent":
+                received = max(received, obj.get("amount_received") or 0)
         auth = _authorization(event)
-        if auth is not None and (first_auth is None or _first(auth) < _first(first_auth)):
+        if (
+            auth is not None
+            and auth.cart_id is not None
+            and (first_auth is None or _first(auth) < _first(first_auth))
+        ):
             first_auth = auth
         kind = obj.get("object")
+        if event["type"].startswith("charge.") and kind == "charge":
+            deadline = _later(deadline, _capture_before(obj))
         # An uncaptured charge (expired, canceled) reports the hold it released as
         # refunded: that is no money sent back, so only captured charges count.
         if event["type"].startswith("charge.") and kind == "charge" and obj.get("captured", True):
             charge_refunded_max = max(charge_refunded_max, obj.get("amount_refunded") or 0)
             charge_refunded = charge_refunded or bool(obj.get("refunded"))
+            received = max(received, obj.get("amount_captured") or 0)
         elif kind == "refund":
             rkey = (event["created"], REFUND_RANK.get(obj.get("status", ""), 0))
             known = refunds.get(obj["id"])
@@ -243,7 +275,19 @@ def intent_facts(events: Iterable[Event]) -> Intent:
         charge_refunded=charge_refunded,
         refunds={rid: fact for rid, (_, fact) in refunds.items()},
         dispute=dispute,
+        amount_received=received,
+        capture_before=deadline,
     )
+
+
+def _capture_before(charge: Mapping[str, Any]) -> int | None:
+    card = (charge.get("payment_method_details") or {}).get("card") or {}
+    deadline = card.get("capture_before")
+    return int(deadline) if deadline is not None else None
+
+
+def _later(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _first(auth: Authorization) -> tuple[int, int, str]:
@@ -281,8 +325,7 @@ class Cart:
 
 def review_reason(auth: Authorization, carts: Mapping[str, Cart]) -> str | None:
     """Why the order needs review, checked in the spec's order; None when it may take stock."""
-    if auth.cart_id is None:
-        return "no_cart_id"
+    assert auth.cart_id is not None  # an intent that names no cart has no order to review
     cart = carts.get(auth.cart_id)
     if cart is None:
         return "cart_missing"
@@ -325,6 +368,11 @@ class Order:
     dispute_status: str | None
     dispute_amount: int | None
     dispute_reason: str | None
+    amount_captured: int
+    capture_before: int | None
+
+
+REASONED = frozenset({"needs_review", "out_of_stock", "duplicate"})
 
 
 def order(intent: Intent, allocation: str, status_reason: str | None) -> Order:
@@ -335,7 +383,7 @@ def order(intent: Intent, allocation: str, status_reason: str | None) -> Order:
     return Order(
         status=order_status(intent, allocation),
         allocation=allocation,
-        status_reason=status_reason if allocation in ("needs_review", "out_of_stock") else None,
+        status_reason=status_reason if allocation in REASONED else None,
         cart_id=auth.cart_id,
         amount=auth.amount,
         currency=auth.currency,
@@ -345,6 +393,8 @@ def order(intent: Intent, allocation: str, status_reason: str | None) -> Order:
         dispute_status=dispute.status if dispute else None,
         dispute_amount=dispute.amount if dispute else None,
         dispute_reason=dispute.reason if dispute else None,
+        amount_captured=intent.amount_received,
+        capture_before=intent.capture_before,
     )
 
 
@@ -372,28 +422,33 @@ class State:
     levels: dict[str, int]
 
 
+# Per new order: (allocation, status_reason).
+Verdict = tuple[str, str | None]
+
+
 def one_batch(
     events: Iterable[Event], carts: Mapping[str, Cart], stock: Mapping[str, int]
 ) -> State:
     """The state after applying every event in ONE batch to an empty database.
 
-    New orders are served in the order of their first authorization's `created`;
+    New orders are decided in the order of their first authorization's `created`;
     the caller guarantees no two intents share that second (the real tie-breaks,
     received-at, partition and offset, are delivery facts this function has not).
     """
     facts = intents(events)
-    decided: dict[str, tuple[str, str | None]] = {}
+    decided: dict[str, Verdict] = {}
     competing: list[tuple[tuple[int, ...], str]] = []
     for pid, intent in facts.items():
-        verdict = _unallocated(intent, carts)
-        if verdict is not None:
-            decided[pid] = verdict
-        elif intent.authorization is not None:
+        if intent.authorization is None:
+            continue  # never authorized, or not the shop's (no cart): no order
+        if intent.canceled:
+            decided[pid] = ("skipped", None)
+        else:
             competing.append(((intent.authorization.created,), pid))
     seconds = [paid for paid, _ in competing]
     assert len(set(seconds)) == len(seconds), "authorizations of two intents share a second"
     left = dict(stock)
-    decided.update(_serve(competing, facts, carts, left))
+    decided.update(_decide_new(competing, facts, carts, left, {}))
     orders = {pid: order(facts[pid], *verdict) for pid, verdict in decided.items()}
     return State(facts, orders, left)
 
@@ -412,13 +467,14 @@ def in_batches(
     An event applies in the batch of its first copy (later copies change
     nothing) and is paid at that copy's arrival. Per batch: stock given back by
     orders canceled in it is there first for the batch's new orders ("goes to
-    the next order that asks"); the new orders are created `skipped` if their
-    intent ends the batch canceled, else served in the order of their
-    authorization (created, received-at, partition, offset); an `out_of_stock`
-    order is never revisited.
+    the next order that asks"), and so is a cart whose live order was canceled
+    in it; the new orders are created `skipped` if their intent ends the batch
+    canceled, else decided in the order of their authorization (created,
+    received-at, partition, offset); an `out_of_stock` order is never revisited,
+    and a `duplicate` stays one.
     """
     applied: dict[str, Event] = {}
-    decided: dict[str, tuple[str, str | None]] = {}
+    decided: dict[str, Verdict] = {}
     facts: dict[str, Intent] = {}
     left = dict(stock)
     for batch in batches:
@@ -433,49 +489,66 @@ def in_batches(
             if allocation == "placed" and facts[pid].canceled and not before[pid].canceled:
                 for sku, qty in _demand(facts[pid], carts).items():
                     left[sku] = left.get(sku, 0) + qty
+        holders = {
+            _cart_of(facts[pid]): pid
+            for pid, (allocation, _) in decided.items()
+            if allocation in LIVE and not facts[pid].canceled
+        }
         competing: list[tuple[tuple[int, ...], str]] = []
         for pid, intent in facts.items():
-            if pid in decided:
+            if pid in decided or intent.authorization is None:
                 continue
-            verdict = _unallocated(intent, carts)
-            if verdict is not None:
-                decided[pid] = verdict
-            elif intent.authorization is not None:
-                paid = min(
-                    (applied[eid]["created"], *arrival)
-                    for eid, arrival in arrived.items()
-                    if intent_of(applied[eid]) == pid and _authorization(applied[eid])
-                )
-                competing.append((paid, pid))
-        decided.update(_serve(competing, facts, carts, left))
+            if intent.canceled:
+                decided[pid] = ("skipped", None)
+                continue
+            paid = min(
+                (applied[eid]["created"], *arrival)
+                for eid, arrival in arrived.items()
+                if intent_of(applied[eid]) == pid and _names_a_cart(applied[eid])
+            )
+            competing.append((paid, pid))
+        decided.update(_decide_new(competing, facts, carts, left, holders))
     orders = {pid: order(facts[pid], *verdict) for pid, verdict in decided.items()}
     return State(facts, orders, left)
 
 
-def _unallocated(intent: Intent, carts: Mapping[str, Cart]) -> tuple[str, str | None] | None:
-    """The allocation of an authorized intent's new order when it asks for no stock."""
-    if intent.authorization is None:
-        return None
-    if intent.canceled:
-        return ("skipped", None)
-    reason = review_reason(intent.authorization, carts)
-    return ("needs_review", reason) if reason is not None else None
+def _names_a_cart(event: Event) -> bool:
+    auth = _authorization(event)
+    return auth is not None and auth.cart_id is not None
+
+
+def _cart_of(intent: Intent) -> str:
+    assert intent.authorization is not None and intent.authorization.cart_id is not None
+    return intent.authorization.cart_id
 
 
 def _demand(intent: Intent, carts: Mapping[str, Cart]) -> Counter[str]:
-    assert intent.authorization is not None and intent.authorization.cart_id is not None
-    return carts[intent.authorization.cart_id].demand
+    return carts[_cart_of(intent)].demand
 
 
-def _serve(
+def _decide_new(
     competing: list[tuple[tuple[int, ...], str]],
     facts: Mapping[str, Intent],
     carts: Mapping[str, Cart],
     left: dict[str, int],
-) -> dict[str, tuple[str, str | None]]:
-    """First paid, first served: each order takes its whole demand from `left`, or nothing."""
-    decided: dict[str, tuple[str, str | None]] = {}
+    holders: dict[str, str],
+) -> dict[str, Verdict]:
+    """First paid, first decided: a cart already held makes a duplicate; else its cart
+    is checked (needs_review), then it takes its whole demand from `left` or nothing.
+    A needs_review or placed order holds its cart for the orders after it."""
+    decided: dict[str, Verdict] = {}
     for _, pid in sorted(competing):
+        auth = facts[pid].authorization
+        assert auth is not None and auth.cart_id is not None
+        holder = holders.get(auth.cart_id)
+        if holder is not None:
+            decided[pid] = ("duplicate", f"duplicate_of:{holder}")
+            continue
+        reason = review_reason(auth, carts)
+        if reason is not None:
+            decided[pid] = ("needs_review", reason)
+            holders[auth.cart_id] = pid
+            continue
         demand = _demand(facts[pid], carts)
         short = [sku for sku, qty in demand.items() if left.get(sku, 0) < qty]
         if short:
@@ -484,4 +557,25 @@ def _serve(
         for sku, qty in demand.items():
             left[sku] = left.get(sku, 0) - qty
         decided[pid] = ("placed", None)
+        holders[auth.cart_id] = pid
     return decided
+
+
+def money_owed(state: State) -> dict[str, str]:
+    """The Stripe action each order that cannot be filled is owed at the end: a cancel
+    while its money is held, a refund while captured money is not all refunded (unless
+    a dispute holds it). Its outbox row must exist, whatever the delivery."""
+    owed: dict[str, str] = {}
+    for pid, placed in state.orders.items():
+        intent = state.intents[pid]
+        if placed.allocation not in UNFILLABLE:
+            continue
+        if intent.status == "requires_capture":
+            owed[pid] = "cancel_payment_intent"
+        elif (
+            intent.status == "succeeded"
+            and intent.amount_received > intent.amount_refunded
+            and not intent.disputed
+        ):
+            owed[pid] = "refund_payment_intent"
+    return owed

@@ -80,7 +80,10 @@ async def test_an_allocation_that_oversells_is_refused_whole_by_the_database(
     """The CHECK is the backstop behind allocation: the batch rolls back, inbox claims too."""
 
     def place_everything(
-        requests: list[PlaceOrder], carts: Mapping[str, Cart], stock: Mapping[str, int]
+        requests: list[PlaceOrder],
+        carts: Mapping[str, Cart],
+        stock: Mapping[str, int],
+        holders: Mapping[str, str] | None = None,
     ) -> tuple[list[OrderPlan], dict[str, int]]:
         """Allocation with its stock check taken out."""
         plans = []

@@ -200,7 +200,7 @@ async def test_two_lines_of_one_sku_are_checked_against_stock_as_their_sum(
     state.assert_movements_explain_levels()
 
 
-async def test_mismatched_or_missing_cart_needs_review_and_moves_no_stock(
+async def test_mismatched_or_missing_cart_needs_review_and_a_payment_naming_none_is_no_order(
     infra: Services, database_url: str, db: asyncpg.Connection, topic: str
 ) -> None:
     await seed_stock(db, {"sku-a": 5})
@@ -226,8 +226,14 @@ async def test_mismatched_or_missing_cart_needs_review_and_moves_no_stock(
         "pi_amount": ("needs_review", "amount_mismatch"),
         "pi_currency": ("needs_review", "currency_mismatch"),
         "pi_missing": ("needs_review", "cart_missing"),
-        "pi_no_cart_id": ("needs_review", "no_cart_id"),
     }
+    # Not the shop's payment: kept on the intents table, recorded, never an order.
+    not_ours = await db.fetchrow(
+        "SELECT p.status, e.outcome FROM payment_intents p"
+        " JOIN processed_events e ON e.payment_intent_id = p.id WHERE p.id = 'pi_no_cart_id'"
+    )
+    assert not_ours is not None
+    assert tuple(not_ours) == ("requires_capture", "not_an_order")
     state = await snapshot(db)
     assert state.levels == {"sku-a": 5}
     assert state.order_movements == 0

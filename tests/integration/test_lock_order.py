@@ -104,8 +104,8 @@ async def race(
 async def authorization(
     db: asyncpg.Connection, pi: str, lines: list[tuple[str, int, int]] | None = None
 ) -> Envelope:
-    if lines is None:
-        return envelope(events.intent_event(pi, amount=100, cart_id=None))
+    if lines is None:  # a cart that was never made: an order for review, no stock
+        return envelope(events.intent_event(pi, amount=100, cart_id=f"cart-{pi}"))
     total = await seed_cart(db, f"cart-{pi}", lines)
     return envelope(events.intent_event(pi, amount=total, cart_id=f"cart-{pi}"))
 

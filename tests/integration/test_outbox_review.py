@@ -242,9 +242,13 @@ async def test_an_out_of_stock_event_tells_captured_money_from_a_held_authorizat
     await apply(db, held, taken)
     assert {await order_status(db, p) for p in ("pi_held", "pi_taken")} == {"out_of_stock"}
     actions = await db.fetch(
-        "SELECT payment_intent_id, name FROM outbox WHERE kind = 'stripe_action'"
+        "SELECT payment_intent_id, name FROM outbox WHERE kind = 'stripe_action' ORDER BY 1"
     )
-    assert [tuple(a) for a in actions] == [("pi_held", "cancel_payment_intent")]
+    # The hold is released; the captured money is refunded (issue 17).
+    assert [tuple(a) for a in actions] == [
+        ("pi_held", "cancel_payment_intent"),
+        ("pi_taken", "refund_payment_intent"),
+    ]
 
     assert await order_event_payload(db, "pi_taken") != await order_event_payload(db, "pi_held")
 

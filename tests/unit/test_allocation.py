@@ -106,3 +106,47 @@ def test_a_partial_authorization_is_reviewed_not_placed() -> None:
 def test_an_authorization_of_more_than_the_cart_is_placed() -> None:
     carts = {"c1": cart("c1", ("a", 1, 1000))}
     assert review_reason(request("pi_1", "c1", 1000, authorized=1200), carts["c1"]) is None
+
+
+# --- One live order per cart -----------------------------------------------------------
+
+
+def test_a_second_payment_for_a_held_cart_is_a_duplicate_and_takes_nothing() -> None:
+    carts = {"c1": cart("c1", ("a", 1, 100))}
+    plans, left = allocate([request("pi_2", "c1", 100)], carts, {"a": 5}, {"c1": "pi_1"})
+    assert (plans[0].status, plans[0].reason, dict(plans[0].taken)) == (
+        OrderStatus.DUPLICATE,
+        "duplicate_of:pi_1",
+        {},
+    )
+    assert left == {"a": 5}
+
+
+def test_within_one_batch_the_first_paid_holds_the_cart() -> None:
+    carts = {"c1": cart("c1", ("a", 1, 100))}
+    plans, left = allocate(
+        [request("pi_1", "c1", 100), request("pi_2", "c1", 100)], carts, {"a": 5}
+    )
+    assert [p.status for p in plans] == [OrderStatus.PLACED, OrderStatus.DUPLICATE]
+    assert plans[1].reason == "duplicate_of:pi_1"
+    assert left == {"a": 4}  # stock taken once
+
+
+def test_a_needs_review_order_holds_its_cart_too() -> None:
+    carts = {"c1": cart("c1", ("a", 1, 100))}
+    plans, _ = allocate([request("pi_1", "c1", 999), request("pi_2", "c1", 100)], carts, {"a": 5})
+    assert [p.status for p in plans] == [OrderStatus.NEEDS_REVIEW, OrderStatus.DUPLICATE]
+
+
+def test_an_out_of_stock_order_does_not_hold_its_cart() -> None:
+    """It took nothing and its money goes back: a later payment for the cart may take stock."""
+    carts = {"c1": cart("c1", ("a", 2, 100))}
+    plans, _ = allocate([request("pi_1", "c1", 200), request("pi_2", "c1", 200)], carts, {"a": 1})
+    assert [p.status for p in plans] == [OrderStatus.OUT_OF_STOCK, OrderStatus.OUT_OF_STOCK]
+
+
+def test_the_duplicate_check_comes_before_the_cart_check() -> None:
+    """A second payment of the wrong amount for a held cart is a duplicate, not for review."""
+    carts = {"c1": cart("c1", ("a", 1, 100))}
+    plans, _ = allocate([request("pi_2", "c1", 999)], carts, {"a": 5}, {"c1": "pi_1"})
+    assert plans[0].status is OrderStatus.DUPLICATE

@@ -25,7 +25,7 @@ def test_payment_intent_event_decodes_with_unknown_fields_ignored() -> None:
     result = decode(Record(events.encode(payload), b"pi_1"))
     assert isinstance(result, Envelope)
     assert isinstance(result.event.data.object, PaymentIntent)
-    assert result.event.data.object.cart_id == "c1"
+    assert result.event.data.object.cart("cart_id") == "c1"
     assert (result.partition, result.offset) == (3, 7)
 
 

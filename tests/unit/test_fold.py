@@ -11,6 +11,7 @@ from intentflow.consumer.decisions import (
     Allocation,
     CancelOrder,
     Decision,
+    OrderStatus,
     PlaceOrder,
     RecordCancellation,
     RecordDispute,
@@ -293,8 +294,13 @@ def test_events_without_a_meaning_are_ignored() -> None:
 
 def test_a_charge_that_tells_nothing_new_is_stale() -> None:
     charge = charge_ev("charge.succeeded")
-    fold = fold_intent(NEW, [charge])
-    assert fold.outcomes == ((charge.id, Outcome.STALE),)
+    captured = fold_intent(NEW, [charge])
+    # The first copy of a captured charge tells what was captured; a second one, nothing.
+    assert captured.outcomes == ((charge.id, Outcome.APPLIED),)
+    assert captured.state.facts.amount_received == 1000
+    again = charge_ev("charge.succeeded")
+    fold = fold_intent(captured.state, [again])
+    assert fold.outcomes == ((again.id, Outcome.STALE),)
 
 
 # Any delivery order, any batching, any duplicates: the same facts and one order.
@@ -325,3 +331,71 @@ def test_the_final_facts_do_not_depend_on_arrival_order(order: tuple[int, ...]) 
     assert state.facts == at_once.state.facts
     assert state.facts.status == "succeeded"
     assert state.facts.refunded_in_full(1000)
+
+
+# --- Only the shop's payments are orders (CART_METADATA_KEY) ----------------------------
+
+
+def no_cart_ev(status: str = "requires_capture", *, created: int = T0) -> StripeEvent:
+    intent = events.payment_intent("pi_1", amount=1000, cart_id="x", status=status, created=created)
+    intent["metadata"] = {"invoice": "in_1"}  # a subscription's intent: no cart
+    return StripeEvent.model_validate(events.event(intent, events.EVENT_TYPE_OF_STATUS[status]))
+
+
+def test_an_authorization_that_names_no_cart_is_not_an_order() -> None:
+    auth = no_cart_ev()
+    fold = fold_intent(NEW, [auth])
+    assert fold.decisions == ()
+    assert fold.outcomes == ((auth.id, Outcome.NOT_AN_ORDER),)
+    # Its facts are kept on the intent all the same.
+    assert fold.state.facts.status == "requires_capture"
+
+
+def test_the_cart_key_is_the_shops_setting() -> None:
+    auth = ev("requires_capture")  # metadata cart_id=cart-1
+    assert kinds(fold_intent(NEW, [auth], cart_key="order_ref").decisions) == []
+    intent = events.payment_intent("pi_1", amount=1000, cart_id="x", status="requires_capture")
+    intent["metadata"] = {"order_ref": "cart-9"}
+    other = StripeEvent.model_validate(
+        events.event(intent, "payment_intent.amount_capturable_updated")
+    )
+    [place] = fold_intent(NEW, [other], cart_key="order_ref").decisions
+    assert isinstance(place, PlaceOrder) and place.cart_id == "cart-9"
+
+
+def test_the_order_comes_from_the_earliest_authorization_that_names_a_cart() -> None:
+    """Metadata added after the first authorization: the order exists either way round."""
+    without = no_cart_ev("requires_capture", created=T0)
+    with_cart = ev("succeeded", created=T0 + 5)
+    for order in ([without, with_cart], [with_cart, without]):
+        [place] = fold_intent(NEW, order).decisions
+        assert isinstance(place, PlaceOrder) and place.cart_id == "cart-1"
+    first = fold_intent(NEW, [without])
+    [place] = fold_intent(first.state, [with_cart]).decisions
+    assert isinstance(place, PlaceOrder) and place.cart_id == "cart-1"
+
+
+def test_the_connected_account_and_what_was_captured_are_kept() -> None:
+    payload = events.event(
+        events.payment_intent("pi_1", amount=1000, cart_id="cart-1", status="succeeded"),
+        "payment_intent.succeeded",
+    )
+    payload["account"] = "acct_1"
+    payload["data"]["object"]["amount_received"] = 1000
+    fold = fold_intent(NEW, [StripeEvent.model_validate(payload)])
+    assert (fold.state.facts.account, fold.state.facts.amount_received) == ("acct_1", 1000)
+
+
+def test_a_capture_deadline_or_a_later_capture_refreshes_an_existing_order() -> None:
+    order = OrderView(1, Allocation.PLACED, 1000, OrderStatus.PLACED)
+    held = fold_intent(IntentState("pi_1", order=None), [ev("requires_capture")]).state
+    state = held._replace(order=order)
+    deadline = charge_ev(
+        "charge.succeeded",
+        captured=False,
+        amount_captured=0,
+        payment_method_details={"card": {"capture_before": T0 + 7 * 86_400}},
+    )
+    fold = fold_intent(state, [deadline])
+    assert kinds(fold.decisions) == [RecordPayment]
+    assert fold.state.facts.capture_before == T0 + 7 * 86_400

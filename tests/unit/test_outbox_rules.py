@@ -41,9 +41,30 @@ def change(
     previous: OrderStatus | None = None,
     intent_status: str | None = "requires_capture",
     amount: int = 2500,
+    allocation: Allocation | None = None,
+    captured: int = 0,
+    refunded: int = 0,
+    disputed: bool = False,
 ) -> OrderChange:
-    allocation = Allocation(status.value) if status.value in set(Allocation) else Allocation.PLACED
-    return OrderChange(7, "pi_1", previous, status, intent_status, amount, allocation)
+    if allocation is None:
+        known = {a.value for a in Allocation}
+        allocation = Allocation(status.value) if status.value in known else Allocation.PLACED
+    return OrderChange(
+        7,
+        "pi_1",
+        previous,
+        status,
+        intent_status,
+        amount,
+        allocation,
+        captured=captured,
+        refunded=refunded,
+        disputed=disputed,
+    )
+
+
+NO_REFUNDS = ShopPolicy(refund_unfillable=False)
+UNFILLABLE = [Allocation.OUT_OF_STOCK, Allocation.DUPLICATE]
 
 
 # --- stripe_actions_for -----------------------------------------------------------
@@ -56,6 +77,68 @@ def test_a_new_out_of_stock_order_while_the_money_is_held_cancels_it(policy: Sho
     assert row == ActionRow(Action.CANCEL, "pi_1", 7, {"cancellation_reason": CANCELLATION_REASON})
     assert CANCELLATION_REASON == "abandoned"  # one of the four reasons Stripe accepts
     assert row.idempotency_key == "intentflow:cancel_payment_intent:pi_1"
+
+
+def test_a_duplicate_while_the_money_is_held_is_canceled_as_a_duplicate() -> None:
+    row = stripe_actions_for(change(OrderStatus.DUPLICATE), NEVER)
+    # Stripe's cancellation_reason accepts `duplicate` (PaymentIntentCancelParams).
+    assert row == ActionRow(Action.CANCEL, "pi_1", 7, {"cancellation_reason": "duplicate"})
+
+
+@pytest.mark.parametrize("allocation", UNFILLABLE)
+@pytest.mark.parametrize("previous", [None, OrderStatus.OUT_OF_STOCK], ids=["new", "existing"])
+def test_captured_money_of_an_order_that_cannot_be_filled_is_refunded(
+    allocation: Allocation, previous: OrderStatus | None
+) -> None:
+    """Automatic capture, a capture in the same batch, or one in a later batch: a refund."""
+    status = OrderStatus(allocation.value)
+    row = stripe_actions_for(
+        change(
+            status,
+            previous=previous,
+            intent_status="succeeded",
+            allocation=allocation,
+            captured=2500,
+            refunded=500,
+        ),
+        NEVER,
+    )
+    assert row is not None and not row.owed
+    assert (row.action, row.payment_intent_id, row.order_id) == (Action.REFUND, "pi_1", 7)
+    assert row.params["metadata"] == {
+        "intentflow_order_id": "7",
+        "intentflow_reason": allocation.value,
+    }
+    # Stripe's refund reasons are duplicate, fraudulent, requested_by_customer: only a
+    # duplicate has a true one.
+    assert row.params.get("reason") == ("duplicate" if allocation is Allocation.DUPLICATE else None)
+    assert row.idempotency_key == "intentflow:refund_payment_intent:pi_1"
+
+
+def test_with_refunds_off_the_refund_is_written_owed() -> None:
+    unfillable = change(
+        OrderStatus.OUT_OF_STOCK, intent_status="succeeded", captured=2500, refunded=0
+    )
+    row = stripe_actions_for(unfillable, NO_REFUNDS)
+    assert row is not None and (row.action, row.owed) == (Action.REFUND, True)
+
+
+@pytest.mark.parametrize(
+    ("captured", "refunded", "disputed"),
+    [(2500, 2500, False), (0, 0, False), (2500, 0, True)],
+    ids=["refunded in full", "nothing captured", "a dispute holds it"],
+)
+def test_no_refund_when_nothing_is_owed_or_a_dispute_holds_the_money(
+    captured: int, refunded: int, disputed: bool
+) -> None:
+    unfillable = change(
+        OrderStatus.OUT_OF_STOCK,
+        intent_status="succeeded",
+        captured=captured,
+        refunded=refunded,
+        disputed=disputed,
+    )
+    assert stripe_actions_for(unfillable, NEVER) is None
 
 
 def test_a_new_placed_order_under_on_placed_captures_the_order_amount() -> None:
@@ -71,33 +154,44 @@ def test_a_new_placed_order_under_never_asks_nothing_of_stripe() -> None:
 
 @pytest.mark.parametrize("status", [OrderStatus.OUT_OF_STOCK, OrderStatus.PLACED])
 @pytest.mark.parametrize(
-    "intent_status", ["succeeded", "canceled", "processing", "requires_payment_method", None]
+    "intent_status", ["canceled", "processing", "requires_payment_method", None]
 )
-def test_no_action_unless_the_intent_still_holds_the_money(
+def test_no_action_while_the_intent_neither_holds_nor_has_taken_the_money(
     status: OrderStatus, intent_status: str | None
 ) -> None:
     assert stripe_actions_for(change(status, intent_status=intent_status), ON_PLACED) is None
 
 
+def test_a_placed_order_already_captured_asks_nothing() -> None:
+    placed = change(OrderStatus.PLACED, intent_status="succeeded", captured=2500)
+    assert stripe_actions_for(placed, ON_PLACED) is None
+
+
 @pytest.mark.parametrize(
     ("previous", "status"),
     [
-        (OrderStatus.OUT_OF_STOCK, OrderStatus.OUT_OF_STOCK),  # e.g. a partial refund of it
         (OrderStatus.PLACED, OrderStatus.PLACED),
         (OrderStatus.PLACED, OrderStatus.REFUNDED),
         (OrderStatus.NEEDS_REVIEW, OrderStatus.DISPUTED),
     ],
 )
-def test_a_change_to_an_existing_order_asks_nothing_of_stripe(
+def test_a_change_to_an_existing_fillable_order_asks_nothing_of_stripe(
     previous: OrderStatus, status: OrderStatus
 ) -> None:
     assert stripe_actions_for(change(status, previous=previous), ON_PLACED) is None
 
 
+def test_a_change_to_an_unfillable_order_whose_money_is_held_asks_its_cancel_again() -> None:
+    """Harmless (one row per intent and action) and it mends an order made before the rule."""
+    existing = change(OrderStatus.OUT_OF_STOCK, previous=OrderStatus.OUT_OF_STOCK)
+    row = stripe_actions_for(existing, ON_PLACED)
+    assert row is not None and row.action is Action.CANCEL
+
+
 @pytest.mark.parametrize(
     "status", [OrderStatus.NEEDS_REVIEW, OrderStatus.CANCELED, OrderStatus.DISPUTED]
 )
-def test_a_new_order_that_is_neither_placed_nor_out_of_stock_asks_nothing(
+def test_a_new_order_that_is_neither_placed_nor_unfillable_asks_nothing(
     status: OrderStatus,
 ) -> None:
     # needs_review waits for a person (or the relay's sweep), never for this rule.

@@ -202,7 +202,7 @@ def test_an_old_api_intent_with_an_embedded_charges_list_is_keyed_and_read_as_th
     assert payment_intent_key(payload) == INTENT
     intent = decoded(payload, INTENT).event.data.object
     assert type(intent) is PaymentIntent
-    assert (intent.status, intent.amount_capturable, intent.cart_id) == (
+    assert (intent.status, intent.amount_capturable, intent.cart("cart_id")) == (
         "requires_capture",
         1099,
         "cart_42",

@@ -46,7 +46,13 @@ from aiohttp import web
 from intentflow.devservices.embedded import free_port
 
 FIXTURES = Path(__file__).resolve().parent / "stripe_fixtures"
-CANCELABLE = ("requires_payment_method", "requires_capture", "requires_confirmation")
+CANCELABLE = (
+    "requires_payment_method",
+    "requires_capture",
+    "requires_confirmation",
+    "requires_action",
+    "processing",
+)
 CANCELLATION_REASONS = ("duplicate", "fraudulent", "requested_by_customer", "abandoned")
 REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer")
 REFUND_COUNTS = ("pending", "requires_action", "succeeded")
@@ -519,17 +525,17 @@ def _positive(value: str, param: str) -> int:
     return int(value)
 
 
-_PAST = {"cancel": "ed", "capture": "d"}
-
-
 def _unexpected_state(intent: dict[str, Any], verb: str, allowed: tuple[str, ...]) -> Refusal:
-    message = (
-        f"You cannot {verb} this PaymentIntent because it has a status of {intent['status']}. "
-        f"Only a PaymentIntent with one of the following statuses may be {verb}{_PAST[verb]}: "
-        + ", ".join(allowed)
-        + "."
-    )
-    error = {"code": "payment_intent_unexpected_state", "message": message}
+    """Stripe's refusal of a cancel or capture in the wrong status (saved under the key)."""
+    status = intent["status"]
+    if verb == "cancel":
+        said = f"You cannot cancel this PaymentIntent because it has a status of {status}."
+        done = "canceled"
+    else:
+        said = f"This PaymentIntent could not be captured because it has a status of {status}."
+        done = "captured"
+    message = f"{said} Only a PaymentIntent with one of the following statuses may be {done}: "
+    error = {"code": "payment_intent_unexpected_state", "message": message + ", ".join(allowed)}
     return Refusal(400, error | {"payment_intent": intent})
 
 

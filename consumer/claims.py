@@ -2,19 +2,28 @@
 
 The relay (consumer/relay.py) claims due rows (`claim`, `FOR UPDATE SKIP
 LOCKED`), performs them and marks them (`record`) in the claiming
-transaction, so a relay that dies leaves its rows pending for the next one.
-`backlog`, `pending_actions` and `finished_by_outcome` say what is left and
-what was done (the relay's reports, `order-consumer outbox`). The rows are
-written by the consumer's side (consumer/outbox.py).
+transaction, so a relay that dies leaves its rows pending for the next one,
+with the key generation and `verify_first` of its last recorded attempt: a
+call cut short is made again with the same key. A Stripe action's key is the
+row's `idempotency_key` at generation 0 and `<key>:<generation>` after
+(`generation_key`). `backlog`, `pending_actions` and `finished_by_outcome`
+say what is left and what was done (the relay's reports, `order-consumer
+outbox`). The rows are written by the consumer's side (consumer/outbox.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from intentflow.consumer.connections import Connection, unnest_columns
+from intentflow.consumer.connections import Connection
 from intentflow.consumer.outbox import Kind
+
+
+def generation_key(idempotency_key: str, generation: int) -> str:
+    """The key a Stripe action's attempt calls with: a new generation only after an answer
+    Stripe may have saved under the last one (consumer/stripe_actions.py)."""
+    return idempotency_key if generation == 0 else f"{idempotency_key}:{generation}"
 
 
 class Claimed(NamedTuple):
@@ -25,7 +34,15 @@ class Claimed(NamedTuple):
     payload: str  # JSON text; an order event's carries its `outbox_id`
     idempotency_key: str | None
     attempts: int
-    intent_status: str | None  # for Stripe actions: the intent's status as we know it
+    # For Stripe actions, what the webhooks recorded: the intent's status, and what
+    # its order's payment captured and what is refunded (0 captured: not known).
+    intent_status: str | None
+    order_id: int = 0
+    account: str | None = None  # the intent's Connect account; None: the platform's own
+    key_generation: int = 0
+    verify_first: bool = False
+    amount_captured: int = 0
+    amount_refunded: int = 0
 
 
 async def claim(
@@ -46,8 +63,13 @@ async def claim(
                     THEN '{"outbox_id": ' || x.id || ', "occurred_at": '
                          || to_json(x.created_at)::text || ', ' || substr(x.payload::text, 2)
                     ELSE x.payload::text END AS payload,
-               x.idempotency_key, x.attempts, p.status AS intent_status
-        FROM outbox x LEFT JOIN payment_intents p ON p.id = x.payment_intent_id
+               x.idempotency_key, x.attempts, p.status AS intent_status, x.order_id,
+               coalesce(p.account, o.account) AS account, x.key_generation, x.verify_first,
+               coalesce(o.amount_captured, 0) AS amount_captured,
+               coalesce(o.amount_refunded, 0) AS amount_refunded
+        FROM outbox x
+        LEFT JOIN payment_intents p ON p.id = x.payment_intent_id
+        LEFT JOIN orders o ON o.id = x.order_id
         WHERE x.state = 'pending' AND x.kind = $1 AND x.due_at <= now()
           AND ($3::text[] IS NULL OR x.name = ANY($3::text[]))
           AND (x.kind <> 'order_event' OR NOT EXISTS (
@@ -72,6 +94,12 @@ async def claim(
             r["idempotency_key"],
             r["attempts"],
             r["intent_status"],
+            r["order_id"],
+            r["account"],
+            r["key_generation"],
+            r["verify_first"],
+            r["amount_captured"],
+            r["amount_refunded"],
         )
         for r in rows
     ]
@@ -81,40 +109,81 @@ class Mark(NamedTuple):
     """How one claimed row ended this attempt."""
 
     id: int
-    outcome: str  # succeeded, already_done, published, rejected, or retry
+    # succeeded, already_done, not_needed, superseded, published (done); rejected,
+    # owed (failed); or retry
+    outcome: str
     error_code: str | None = None
     error: str | None = None
     retry_in_s: float | None = None  # set for a retry
+    generation: int | None = None  # the key generation called with; None: no call, kept
+    verify_first: bool = False  # read Stripe before acting again (the outcome is unknown)
+
+
+# Finished outcomes that leave the row `failed`, for `order-consumer outbox --failed`.
+FAILED_OUTCOMES = ("rejected", "owed")
+
+# The `Mark` fields each update writes, with their SQL types: the arrays and the
+# names they take in the statement are built from the one list.
+_FINISHED = (
+    ("id", "bigint"),
+    ("outcome", "text"),
+    ("error_code", "text"),
+    ("error", "text"),
+    ("generation", "int"),
+)
+_RETRIES = (
+    ("id", "bigint"),
+    ("error_code", "text"),
+    ("error", "text"),
+    ("retry_in_s", "float8"),
+    ("generation", "int"),
+    ("verify_first", "bool"),
+)
+
+
+def _unnest(columns: Sequence[tuple[str, str]], first: int = 1) -> str:
+    arrays = ", ".join(f"${n}::{sql}[]" for n, (_, sql) in enumerate(columns, first))
+    return f"unnest({arrays}) AS v({', '.join(name for name, _ in columns)})"
+
+
+def _arrays(marks: Sequence[Mark], columns: Sequence[tuple[str, str]]) -> list[list[Any]]:
+    return [[getattr(m, name) for m in marks] for name, _ in columns]
 
 
 async def record(conn: Connection, marks: Sequence[Mark]) -> None:
-    """Mark claimed rows done, failed for good, or due again later (in the claiming transaction)."""
+    """Mark claimed rows done, failed for good, or due again later (in the claiming transaction).
+
+    The key generation called with and `verify_first` are written with the rest: a
+    relay that dies before this leaves the row as the last recorded attempt left it.
+    """
     finished = [m for m in marks if m.retry_in_s is None]
     retries = [m for m in marks if m.retry_in_s is not None]
     if finished:
         await conn.execute(
-            """
+            f"""
             UPDATE outbox x
-            SET state = CASE WHEN v.outcome = 'rejected' THEN 'failed' ELSE 'done' END,
-                outcome = v.outcome, error_code = v.code, last_error = v.error,
+            SET state = CASE WHEN v.outcome = ANY($1::text[]) THEN 'failed' ELSE 'done' END,
+                outcome = v.outcome, error_code = v.error_code, last_error = v.error,
+                key_generation = coalesce(v.generation, x.key_generation), verify_first = false,
                 attempts = x.attempts + 1, done_at = clock_timestamp()
-            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
-                AS v(id, outcome, code, error)
+            FROM {_unnest(_FINISHED, first=2)}
             WHERE x.id = v.id
             """,
-            *unnest_columns([(m.id, m.outcome, m.error_code, m.error) for m in finished], 4),
+            list(FAILED_OUTCOMES),
+            *_arrays(finished, _FINISHED),
         )
     if retries:
         await conn.execute(
-            """
+            f"""
             UPDATE outbox x
-            SET attempts = x.attempts + 1, error_code = v.code, last_error = v.error,
-                due_at = clock_timestamp() + make_interval(secs => v.delay)
-            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[])
-                AS v(id, code, error, delay)
+            SET attempts = x.attempts + 1, error_code = v.error_code, last_error = v.error,
+                key_generation = coalesce(v.generation, x.key_generation),
+                verify_first = v.verify_first,
+                due_at = clock_timestamp() + make_interval(secs => v.retry_in_s)
+            FROM {_unnest(_RETRIES)}
             WHERE x.id = v.id
             """,
-            *unnest_columns([(m.id, m.error_code, m.error, m.retry_in_s) for m in retries], 4),
+            *_arrays(retries, _RETRIES),
         )
 
 

@@ -1,9 +1,16 @@
 """`order-consumer outbox`: what the relay has left to do, what it did, and a second chance.
 
   outbox            pending rows by kind, the oldest one's age, finished rows by outcome
-  outbox --failed   the rows refused for good (Stripe actions, order events), with why
-  outbox retry ID…  make refused rows pending again (after fixing the cause at Stripe)
+  outbox --failed   the rows refused for good (Stripe actions, order events) and the
+                    refunds owed (REFUND_UNFILLABLE=false), each with its order and why
+  outbox retry ID…  make failed rows pending again (after fixing the cause at Stripe;
+                    an owed refund: once a relay has REFUND_UNFILLABLE=true)
 `--json` prints one JSON document instead of lines.
+
+A Stripe action made pending again after a call is marked `verify_first`:
+Stripe keeps its first answer to a key (a refusal too) for at least 24 h, so the
+relay reads the intent first and, if the action is still needed, calls under a
+new key generation (consumer/stripe_actions.py).
 """
 
 from __future__ import annotations
@@ -17,21 +24,34 @@ import asyncpg
 from intentflow.consumer.claims import backlog, finished_by_outcome
 from intentflow.consumer.errors import describe
 from intentflow.consumer.migrate import check_schema
+from intentflow.consumer.outbox import OWED
 from intentflow.consumer.preflight import redact
 from intentflow.consumer.settings import ConsumerSettings
 
 EXIT_CANNOT = 2
+# What `--failed` prints of each row, tab-separated (`--json` gives every column).
+FAILED_COLUMNS = (
+    "id",
+    "name",
+    "payment_intent_id",
+    "order_id",
+    "outcome",
+    "error_code",
+    "last_error",
+)
 
 
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "outbox",
-        help="show the outbox (Stripe actions and order events) and retry refused actions",
+        help="show the outbox (Stripe actions and order events) and retry failed rows",
         description="Show pending outbox rows by kind and the oldest one's age, finished rows "
-        "by outcome, or (--failed) the rows refused for good; `retry ID…` makes "
-        "refused rows pending again.",
+        "by outcome, or (--failed) the rows refused for good and the refunds owed; "
+        "`retry ID…` makes them pending again.",
     )
-    parser.add_argument("--failed", action="store_true", help="list the rows refused for good")
+    parser.add_argument(
+        "--failed", action="store_true", help="list the rows refused for good and refunds owed"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("retry", nargs="*", metavar="retry ID", help="`retry` then outbox ids")
 
@@ -77,8 +97,8 @@ async def _status(conn: asyncpg.Connection) -> dict[str, Any]:
 
 async def _failed(conn: asyncpg.Connection) -> dict[str, Any]:
     rows = await conn.fetch(
-        "SELECT id, name, payment_intent_id, order_id, attempts, error_code, last_error, done_at"
-        " FROM outbox WHERE state = 'failed' ORDER BY id"
+        "SELECT id, name, payment_intent_id, order_id, outcome, attempts, error_code,"
+        " last_error, done_at FROM outbox WHERE state = 'failed' ORDER BY id"
     )
     return {"failed": [dict(r) for r in rows]}
 
@@ -90,10 +110,12 @@ async def _retry(conn: asyncpg.Connection, words: list[str]) -> int:
     ids = sorted({int(w) for w in words[1:]})
     done = await conn.fetch(
         """
-        UPDATE outbox SET state = 'pending', outcome = NULL, done_at = NULL, due_at = now()
+        UPDATE outbox SET state = 'pending', outcome = NULL, done_at = NULL, due_at = now(),
+            verify_first = (kind = 'stripe_action' AND attempts > 0 AND outcome <> $2)
         WHERE id = ANY($1::bigint[]) AND state = 'failed' RETURNING id
         """,
         ids,
+        OWED,
     )
     again = sorted(r["id"] for r in done)
     print(json.dumps({"pending_again": again, "not_failed": sorted(set(ids) - set(again))}))
@@ -103,9 +125,8 @@ async def _retry(conn: asyncpg.Connection, words: list[str]) -> int:
 def _lines(report: dict[str, Any]) -> list[str]:
     if "failed" in report:
         return [
-            f"{r['id']}\t{r['name']}\t{r['payment_intent_id']}\t{r['error_code']}\t{r['last_error']}"
-            for r in report["failed"]
-        ] or ["no refused rows"]
+            "\t".join(str(r[column]) for column in FAILED_COLUMNS) for r in report["failed"]
+        ] or ["no refused rows and no refunds owed"]
     lines = [f"pending {kind}: {n}" for kind, n in sorted(report["pending"].items())]
     oldest = report["oldest_pending_s"]
     lines.append("nothing pending" if oldest is None else f"oldest pending: {oldest:g} s")

@@ -4,19 +4,26 @@ Two loops, so that a slow Stripe never holds up the order events:
   - order events: claim up to RELAY_BATCH_SIZE due rows, publish them to the
     order events topic, mark what the broker acknowledged; an intent's later
     events wait while an earlier one is backing off (consumer/outbox.py, `claim`);
-  - Stripe actions: claim a few due rows, call Stripe for them at once
-    (consumer/stripe_actions.py), record each answer; every RELAY_SWEEP_INTERVAL_S,
-    also ask to release the money of `needs_review` orders older than
+  - Stripe actions: claim a few due rows of the actions this relay handles
+    (consumer/stripe_actions.py, `ACTIONS`: those its own policy allows, and
+    refunds, which a relay with REFUND_UNFILLABLE=false records `owed`), settle
+    those the webhooks already settled, call Stripe for the rest at once, and
+    record each answer; a cancel that met a captured intent is recorded
+    `superseded`, and its order's refund asked for in the same transaction
+    (consumer/outbox.py, `ask_refunds`). Every RELAY_SWEEP_INTERVAL_S, also ask
+    to release the money of `needs_review` orders older than
     NEEDS_REVIEW_CANCEL_AFTER_S, when set.
 Each claim is one transaction that holds its rows (`FOR UPDATE SKIP LOCKED`)
 until they are marked, so several relays share the work and a relay that dies
 leaves its rows pending: a retry may call Stripe again (with the same
-idempotency key) or publish again (with the same outbox id), never skip.
+idempotency key as the attempt cut short) or publish again (with the same
+outbox id), never skip.
 
 A failed action or publish is due again after a back-off (doubling from
 RELAY_RETRY_INITIAL_S up to RELAY_RETRY_MAX_S, or Stripe's `Retry-After` when
 longer). The database or broker away is waited out. Without STRIPE_API_KEY, or
-with a key Stripe refuses, Stripe actions stay pending and are reported.
+with a key Stripe refuses, Stripe actions stay pending and are reported, as
+are rows whose action no record knows (written by another version).
 
 With `exit_when_idle`, `run` returns once nothing pending can be done now:
 no order event is pending, and no Stripe action is pending that this relay
@@ -48,12 +55,22 @@ from intentflow.consumer.claims import (
     record,
 )
 from intentflow.consumer.order_events import publish_marks
-from intentflow.consumer.outbox import Action, Kind, sweep_needs_review
-from intentflow.consumer.policy import CapturePolicy
+from intentflow.consumer.outbox import Action, Kind, ask_refunds, sweep_needs_review
+from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.settings import ConsumerSettings
-from intentflow.consumer.stripe_actions import Answer, Outcome, settled_by_webhooks
+from intentflow.consumer.stripe_actions import ACTIONS, CAPTURED_CODE, Attempt, Facts, spec_of
+from intentflow.consumer.stripe_answers import DONE, Answer, Outcome
 
 log = structlog.get_logger("relay")
+
+# A cancel that met a captured intent whose order intentflow does not refund (it can be
+# filled: a needs_review order the sweep asked to release, captured by the shop meanwhile).
+NOT_REFUNDED = Answer(
+    Outcome.SUPERSEDED,
+    CAPTURED_CODE,
+    "the payment intent was captured before its authorization could be released; "
+    "its order is not one intentflow refunds (only out_of_stock and duplicate orders are)",
+)
 
 
 class EventSink(Protocol):
@@ -71,9 +88,7 @@ class StripeApi(Protocol):
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    async def perform(
-        self, action: Action, payment_intent_id: str, params: dict[str, Any], idempotency_key: str
-    ) -> Answer: ...
+    async def perform(self, attempt: Attempt) -> Answer: ...
 
 
 @dataclass
@@ -82,6 +97,7 @@ class RelayStats:
     published: int = 0
     publish_failures: int = 0
     swept: int = 0  # needs_review orders whose money the sweep asked to release
+    refunds_asked: int = 0  # refunds asked for by cancels that met a captured intent
     database_waits: int = 0
     # At the last look: pending rows by kind, and the age of the oldest (None: none).
     pending: dict[str, int] = field(default_factory=dict)
@@ -93,6 +109,7 @@ class RelayStats:
             "published": self.published,
             "publish_failures": self.publish_failures,
             "swept": self.swept,
+            "refunds_asked": self.refunds_asked,
             "database_waits": self.database_waits,
             "pending": self.pending,
             "oldest_pending_s": (
@@ -119,6 +136,9 @@ class Relay:
         self._new_events = new_events
         self._events: EventSink | None = None
         self._stripe = stripe
+        # The relay's own policy decides what it performs, whatever the member that
+        # asked for an action had (consumer/policy.py).
+        self._policy = ShopPolicy.from_settings(settings)
         self._draining = False
         self._pool: Any = None
         self._stopping = asyncio.Event()
@@ -126,6 +146,7 @@ class Relay:
         # the Stripe actions back, when the next sweep and the next backlog report are due.
         self._key_refused_until = 0.0
         self._reported_waiting: int | None = None
+        self._reported_unknown: dict[str, int] = {}
         self._next_sweep_at = 0.0
         self._next_report_at = 0.0
 
@@ -214,18 +235,21 @@ class Relay:
             return left.pending[Kind.ORDER_EVENT] == 0
         return self._doable(left) == 0
 
-    def _actions_allowed(self) -> list[str]:
-        """The Stripe actions this relay performs: a capture only under its own
-        CAPTURE_POLICY=on_placed, whatever the member that asked for it had."""
-        if CapturePolicy(self.settings.capture_policy) is CapturePolicy.ON_PLACED:
-            return [Action.CANCEL, Action.CAPTURE]
-        return [Action.CANCEL]
+    def _actions_handled(self) -> list[str]:
+        """The Stripe actions this relay claims: those its own policy allows (a capture
+        only under CAPTURE_POLICY=on_placed, a refund only under REFUND_UNFILLABLE=true),
+        and those it records otherwise (a refund, `owed`)."""
+        return [
+            str(action)
+            for action, spec in ACTIONS.items()
+            if spec.allowed(self._policy) or spec.instead is not None
+        ]
 
     def _doable(self, left: Backlog) -> int:
         if self._stripe is None or self._key_refused:
             return 0
-        allowed = self._actions_allowed()
-        return sum(n for name, n in left.actions.items() if name in allowed)
+        handled = self._actions_handled()
+        return sum(n for name, n in left.actions.items() if name in handled)
 
     @property
     def _key_refused(self) -> bool:
@@ -292,25 +316,69 @@ class Relay:
                 conn,
                 Kind.STRIPE_ACTION,
                 self.settings.relay_stripe_concurrency,
-                self._actions_allowed(),
+                self._actions_handled(),
             )
             if not rows:
                 await self._report_waiting(await pending_actions(conn))
                 return swept
             answers = await asyncio.gather(*(self._perform(stripe, row) for row in rows))
+            superseded = [
+                r for r, a in zip(rows, answers, strict=True) if a.outcome is Outcome.SUPERSEDED
+            ]
+            if superseded:
+                refunding = await self._ask_refunds(conn, superseded)
+                answers = [
+                    a if r not in superseded or r.payment_intent_id in refunding else NOT_REFUNDED
+                    for r, a in zip(rows, answers, strict=True)
+                ]
             marks = [self._action_mark(r, a) for r, a in zip(rows, answers, strict=True)]
             await record(conn, marks)
         return True
 
     async def _perform(self, stripe: StripeApi, row: Claimed) -> Answer:
-        action = Action(row.name)
-        settled = settled_by_webhooks(action, row.intent_status)
+        """The answer the webhooks already give, what this relay records instead of an
+        action its policy forbids, or Stripe's."""
+        spec = spec_of(row.name)  # claimed by name from ACTIONS: known
+        known = Facts.from_webhooks(row.intent_status, row.amount_captured, row.amount_refunded)
+        settled = spec.settled(known)
         if settled is not None:
             return settled
+        if not spec.allowed(self._policy):
+            assert spec.instead is not None  # only such actions are claimed
+            return spec.instead
         assert row.idempotency_key is not None  # the table's check: every action has one
-        return await stripe.perform(
-            action, row.payment_intent_id, json.loads(row.payload), row.idempotency_key
+        attempt = Attempt(
+            row.id,
+            spec.action,
+            row.payment_intent_id,
+            json.loads(row.payload),
+            row.idempotency_key,
+            row.key_generation,
+            row.verify_first,
+            row.account,
         )
+        return await stripe.perform(attempt)
+
+    async def _ask_refunds(self, conn: Any, rows: Sequence[Claimed]) -> set[str]:
+        """Cancels that met a captured intent: the orders' refunds are asked for in the
+        transaction that records them (written `owed` under this relay's
+        REFUND_UNFILLABLE=false). Returns the intents that have a refund row now: an
+        order that can be filled (a needs_review one the sweep released) gets none."""
+        added = await ask_refunds(conn, [r.order_id for r in rows], self._policy)
+        self.stats.refunds_asked += added
+        refunding = await conn.fetch(
+            "SELECT payment_intent_id FROM outbox WHERE kind = 'stripe_action' AND name = $1"
+            " AND payment_intent_id = ANY($2::text[])",
+            str(Action.REFUND),
+            [r.payment_intent_id for r in rows],
+        )
+        log.info(
+            "refunds_asked",
+            added=added,
+            payment_intent_ids=[r.payment_intent_id for r in rows],
+            refund_unfillable=self._policy.refund_unfillable,
+        )
+        return {r["payment_intent_id"] for r in refunding}
 
     def _action_mark(self, row: Claimed, answer: Answer) -> Mark:
         fields = {
@@ -320,14 +388,23 @@ class Relay:
             "code": answer.code,
             "error": answer.message,
         }
-        if answer.outcome in (Outcome.SUCCEEDED, Outcome.ALREADY_DONE, Outcome.NOT_NEEDED):
-            self.stats.actions[answer.outcome] += 1
+        self.stats.actions[answer.outcome] += 1
+        finished = Mark(row.id, str(answer.outcome), answer.code, answer.message)
+        if answer.outcome in DONE:
             log.info("stripe_action_done", outcome=str(answer.outcome), **fields)
-            return Mark(row.id, str(answer.outcome), answer.code, answer.message)
+            return finished._replace(generation=answer.generation)
+        if answer.outcome is Outcome.OWED:
+            log.warning(
+                "stripe_refund_owed",
+                order_id=row.order_id,
+                hint="REFUND_UNFILLABLE=false on this relay: refund the customer at Stripe, or "
+                "set it to true and `order-consumer outbox retry ID`",
+                **fields,
+            )
+            return finished
         if answer.outcome is Outcome.REJECTED:
-            self.stats.actions[answer.outcome] += 1
             log.error("stripe_action_rejected", **fields)
-            return Mark(row.id, str(answer.outcome), answer.code, answer.message)
+            return finished._replace(generation=answer.generation)
         retry_in_s = max(self._backoff_s(row.attempts), answer.retry_after_s or 0.0)
         if answer.outcome is Outcome.BLOCKED:
             retry_in_s = self.settings.relay_retry_max_s
@@ -335,13 +412,25 @@ class Relay:
             log.error(
                 "stripe_key_refused",
                 hint="Stripe refused STRIPE_API_KEY: set a valid secret or restricted key "
-                "with write access to PaymentIntents; the actions stay pending",
+                "with write access to PaymentIntents and Refunds; the actions stay pending",
                 **fields,
             )
         else:
-            log.warning("stripe_action_retry", retry_in_s=round(retry_in_s, 2), **fields)
-        self.stats.actions[answer.outcome] += 1
-        return Mark(row.id, "retry", answer.code, answer.message, retry_in_s)
+            log.warning(
+                "stripe_action_retry",
+                retry_in_s=round(retry_in_s, 2),
+                verify_first=answer.verify_first,
+                **fields,
+            )
+        return Mark(
+            row.id,
+            "retry",
+            answer.code,
+            answer.message,
+            retry_in_s,
+            answer.generation,
+            answer.verify_first,
+        )
 
     async def _sweep(self) -> bool:
         after_s = self.settings.needs_review_cancel_after_s
@@ -368,22 +457,43 @@ class Relay:
         log.info("outbox_backlog", **self.stats.as_dict())
 
     async def _report_waiting(self, actions: dict[str, int]) -> None:
-        """Say (once per change) how many Stripe actions wait for what this relay lacks."""
+        """Say (once per change) how many Stripe actions wait for what this relay lacks,
+        and which pending rows name an action no record knows."""
+        self._report_unknown({name: n for name, n in actions.items() if _unknown(name)})
         if self._stripe is None or self._key_refused:
             waiting = sum(actions.values())
             why = "Stripe refused STRIPE_API_KEY" if self._key_refused else "no STRIPE_API_KEY"
             hint = f"{why}: the actions stay pending until a usable key is given"
         else:
-            allowed = self._actions_allowed()
-            waiting = sum(n for name, n in actions.items() if name not in allowed)
-            hint = (
-                "captures asked for under CAPTURE_POLICY=on_placed; this relay's policy is "
-                f"{self.settings.capture_policy}: they wait for a relay with on_placed"
+            handled = self._actions_handled()
+            waits = {
+                name: n for name, n in actions.items() if name not in handled and not _unknown(name)
+            }
+            waiting = sum(waits.values())
+            hint = "; ".join(
+                f"{name} asked for under a policy this relay does not have: it waits for "
+                f"{spec_of(name).waits_for}"
+                for name in sorted(waits)
             )
         if waiting and waiting != self._reported_waiting:
             log.warning("stripe_actions_waiting", pending=waiting, hint=hint)
         self._reported_waiting = waiting
 
+    def _report_unknown(self, unknown: dict[str, int]) -> None:
+        if unknown and unknown != self._reported_unknown:
+            log.error(
+                "stripe_action_unknown",
+                pending=unknown,
+                hint="no record in consumer/stripe_actions.py knows these actions (written by "
+                "another intentflow version?): they stay pending until a relay that knows "
+                "them runs; `order-consumer outbox` counts them",
+            )
+        self._reported_unknown = unknown
+
     def _backoff_s(self, attempts: int) -> float:
         s = self.settings
         return delay_s(attempts, s.relay_retry_initial_s, s.relay_retry_max_s)
+
+
+def _unknown(name: str) -> bool:
+    return name not in set(map(str, ACTIONS))

@@ -2,12 +2,14 @@
 
 - `StripeEmulator` runs `python -m tests.stripe_launch` (localstripe, in memory) on a free
   loopback port and stops it; `stripe_emulator` is the session-wide fixture.
-- `create_payment_method`, `create_manual_capture_intent` and `retrieve_intent` make and
-  read state through the emulator's own HTTP API, returning Stripe's JSON as dicts.
+- `create_payment_method`, `create_manual_capture_intent`, `retrieve_intent` and
+  `refunds_on` make and read state through the emulator's own HTTP API, returning
+  Stripe's JSON as dicts.
 - The recording, fault-injecting proxy that the code under test talks to instead
   lives in tests/stripe_proxy.py.
 
-localstripe keeps no idempotency keys: a replayed request acts again.
+localstripe keeps no idempotency keys (a replayed request acts again) and ignores
+`Stripe-Account`: tests/fake_stripe.py stands in where those matter.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class StripeEmulatorError(RuntimeError):
 
 
 class StripeEmulator:
-    """localstripe with `cancellation_reason` support, in a child process on loopback."""
+    """localstripe with tests/stripe_launch.py's fixes, in a child process on loopback."""
 
     def __init__(self, *, start_timeout_s: float = 30, stop_timeout_s: float = 5) -> None:
         self.port = 0
@@ -178,6 +180,13 @@ async def create_manual_capture_intent(
 
 async def retrieve_intent(base_url: str, intent_id: str) -> dict[str, Any]:
     return await _call("GET", f"{base_url}/v1/payment_intents/{intent_id}")
+
+
+async def refunds_on(base_url: str, intent_id: str) -> list[dict[str, Any]]:
+    """The intent's refunds, newest first (the first page, which holds up to 100)."""
+    found = await _call("GET", f"{base_url}/v1/refunds?payment_intent={intent_id}&limit=100")
+    refunds: list[dict[str, Any]] = found["data"]
+    return refunds
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,17 @@
-"""Runs localstripe on 127.0.0.1:PORT with one fix: cancel accepts `cancellation_reason`.
+"""Runs localstripe on 127.0.0.1:PORT with three fixes where our relay meets it.
 
-Real Stripe's `POST /v1/payment_intents/{id}/cancel` accepts `cancellation_reason`
-(duplicate, fraudulent, requested_by_customer or abandoned) and shows it on the intent
-afterwards; localstripe 1.15.10 answers 400 "Unexpected cancellation_reason" to any
-parameter. Our relay sends it, so this launcher wraps that one endpoint: it checks the
-reason as Stripe does, lets localstripe's own cancel decide everything else, and stores
-the reason on the intent. Nothing else of localstripe is changed, except that its store
-is kept in memory only.
+- Cancel accepts `cancellation_reason`. Real Stripe's `POST
+  /v1/payment_intents/{id}/cancel` accepts it (duplicate, fraudulent,
+  requested_by_customer or abandoned) and shows it on the intent afterwards;
+  localstripe 1.15.10 answers 400 "Unexpected cancellation_reason" to any parameter.
+- A refund accepts `reason`. Real Stripe's `POST /v1/refunds` accepts it
+  (duplicate, fraudulent or requested_by_customer) and shows it on the refund;
+  localstripe answers 400 "Unexpected reason".
+- An intent shows `amount_received`, what was captured (the relay refunds what was
+  captured less what is refunded); localstripe's intent has no such field.
+Each wrapper checks a value as Stripe does and lets localstripe's own code decide
+everything else. Nothing else of localstripe is changed, except that its store is
+kept in memory only.
 
     python -m tests.stripe_launch --port 8420
 
@@ -21,6 +26,7 @@ from typing import Any
 
 CANCELLATION_REASONS = ("duplicate", "fraudulent", "requested_by_customer", "abandoned")
 CANCEL_ROUTE = ("POST", "/v1/payment_intents/{id}/cancel")
+REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer")
 
 
 def _accept_cancellation_reason() -> None:
@@ -51,9 +57,56 @@ def _accept_cancellation_reason() -> None:
         (method, url, cancel if (method, url) == CANCEL_ROUTE else func)
         for method, url, func in resources.extra_apis
     ]
+    _accept_refund_reason(resources, UserError)
+    _show_amount_received(resources)
     # localstripe pickles its whole store to /tmp/localstripe.pickle on every write; that
     # file would be shared by every emulator on the machine and is never read back here.
     resources.store.dump_to_disk = lambda: None
+
+
+def _accept_refund_reason(resources: Any, user_error: Any) -> None:
+    refund_class = resources.Refund
+
+    def create(cls: Any, /, reason: str | None = None, **data: Any) -> Any:
+        if reason is not None and reason not in REFUND_REASONS:
+            raise user_error(
+                400,
+                "Invalid reason: must be one of " + ", ".join(REFUND_REASONS),
+                {"param": "reason"},
+            )
+        refund = cls(**data)
+        refund.reason = reason
+        return refund
+
+    # As for cancellation_reason: `reason: null` on every refund made without one.
+    refund_class.reason = None
+    refund_class._api_create = classmethod(create)
+
+
+def _show_amount_received(resources: Any) -> None:
+    """`amount_received`: the captured amount of the intent's charge. localstripe records a
+    partial capture as a refund of the rest, so the amount to capture is kept aside."""
+    charge_class = resources.Charge
+    original_capture = charge_class._capture
+
+    def capture(charge: Any, amount: Any, on_success: Any = None) -> Any:
+        to_capture = charge.amount if amount is None else int(amount)
+
+        def captured() -> None:
+            charge._amount_captured = to_capture
+            if on_success:
+                on_success()
+
+        return original_capture(charge, amount, captured)
+
+    def amount_received(intent: Any) -> int:
+        charge = intent.latest_charge
+        if charge is None or not charge.captured or charge.status != "succeeded":
+            return 0
+        return int(getattr(charge, "_amount_captured", charge.amount))
+
+    charge_class._capture = capture
+    resources.PaymentIntent.amount_received = property(amount_received)
 
 
 def main() -> None:

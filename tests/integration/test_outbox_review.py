@@ -256,7 +256,8 @@ async def test_an_out_of_stock_event_tells_captured_money_from_a_held_authorizat
 async def test_money_captured_for_an_out_of_stock_order_is_announced(shop: Shop) -> None:
     """The shop captures an `out_of_stock` order's authorization before our cancel
     reaches Stripe: the capture is announced (`order.updated`, `payment_status`
-    succeeded), and the cancel is recorded refused without a call. Found by the review:
+    succeeded), and the relay records the cancel `superseded` without a call (its refund
+    asked for instead: test_stripe_answers.py). Found by the review:
     a capture changed nothing an order event showed, so the business never heard that
     it holds money for goods it cannot ship."""
     await seed_stock(shop.db, {SKU: 0})

@@ -28,6 +28,7 @@ import pytest
 from intentflow.consumer.bootstrap import build_relay
 from intentflow.consumer.outbox import Action, ActionRow, insert_actions
 from intentflow.consumer.reconcile import check
+from intentflow.consumer.stripe_actions import CAPTURED_FIRST
 from intentflow.stripekit import events
 from tests.integration.stripe_support import (
     NEVER_TRIED,
@@ -53,7 +54,7 @@ from tests.integration.stripe_support import (
     stop_with_sigterm,
     stripe_directly,
 )
-from tests.stripe_emulator import StripeEmulator, retrieve_intent
+from tests.stripe_emulator import StripeEmulator, refunds_on, retrieve_intent
 from tests.support import seed_stock
 
 # The fixture, imported for pytest to find (listed so that ruff sees it used).
@@ -271,11 +272,11 @@ async def test_actions_the_webhooks_settled_first_are_recorded_without_a_call(
     assert await stock(shop.db) == (2, [("restock", 2), ("order", -2), ("cancellation", 2)])
 
 
-# --- A refusal for good ------------------------------------------------------------------
+# --- A cancel that meets captured money ----------------------------------------------------
 
 
-async def test_a_cancel_stripe_refuses_for_good_is_recorded_failed_and_not_retried(
-    shop: Shop, capsys: pytest.CaptureFixture[str]
+async def test_a_cancel_of_an_intent_captured_meanwhile_is_superseded_by_one_refund(
+    shop: Shop,
 ) -> None:
     await seed_stock(shop.db, {SKU: 0})
     held = await hold(shop, quantity=1)
@@ -287,19 +288,62 @@ async def test_a_cancel_stripe_refuses_for_good_is_recorded_failed_and_not_retri
 
     stats = await run_relay(shop.settings)
 
-    assert dict(stats.actions) == {"rejected": 1}
+    assert dict(stats.actions) == {"superseded": 1, "succeeded": 1}
+    assert stats.refunds_asked == 1
     [refused] = cancels(shop.proxy, pid)
     assert (refused.status, refused.idempotency_key) == (400, key_of(Action.CANCEL, pid))
-    row = await action_row(shop.db, pid, Action.CANCEL)
-    assert state_of(row) == (
-        "failed",
-        "rejected",
-        1,
-        "invalid_request_error",
-        "Bad request (the payment intent is succeeded)",
+    cancel = await action_row(shop.db, pid, Action.CANCEL)
+    assert state_of(cancel) == ("done", "superseded", 1, "payment_intent_captured", CAPTURED_FIRST)
+    refund = await action_row(shop.db, pid, Action.REFUND)
+    assert state_of(refund) == SUCCEEDED_FIRST_TIME
+    # The refund read what was captured and refunded first, then returned all of it.
+    [post] = shop.proxy.calls("POST", "/v1/refunds")
+    assert (post.idempotency_key, post.form) == (
+        key_of(Action.REFUND, pid),
+        {
+            "payment_intent": pid,
+            "amount": str(held.amount),
+            "metadata[intentflow_order_id]": str(refund["order_id"]),
+            "metadata[intentflow_reason]": "out_of_stock",
+            "metadata[intentflow_outbox_id]": str(refund["id"]),
+        },
     )
-    assert (await retrieve_intent(shop.emulator.base_url, pid))["status"] == "succeeded"
+    assert [(r.method, r.path) for r in shop.proxy.requests] == [
+        ("POST", f"/v1/payment_intents/{pid}/cancel"),
+        ("GET", f"/v1/payment_intents/{pid}"),
+        ("GET", f"/v1/payment_intents/{pid}"),
+        ("GET", "/v1/refunds"),
+        ("POST", "/v1/refunds"),
+    ]
+    [made] = await refunds_on(shop.emulator.base_url, pid)
+    assert (made["amount"], made["status"], made["metadata"]["intentflow_outbox_id"]) == (
+        held.amount,
+        "succeeded",
+        str(refund["id"]),
+    )
 
+    seen = len(shop.proxy.requests)
+    await run_relay(shop.settings)
+    assert len(shop.proxy.requests) == seen
+
+
+# --- A refusal for good ------------------------------------------------------------------
+
+
+async def test_a_cancel_stripe_refuses_for_good_is_failed_until_retried_under_a_new_key(
+    shop: Shop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await seed_stock(shop.db, {SKU: 0})
+    pid = (await authorize(shop, quantity=1)).payment_intent_id
+    shop.proxy.fail_next(1, 400, path_contains="/cancel")
+    key = key_of(Action.CANCEL, pid)
+
+    stats = await run_relay(shop.settings)
+
+    assert dict(stats.actions) == {"rejected": 1}
+    row = await action_row(shop.db, pid, Action.CANCEL)
+    refusal = "Injected 400 by StripeProxy. (the payment intent is requires_capture, not canceled)"
+    assert state_of(row) == ("failed", "rejected", 1, "invalid_request_error", refusal)
     seen = len(shop.proxy.requests)
     await run_relay(shop.settings)
     assert len(shop.proxy.requests) == seen  # not retried
@@ -307,29 +351,46 @@ async def test_a_cancel_stripe_refuses_for_good_is_recorded_failed_and_not_retri
     code, out = await outbox_command(shop.settings, capsys, "--failed", "--json")
     assert code == 0
     [listed] = json.loads(out)["failed"]
-    assert (listed["id"], listed["name"], listed["payment_intent_id"]) == (
+    assert (listed["id"], listed["name"], listed["payment_intent_id"], listed["outcome"]) == (
         row["id"],
         "cancel_payment_intent",
         pid,
+        "rejected",
     )
-    assert listed["last_error"] == "Bad request (the payment intent is succeeded)"
+    assert listed["last_error"] == refusal
 
     code, out = await outbox_command(shop.settings, capsys, "retry", str(row["id"]))
     assert code == 0
     assert json.loads(out) == {"pending_again": [row["id"]], "not_failed": []}
     assert (await action_row(shop.db, pid, Action.CANCEL))["state"] == "pending"
 
-    # Pending again means the relay tries it again (and Stripe refuses it again).
+    # Stripe keeps its refusal under the first key: the retry reads the intent, then
+    # calls under the next key.
     stats = await run_relay(shop.settings)
-    assert dict(stats.actions) == {"rejected": 1}
-    assert len(cancels(shop.proxy, pid)) == 2
-    assert state_of(await action_row(shop.db, pid, Action.CANCEL))[:3] == ("failed", "rejected", 2)
+    assert dict(stats.actions) == {"succeeded": 1}
+    assert [(c.idempotency_key, c.status) for c in cancels(shop.proxy, pid)] == [
+        (key, 400),
+        (f"{key}:1", 200),
+    ]
+    assert len(shop.proxy.calls("GET", f"/v1/payment_intents/{pid}")) == 2
+    assert state_of(await action_row(shop.db, pid, Action.CANCEL)) == (
+        "done",
+        "succeeded",
+        2,
+        None,
+        None,
+    )
+    assert (await retrieve_intent(shop.emulator.base_url, pid))["status"] == "canceled"
 
 
 # --- Refusals that time fixes ------------------------------------------------------------
 
 
-async def test_a_503_is_retried_with_the_same_key_until_stripe_acts(shop: Shop) -> None:
+async def test_a_503_is_retried_after_a_read_under_the_next_key_until_stripe_acts(
+    shop: Shop,
+) -> None:
+    """Stripe saves a 5xx under its key (localstripe does not, the proxy answers it):
+    the retry reads the intent and calls under the next key generation."""
     await seed_stock(shop.db, {SKU: 0})
     pid = (await authorize(shop, quantity=1)).payment_intent_id
     shop.proxy.fail_next(1, 503, path_contains="/cancel")
@@ -339,7 +400,9 @@ async def test_a_503_is_retried_with_the_same_key_until_stripe_acts(shop: Shop) 
     assert dict(stats.actions) == {"retry": 1, "succeeded": 1}
     first, second = cancels(shop.proxy, pid)
     assert (first.status, first.injected, second.status, second.injected) == (503, True, 200, False)
-    assert first.idempotency_key == second.idempotency_key == key_of(Action.CANCEL, pid)
+    key = key_of(Action.CANCEL, pid)
+    assert (first.idempotency_key, second.idempotency_key) == (key, f"{key}:1")
+    assert len(shop.proxy.calls("GET", f"/v1/payment_intents/{pid}")) == 1
     assert (await retrieve_intent(shop.emulator.base_url, pid))["status"] == "canceled"
     assert state_of(await action_row(shop.db, pid, Action.CANCEL)) == (
         "done",

@@ -1,10 +1,10 @@
 """The outbox's pure rules: which Stripe action an order change calls for, what an order
-event is called, how the relay marks a published batch, and how a Stripe error is read.
+event is called, and how the relay marks a published batch.
 
-consumer/outbox.py (`stripe_actions_for`, `OrderChange.event_type`), consumer/relay.py
-(`Relay._publish_marks`, no I/O: the relay is built on factories it never calls here)
-and consumer/stripe_actions.py (`classify`, on errors built as the `stripe` library
-builds them). The same rules run end to end in tests/integration/test_order_events.py.
+consumer/outbox.py (`stripe_actions_for`, `OrderChange.event_type`) and consumer/relay.py
+(`Relay._publish_marks`, no I/O: the relay is built on factories it never calls here).
+How the relay reads Stripe's answers and performs each action: test_stripe_answers.py.
+The same rules run end to end in tests/integration/test_order_events.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import stripe
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, RequestTimedOutError
 
 from intentflow.consumer.claims import Claimed, Mark
@@ -29,7 +28,6 @@ from intentflow.consumer.outbox import (
 from intentflow.consumer.policy import CapturePolicy, ShopPolicy
 from intentflow.consumer.relay import Relay
 from intentflow.consumer.settings import ConsumerSettings
-from intentflow.consumer.stripe_actions import Answer, Outcome, classify, settled_by_webhooks
 
 NEVER = ShopPolicy(CapturePolicy.NEVER)
 ON_PLACED = ShopPolicy(CapturePolicy.ON_PLACED)
@@ -315,130 +313,3 @@ def test_a_row_the_broker_refuses_for_good_is_failed_and_holds_nothing_back() ->
     assert refused.retry_in_s is None  # recorded `failed`: `outbox retry` after the fix
     assert published == Mark(2, "published")
     assert relay.stats.publish_failures == 1
-
-
-# --- classify --------------------------------------------------------------------
-# The errors are built with the arguments the library's own requestor passes
-# (stripe/_api_requestor.py, `specific_v1_api_error`).
-
-
-def invalid_request(message: str, **fields: Any) -> stripe.InvalidRequestError:
-    """A 400/404 as the library raises it (its constructor carries no annotations)."""
-    fields.setdefault("param", None)
-    fields.setdefault("http_status", 400)
-    return stripe.InvalidRequestError(message, **fields)  # type: ignore[no-untyped-call]
-
-
-def test_a_rate_limit_is_retried_after_stripes_retry_after() -> None:
-    exc = stripe.RateLimitError("Too many requests", http_status=429, headers={"Retry-After": "3"})
-
-    assert classify(exc) == Answer(Outcome.RETRY, None, "Too many requests", 3.0)
-
-
-def test_a_retry_after_that_is_not_seconds_is_ignored() -> None:
-    headers = {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}
-    exc = stripe.RateLimitError("Too many requests", http_status=429, headers=headers)
-
-    assert classify(exc).retry_after_s is None
-    assert classify(exc).outcome is Outcome.RETRY
-
-
-@pytest.mark.parametrize("status", [500, 502, 503])
-def test_a_server_error_is_retried(status: int) -> None:
-    answer = classify(stripe.APIError("Stripe is having a moment", http_status=status))
-
-    assert (answer.outcome, answer.retry_after_s) == (Outcome.RETRY, None)
-
-
-def test_a_connection_failure_is_retried() -> None:
-    exc = stripe.APIConnectionError("Network error: connection reset")  # type: ignore[no-untyped-call]
-    answer = classify(exc)
-
-    assert answer.outcome is Outcome.RETRY
-    assert answer.message == "Network error: connection reset"
-
-
-def test_an_unexpected_state_is_rejected_with_stripes_code() -> None:
-    exc = invalid_request(
-        "This PaymentIntent's status is succeeded", code="payment_intent_unexpected_state"
-    )
-
-    assert classify(exc) == Answer(
-        Outcome.REJECTED,
-        "payment_intent_unexpected_state",
-        "This PaymentIntent's status is succeeded",
-    )
-
-
-def test_the_error_type_stands_in_for_a_missing_code() -> None:
-    body = {"error": {"type": "invalid_request_error", "message": "No such payment_intent"}}
-    exc = invalid_request("No such payment_intent", param="intent", http_status=404, json_body=body)
-
-    assert classify(exc) == Answer(
-        Outcome.REJECTED, "invalid_request_error", "No such payment_intent"
-    )
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        stripe.AuthenticationError("Invalid API Key provided: sk_test_****", http_status=401),
-        stripe.PermissionError("The provided key does not have access", http_status=403),
-        # Blocked even when Stripe says a retry could succeed: only a new key helps.
-        stripe.AuthenticationError(
-            "Expired", http_status=401, headers={"Stripe-Should-Retry": "true"}
-        ),
-    ],
-    ids=["401", "403", "401-should-retry"],
-)
-def test_a_refused_key_blocks(exc: stripe.StripeError) -> None:
-    assert classify(exc).outcome is Outcome.BLOCKED
-
-
-def test_an_idempotency_conflict_is_rejected() -> None:
-    message = "Keys for idempotent requests can only be used with the same parameters"
-    exc = stripe.IdempotencyError(message, http_status=409)
-
-    assert classify(exc).outcome is Outcome.REJECTED
-
-
-def test_a_plain_conflict_is_a_lock_and_retried() -> None:
-    body = {"error": {"type": "invalid_request_error", "code": "lock_timeout"}}
-    message = "This object cannot be accessed right now"
-    exc = stripe.APIError(message, http_status=409, json_body=body)
-
-    assert classify(exc) == Answer(Outcome.RETRY, "lock_timeout", message)
-
-
-def test_stripe_should_retry_false_overrides_a_server_error() -> None:
-    exc = stripe.APIError("Do not retry", http_status=500, headers={"Stripe-Should-Retry": "false"})
-
-    assert classify(exc).outcome is Outcome.REJECTED
-
-
-def test_stripe_should_retry_true_overrides_a_client_error() -> None:
-    exc = invalid_request("Try again", headers={"stripe-should-retry": "true"})
-
-    assert classify(exc).outcome is Outcome.RETRY
-
-
-# --- settled_by_webhooks ---------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("action", "intent_status", "expected"),
-    [
-        (Action.CANCEL, "canceled", ("already_done", None)),
-        (Action.CAPTURE, "succeeded", ("already_done", None)),
-        (Action.CAPTURE, "canceled", ("not_needed", None)),
-        (Action.CANCEL, "succeeded", ("rejected", "payment_intent_captured")),
-        (Action.CANCEL, "requires_capture", None),
-        (Action.CAPTURE, "requires_capture", None),
-        (Action.CANCEL, None, None),
-    ],
-)
-def test_what_the_webhooks_already_settle_without_a_call(
-    action: Action, intent_status: str | None, expected: tuple[str, str | None] | None
-) -> None:
-    answer = settled_by_webhooks(action, intent_status)
-    assert (answer and (str(answer.outcome), answer.code)) == expected

@@ -115,6 +115,20 @@ CHECKS: list[tuple[str, str]] = [
         """,
     ),
     (
+        # A stock row cannot go while movements name its SKU (migration 0005), and
+        # the consumer writes no movement without one (orders.py, StockRowMissing):
+        # a SKU here lost its row behind both (triggers disabled, a restore of one
+        # table). Inserting the row again mends it, and movements_sum_to_levels.
+        "movements_have_their_level",
+        """
+        SELECT m.sku, count(*) AS movements, sum(m.quantity_delta) AS total
+        FROM inventory_movements m
+        WHERE NOT EXISTS (SELECT 1 FROM inventory_levels l WHERE l.sku = m.sku)
+        GROUP BY m.sku
+        ORDER BY m.sku
+        """,
+    ),
+    (
         "movements_have_their_order",
         """
         SELECT m.id AS movement_id, m.order_id, m.sku, m.reason

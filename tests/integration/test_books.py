@@ -1,7 +1,9 @@
-"""Invariant 4 against ordinary actions on stock rows (issue 17).
+"""Invariant 4 against ordinary actions on stock rows (issue 17, migration 0005).
 
-A movement the consumer writes for a SKU with no stock row fails its batch as
-the environment's fault until the row is back.
+A stock row whose SKU has movements cannot be deleted, renamed or truncated
+away; a movement the consumer writes for a SKU with no row (one removed past
+that refusal) fails its batch as the environment's fault until the row is back;
+and writing the row again mends the books.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from intentflow.consumer import reconcile
 from intentflow.consumer.errors import Fault, cause, classify
 from intentflow.consumer.orders import StockRowMissing
 from intentflow.consumer.store import apply_batch
@@ -18,10 +21,59 @@ from tests.support import seed_cart, seed_stock, snapshot
 
 
 async def as_replica(db: asyncpg.Connection, statement: str) -> None:
-    """Run `statement` with triggers off, as a superuser can."""
+    """Run `statement` with triggers off, as a superuser can (and version 4 allowed)."""
     async with db.transaction():
         await db.execute("SET LOCAL session_replication_role = replica")
         await db.execute(statement)
+
+
+async def test_a_stock_row_with_movements_is_kept_and_the_error_says_to_set_it_to_0(
+    db: asyncpg.Connection,
+) -> None:
+    await seed_stock(db, {"sku-a": 3, "sku-new": 0})  # sku-new: no movement yet
+
+    refusals = [
+        ("DELETE FROM inventory_levels WHERE sku = 'sku-a'", "SKU 'sku-a' cannot be deleted"),
+        ("UPDATE inventory_levels SET sku = 'sku-z' WHERE sku = 'sku-a'", "cannot be renamed"),
+        ("TRUNCATE inventory_levels", "cannot be truncated: inventory movements name its SKUs "
+         "('sku-a' among them)"),
+    ]  # fmt: skip
+    for statement, expected in refusals:
+        with pytest.raises(asyncpg.ForeignKeyViolationError) as refused:
+            await db.execute(statement)
+        message = str(refused.value)
+        assert expected in message
+        assert "set its stocked_quantity to 0 instead" in message
+        assert "\n" not in message
+
+    await db.execute("DELETE FROM inventory_levels WHERE sku = 'sku-new'")
+    # Checked at commit: a transaction may replace a row, or empty both tables.
+    async with db.transaction():
+        await db.execute("DELETE FROM inventory_levels WHERE sku = 'sku-a'")
+        await db.execute("INSERT INTO inventory_levels (sku, stocked_quantity) VALUES ('sku-a', 3)")
+    assert (await reconcile.check(db)).ok
+    await db.execute("TRUNCATE inventory_levels, inventory_movements")
+
+
+async def test_writing_a_level_again_mends_books_broken_behind_the_triggers(
+    db: asyncpg.Connection,
+) -> None:
+    """A re-inserted row, and a level set by hand, get the movement that balances them."""
+    await seed_stock(db, {"sku-a": 10, "sku-b": 5})
+    await db.execute("UPDATE inventory_levels SET stocked_quantity = 7 WHERE sku = 'sku-a'")
+    await as_replica(db, "DELETE FROM inventory_levels WHERE sku = 'sku-a'")
+    await as_replica(db, "UPDATE inventory_levels SET stocked_quantity = 9 WHERE sku = 'sku-b'")
+    broken = (await reconcile.check(db)).failed()
+    assert set(broken) == {"movements_sum_to_levels", "movements_have_their_level"}
+
+    await db.execute("INSERT INTO inventory_levels (sku, stocked_quantity) VALUES ('sku-a', 4)")
+    await db.execute("UPDATE inventory_levels SET stocked_quantity = 9 WHERE sku = 'sku-b'")
+
+    assert (await reconcile.check(db)).ok
+    rows = await db.fetch(
+        "SELECT sku, quantity_delta, reason FROM inventory_movements ORDER BY id DESC LIMIT 2"
+    )
+    assert [tuple(r) for r in rows] == [("sku-b", 4, "restock"), ("sku-a", -3, "adjustment")]
 
 
 async def test_a_movement_with_no_stock_row_is_retried_as_the_environments_until_the_row_is_back(
@@ -52,3 +104,4 @@ async def test_a_movement_with_no_stock_row_is_retried_as_the_environments_until
     state = await snapshot(db)
     assert state.orders == {"pi_1": "canceled", "pi_2": "placed"}
     assert state.levels == {"sku-a": 6}
+    assert (await reconcile.check(db)).ok

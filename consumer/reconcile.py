@@ -81,7 +81,9 @@ CHECKS: list[tuple[str, str]] = [
     (
         # An order is written in the transaction that claims its source event, so
         # both carry the same now(). Retention (`order-consumer prune`) deletes the
-        # inbox oldest first: orders older than the oldest row left are not checked.
+        # inbox oldest first and a transaction's rows whole (consumer/prune.py), so
+        # the rows left are every row since the oldest left: orders older than it
+        # are not checked, and every younger one's source event must be there.
         "order_source_event_in_inbox",
         """
         SELECT o.id AS order_id, o.payment_intent_id, o.source_event_id

@@ -368,8 +368,34 @@ def _timestamp(unix_s: int | None) -> datetime | None:
     return None if unix_s is None else datetime.fromtimestamp(unix_s, UTC)
 
 
+class StockRowMissing(Exception):
+    """Movements for SKUs that have no inventory_levels row: the batch waits for an operator.
+
+    Not the event's fault, so never dead-lettered: the row was removed behind the
+    database's refusal (migration 0005), and inserting it again mends the books
+    (its trigger records what makes the movements sum to the level put in).
+    """
+
+    retriable = True  # consumer.errors: the environment's, not the event's
+    cause = "stock_row_missing"
+
+    def __init__(self, skus: list[str]) -> None:
+        named = ", ".join(repr(sku) for sku in skus[:5])
+        if len(skus) > 5:
+            named += f" and {len(skus) - 5} more"
+        super().__init__(
+            f"no inventory_levels row for SKU {named}, whose stock this batch moves: insert one "
+            "with the quantity on hand (its movements are kept); the batch is retried until then"
+        )
+        self.skus = skus
+
+
 async def _move_stock(conn: Connection, movements: list[Movement]) -> None:
-    """Write the movements and change each level by their sum (rows locked by `_lock_stock`)."""
+    """Write the movements and change each level by their sum (rows locked by `_lock_stock`).
+
+    Raises StockRowMissing when a movement's SKU has no level row, which would
+    otherwise take the movement into the books and change no level.
+    """
     if not movements:
         return
     await conn.execute(
@@ -386,19 +412,25 @@ async def _move_stock(conn: Connection, movements: list[Movement]) -> None:
     net: Counter[str] = Counter()
     for sku, delta, *_ in movements:
         net[sku] += delta
-    skus = sorted(sku for sku in net if net[sku])
-    if not skus:
-        return
-    await conn.execute(
+    skus = sorted(net)
+    # One statement, as before: SKUs whose movements cancel out change no level
+    # but need their row all the same.
+    missing: list[str] = await conn.fetchval(
         """
-        UPDATE inventory_levels l
-        SET stocked_quantity = l.stocked_quantity + t.delta, updated_at = now()
-        FROM unnest($1::text[], $2::int[]) AS t(sku, delta)
-        WHERE l.sku = t.sku
+        WITH t AS (SELECT * FROM unnest($1::text[], $2::int[]) AS t(sku, delta)),
+        moved AS (
+            UPDATE inventory_levels l
+            SET stocked_quantity = l.stocked_quantity + t.delta, updated_at = now()
+            FROM t WHERE l.sku = t.sku AND t.delta <> 0
+        )
+        SELECT coalesce(array_agg(t.sku ORDER BY t.sku), '{}') FROM t
+        WHERE NOT EXISTS (SELECT 1 FROM inventory_levels l WHERE l.sku = t.sku)
         """,
         skus,
         [net[s] for s in skus],
     )
+    if missing:
+        raise StockRowMissing(missing)
 
 
 _REFRESHED = Columns.of(("id", "bigint"), ("status", "text")) + _COPIED_FACTS

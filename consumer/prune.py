@@ -15,13 +15,14 @@ reset to earlier offsets, a new group, `order-consumer dlq replay`). So:
   2. `minimum`: refuse an `--older-than` shorter than 3 days plus the longer
      of the two retentions;
   3. `delete_batches`: delete rows processed before (the database's now -
-     older_than), oldest first, `batch_size` rows per statement, each
-     statement its own short transaction; then the order events the relay
-     published before the same line (`delete_published`).
+     older_than), oldest first, `batch_size` rows per statement and the rest
+     of the last one's consumer transaction (one is never split), each
+     statement its own short transaction; then the order events the relay published before the same
+     line (`delete_published`).
 Beside a consumer, which only inserts new rows (processed_at = now()) and
-never locks old ones, the delete skips rows another session has locked and
-never waits on the consumer; the consumer can wait on a delete only for an
-event it is re-claiming, which is what step 2 rules out.
+never locks old ones, the delete never waits on the consumer; the consumer
+can wait on a delete only for an event it is re-claiming, which is what
+step 2 rules out.
 """
 
 from __future__ import annotations
@@ -173,19 +174,29 @@ def minimum(
     return STRIPE_RETRY_WINDOW + longest, longest
 
 
-# The CTE's FOR UPDATE runs once (a CTE with a locking clause is always
-# materialised), picks the oldest rows by processed_at's index, and skips rows
-# another prune holds instead of waiting for them.
+# A batch is every row processed up to the time of the `batch_size`-th oldest,
+# that time included. A consumer transaction's rows share its now(), and so does
+# the order it creates; reconcile (order_source_event_in_inbox) checks every order
+# from the oldest row left on. Cut at exactly batch_size rows, a batch could leave
+# a transaction half deleted and its order without its source event until the
+# next batch, or run. Whole transactions keep "every row since the oldest left is
+# there" true after each batch, for any oldest-first deleter; the other remedy,
+# reconcile exempting what prune recorded deleting, would need that record kept
+# in step with every batch and would still flag an operator's own DELETE.
+# No SKIP LOCKED: only another prune locks old rows (a consumer inserts new rows
+# and never locks old ones), and skipping the rows it holds could delete newer
+# rows past them, left behind if it rolls back; its short transaction is waited for.
 _DELETE_BATCH = """
-WITH doomed AS (
-    SELECT event_id FROM processed_events
-    WHERE processed_at < $1
-    ORDER BY processed_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
+WITH through AS (
+    SELECT max(processed_at) AS processed_at FROM (
+        SELECT processed_at FROM processed_events
+        WHERE processed_at < $1
+        ORDER BY processed_at
+        LIMIT $2
+    ) oldest
 ), gone AS (
-    DELETE FROM processed_events p USING doomed d
-    WHERE p.event_id = d.event_id
+    DELETE FROM processed_events p USING through t
+    WHERE p.processed_at <= t.processed_at
     RETURNING 1
 )
 SELECT count(*) FROM gone
@@ -252,7 +263,8 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="N",
-        help=f"rows per transaction (default {DEFAULT_BATCH_SIZE})",
+        help="rows per transaction, more to finish the last consumer transaction's rows "
+        f"(default {DEFAULT_BATCH_SIZE})",
     )  # fmt: skip
     parser.add_argument(
         "--topic-retention", type=duration, metavar="DURATION",

@@ -81,7 +81,9 @@ CHECKS: list[tuple[str, str]] = [
     (
         # An order is written in the transaction that claims its source event, so
         # both carry the same now(). Retention (`order-consumer prune`) deletes the
-        # inbox oldest first: orders older than the oldest row left are not checked.
+        # inbox oldest first and a transaction's rows whole (consumer/prune.py), so
+        # the rows left are every row since the oldest left: orders older than it
+        # are not checked, and every younger one's source event must be there.
         "order_source_event_in_inbox",
         """
         SELECT o.id AS order_id, o.payment_intent_id, o.source_event_id
@@ -112,6 +114,20 @@ CHECKS: list[tuple[str, str]] = [
         FULL JOIN inventory_levels l ON l.sku = m.sku
         WHERE coalesce(m.total, 0) <> coalesce(l.stocked_quantity, 0)
         ORDER BY 1
+        """,
+    ),
+    (
+        # A stock row cannot go while movements name its SKU (migration 0005), and
+        # the consumer writes no movement without one (orders.py, StockRowMissing):
+        # a SKU here lost its row behind both (triggers disabled, a restore of one
+        # table). Inserting the row again mends it, and movements_sum_to_levels.
+        "movements_have_their_level",
+        """
+        SELECT m.sku, count(*) AS movements, sum(m.quantity_delta) AS total
+        FROM inventory_movements m
+        WHERE NOT EXISTS (SELECT 1 FROM inventory_levels l WHERE l.sku = m.sku)
+        GROUP BY m.sku
+        ORDER BY m.sku
         """,
     ),
     (

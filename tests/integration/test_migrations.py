@@ -1,7 +1,8 @@
 """Upgrading a database that version 1 of the schema (and its consumer) wrote."""
 # Each migration's upgrade of existing rows is checked here: version 2 gives back
 # the stock of orders canceled under version 1; version 3 asks to release the money
-# of out_of_stock orders still held.
+# of out_of_stock orders still held; version 5 puts back, at 0, the stock row of a
+# SKU deleted while movements named it.
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ async def test_upgrading_from_version_1_restores_canceled_stock_and_releases_hel
             "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now());"
             "INSERT INTO schema_migrations (version, name) VALUES (1, 'initial');"
-            "INSERT INTO inventory_levels VALUES ('sku-a', 10);"
+            "INSERT INTO inventory_levels VALUES ('sku-a', 10), ('sku-gone', 4);"
+            "DELETE FROM inventory_levels WHERE sku = 'sku-gone';"
         )
         async with conn.transaction():
             await conn.execute("SET LOCAL intentflow.applying = 'on'")
@@ -80,7 +82,8 @@ async def test_upgrading_from_version_1_restores_canceled_stock_and_releases_hel
                 "pending",
             )
         ]
-        assert await conn.fetchval("SELECT stocked_quantity FROM inventory_levels") == 8
+        levels = await conn.fetch("SELECT sku, stocked_quantity FROM inventory_levels ORDER BY 1")
+        assert [tuple(r) for r in levels] == [("sku-a", 8), ("sku-gone", 0)]
         back = await conn.fetch(
             "SELECT order_id, quantity_delta, event_id FROM inventory_movements"
             " WHERE reason = 'cancellation'"
@@ -88,11 +91,13 @@ async def test_upgrading_from_version_1_restores_canceled_stock_and_releases_hel
         assert [tuple(r) for r in back] == [(1, 3, "evt_cancel")]
         report = await reconcile.check(conn)
         assert report.ok, [c for c in report.checks if c.violations]
-        # The trigger recorded the initial stock, and nothing for the migration's own change.
-        external = await conn.fetchval(
-            "SELECT count(*) FROM inventory_movements WHERE reason IN ('restock', 'adjustment')"
+        # The trigger recorded the initial stock, nothing for version 2's own change, and
+        # what balances the SKU put back.
+        external = await conn.fetch(
+            "SELECT sku, quantity_delta FROM inventory_movements"
+            " WHERE reason IN ('restock', 'adjustment') ORDER BY id"
         )
-        assert external == 1
+        assert [tuple(r) for r in external] == [("sku-a", 10), ("sku-gone", 4), ("sku-gone", -4)]
     finally:
         await conn.close()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

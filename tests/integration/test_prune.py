@@ -63,11 +63,13 @@ async def topics_with(infra: Services, configs: dict[str, str]) -> str:
 
 
 async def inbox_rows(db: asyncpg.Connection, prefix: str, count: int, age: str) -> None:
-    """`count` inbox rows `prefix`-1 … processed `age` ago (an interval)."""
+    """`count` inbox rows `prefix`-1 … processed `age` ago (an interval), each by a
+    transaction of its own: a millisecond apart (prune never splits one time's rows)."""
     await db.execute(
         """
         INSERT INTO processed_events (event_id, event_type, processed_at)
-        SELECT $1 || g, 'payment_intent.succeeded', now() - $3::text::interval
+        SELECT $1 || g, 'payment_intent.succeeded',
+               now() - $3::text::interval - g * interval '1 millisecond'
         FROM generate_series(1, $2) g
         """,
         prefix,

@@ -18,6 +18,7 @@ from aiokafka.errors import (
 from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
 from intentflow.consumer.errors import Fault, cause, classify, is_read_only, is_statement_timeout
 from intentflow.consumer.migrate import SchemaBehind
+from intentflow.consumer.orders import StockRowMissing
 from intentflow.consumer.preflight import TopicsMissing, redact, until_ready
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import ConcurrentIntentWrite
@@ -91,6 +92,7 @@ def test_our_own_retriable_errors_carry_their_cause() -> None:
         (ConcurrentIntentWrite("1 intent"), "conflict"),
         (SchemaBehind(0, 1), "schema_mismatch"),
         (TopicsMissing("topic 'x.dlq' does not exist"), "topic_missing"),
+        (StockRowMissing(["sku-a"]), "stock_row_missing"),
     ):
         assert classify(exc) is Fault.ENVIRONMENT
         assert cause(exc) == expected

@@ -55,8 +55,6 @@ class OrderPlan:
 
 def review_reason(request: PlaceOrder, cart: Cart | None) -> str | None:
     """Why an order cannot be trusted as paid for, or None when it can."""
-    if request.cart_id is None:
-        return "no_cart_id"
     if cart is None:
         return "cart_missing"
     if not cart.lines:
@@ -74,7 +72,7 @@ def skus_wanted(requests: Iterable[PlaceOrder], carts: Mapping[str, Cart]) -> li
     """Every SKU the orders may take stock of, sorted: the global lock order (invariant 8)."""
     skus: set[str] = set()
     for request in requests:
-        cart = carts.get(request.cart_id) if request.cart_id else None
+        cart = carts.get(request.cart_id)
         if cart is not None and review_reason(request, cart) is None:
             skus.update(line.sku for line in cart.lines)
     return sorted(skus)
@@ -101,14 +99,14 @@ def allocate(
     held = dict(holders or {})
     plans = []
     for request in requests:
-        cart = carts.get(request.cart_id) if request.cart_id else None
-        holder = held.get(request.cart_id) if request.cart_id else None
+        cart = carts.get(request.cart_id)
+        holder = held.get(request.cart_id)
         if holder is not None:
             reason = f"duplicate_of:{holder}"
             plans.append(OrderPlan(request, cart, Allocation.DUPLICATE, reason, {}))
             continue
         plan = _plan(request, cart, left)
-        if plan.status in LIVE and request.cart_id:
+        if plan.status in LIVE:
             held[request.cart_id] = request.payment_intent_id
         plans.append(plan)
     return plans, left

@@ -135,7 +135,7 @@ class PlaceOrder(NamedTuple):
     """
 
     payment_intent_id: str
-    cart_id: str | None
+    cart_id: str  # under CART_METADATA_KEY: an intent that names none makes no order
     amount: int
     currency: str
     amount_authorized: int

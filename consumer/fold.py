@@ -164,9 +164,11 @@ def _decide(
             return ()
         intent = first_auth.data.object
         assert type(intent) is PaymentIntent  # authorized_amount checked it
+        cart_id = intent.cart(cart_key)
+        assert cart_id is not None  # fold_intent keeps only authorizations that name one
         place = PlaceOrder(
             payment_intent_id=pid,
-            cart_id=intent.cart(cart_key),
+            cart_id=cart_id,
             amount=intent.amount,
             currency=intent.currency.lower(),
             amount_authorized=held_most,

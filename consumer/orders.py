@@ -75,15 +75,15 @@ async def write_orders(conn: Connection, folds: list[IntentFold]) -> list[OrderC
     to_allocate = [p for p, facts in places if not facts.canceled]
     returns = await _taken_by(conn, cancels)
     # Skipped orders get their cart's lines too: the same order as "authorized, then canceled".
-    carts = await _load_carts(conn, sorted({p.cart_id for p, _ in places if p.cart_id}))
-    holders = await _cart_holders(conn, sorted({p.cart_id for p in to_allocate if p.cart_id}))
+    carts = await _load_carts(conn, sorted({p.cart_id for p, _ in places}))
+    holders = await _cart_holders(conn, sorted({p.cart_id for p in to_allocate}))
     skus = sorted(set(skus_wanted(to_allocate, carts)) | {m[0] for m in returns})
     stock = await _lock_stock(conn, skus)
     for sku, delta, *_ in returns:
         stock[sku] = stock.get(sku, 0) + delta
     plans, _left = allocate(to_allocate, carts, stock, holders)
     skipped = [
-        OrderPlan(p, carts.get(p.cart_id or ""), Allocation.SKIPPED, None, {})
+        OrderPlan(p, carts.get(p.cart_id), Allocation.SKIPPED, None, {})
         for p, facts in places
         if facts.canceled
     ]

@@ -9,7 +9,7 @@ from intentflow.consumer.decisions import PlaceOrder
 
 def request(
     pi: str,
-    cart_id: str | None,
+    cart_id: str,
     amount: int,
     currency: str = "usd",
     authorized: int | None = None,
@@ -70,7 +70,6 @@ def test_review_reasons() -> None:
     good = cart("c1", ("a", 2, 100))
     assert review_reason(request("p", "c1", 200), good) is None
     assert review_reason(request("p", "c1", 200, "USD"), good) is None
-    assert review_reason(request("p", None, 200), None) == "no_cart_id"
     assert review_reason(request("p", "c1", 200), None) == "cart_missing"
     assert review_reason(request("p", "c1", 0), cart("c1")) == "cart_empty"
     assert review_reason(request("p", "c1", 199), good) == "amount_mismatch"

@@ -226,7 +226,6 @@ def test_review_reasons_are_checked_in_the_rules_order() -> None:
 
     empty = model.Cart("usd", ())
     assert authorized("cart-1", 1000, "usd", 1000) is None
-    assert authorized(None, 1000, "usd", 1000) == "no_cart_id"
     assert authorized("cart-2", 1000, "usd", 1000) == "cart_missing"
     assert authorized("cart-empty", 1000, "usd", 1000) == "cart_empty"
     # Each reason wins over the ones after it.

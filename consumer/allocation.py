@@ -80,6 +80,8 @@ def skus_wanted(requests: Iterable[PlaceOrder], carts: Mapping[str, Cart]) -> li
 
 # What a live order holds its cart with: one per cart (orders_one_live_order_per_cart_idx).
 LIVE = frozenset({Allocation.PLACED, Allocation.NEEDS_REVIEW})
+# What cannot be filled: its money goes back (consumer/outbox.py, `stripe_actions_for`).
+UNFILLABLE = frozenset({Allocation.OUT_OF_STOCK, Allocation.DUPLICATE})
 
 
 def allocate(

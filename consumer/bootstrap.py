@@ -139,12 +139,13 @@ def build_relay(
             api_base=settings.stripe_api_base,
             timeout_s=settings.stripe_timeout_s,
         )
-    # A claim's transaction waits for its Stripe calls (a call, and a read on a
-    # refusal) or for the broker's acks: the session may be idle in it that long.
-    # Ended sooner, Stripe would act, its answer be lost with the session, and
-    # the call be made again each time.
+    # A claim's transaction waits for its Stripe requests (a refund: a read of the
+    # intent and of its refunds, the refund, and a read on a refusal; a cancel or
+    # capture, two at most) or for the broker's acks: the session may be idle in it
+    # that long. Ended sooner, Stripe would act, its answer be lost with the
+    # session, and the next attempt would have to read before acting again.
     idle_in_transaction_ms = int(
-        max(2 * settings.db_statement_timeout_ms, (2 * settings.stripe_timeout_s + 10) * 1000)
+        max(2 * settings.db_statement_timeout_ms, (4 * settings.stripe_timeout_s + 10) * 1000)
     )
     return Relay(
         settings,

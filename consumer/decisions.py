@@ -63,7 +63,8 @@ class RefundSnapshot:
 
 _NO_REFUNDS: Mapping[str, RefundSnapshot] = MappingProxyType({})
 
-# Refund statuses whose money is on its way back, or back.
+# Refund statuses whose money is on its way back, or back; `failed` and `canceled` are not
+# (Stripe's refund object: https://docs.stripe.com/api/refunds/object#refund_object-status).
 REFUND_COUNTS = frozenset({"pending", "requires_action", "succeeded"})
 
 

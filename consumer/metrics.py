@@ -3,9 +3,10 @@
 Names follow Prometheus' conventions: one `intentflow_consumer_` namespace,
 base units (seconds, records), `_total` on counters. What each one means:
 
-  events_total{outcome}           events handled: applied, stale, ignored (the fold's
-                                  outcomes), duplicate (already in the inbox),
-                                  dead_lettered (poison, or refused by the database)
+  events_total{outcome}           events handled: applied, stale, ignored, not_an_order
+                                  (the fold's outcomes: an authorization of an intent
+                                  that names no cart), duplicate (already in the
+                                  inbox), dead_lettered (poison, or refused by the database)
   orders_total{status}            orders that entered a status: created in it, or moved to it
   batch_events                    events per applied batch (histogram)
   batch_duration_seconds          from the batch's start to its offsets' commit (histogram)
@@ -15,6 +16,10 @@ base units (seconds, records), `_total` on counters. What each one means:
                                   partition (the broker's end offset, asked at scrape time)
   retries_total{cause}            waits for the database or broker to come back
   last_commit_timestamp_seconds   when offsets were last committed (Unix time)
+  refunds_owed                    orders that cannot be filled whose captured money is
+                                  neither refunded nor on its way back (read at scrape time)
+  captures_due_soon               placed orders still uncaptured within CAPTURE_WARNING_S of
+                                  their authorization's deadline (read at scrape time)
   intentflow_build_info{service,version}, and the process_* and python_* defaults.
 """
 
@@ -32,7 +37,9 @@ from intentflow.schemas.metrics import NAMESPACE, service_registry
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Every outcome is exported from the start, so that a rate over it exists at zero.
-EVENT_OUTCOMES = ("applied", "stale", "ignored", "duplicate", "dead_lettered")
+EVENT_OUTCOMES = (
+    "applied", "stale", "ignored", "not_an_order", "duplicate", "dead_lettered"
+)  # fmt: skip
 
 # Seconds, from a quiet consumer's tens of milliseconds to a backlog's minutes.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -81,6 +88,17 @@ class ConsumerMetrics:
             "last_commit_timestamp_seconds", "When offsets were last committed (Unix time).",
             namespace=ns, subsystem=sub, registry=registry,
         )  # fmt: skip
+        self.refunds_owed = Gauge(
+            "refunds_owed",
+            "Orders that cannot be filled whose captured money is neither refunded nor asked "
+            "back (REFUND_UNFILLABLE=false, or a refund Stripe refused).",
+            namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+        self.captures_due_soon = Gauge(
+            "captures_due_soon",
+            "Placed orders not yet captured whose authorization lapses within CAPTURE_WARNING_S.",
+            namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
         self._lag_series: set[tuple[str, str]] = set()
 
     def transaction_committed(
@@ -125,6 +143,11 @@ class ConsumerMetrics:
         for (topic, partition), lag in lags.items():
             self.lag.labels(topic, str(partition)).set(lag)
         self._lag_series = current
+
+    def set_money(self, refunds_owed: int, captures_due_soon: int) -> None:
+        """What the database says now of money that needs a person (`consumer.money`)."""
+        self.refunds_owed.set(refunds_owed)
+        self.captures_due_soon.set(captures_due_soon)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

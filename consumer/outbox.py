@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from intentflow.consumer.allocation import UNFILLABLE
 from intentflow.consumer.connections import Connection
 from intentflow.consumer.decisions import Allocation, OrderStatus
 from intentflow.consumer.policy import CapturePolicy, ShopPolicy
@@ -122,7 +123,7 @@ def stripe_actions_for(change: OrderChange, policy: ShopPolicy) -> ActionRow | N
     under CAPTURE_POLICY=on_placed while its money is held.
     """
     pid, order_id = change.payment_intent_id, change.order_id
-    if change.allocation in _CANCEL_REASON:
+    if change.allocation in UNFILLABLE:
         if change.intent_status == HELD:
             params = {"cancellation_reason": _CANCEL_REASON[change.allocation]}
             return ActionRow(Action.CANCEL, pid, order_id, params)
@@ -163,7 +164,7 @@ async def ask_refunds(conn: Connection, order_ids: Sequence[int], policy: ShopPo
         "SELECT id, payment_intent_id, allocation FROM orders"
         " WHERE id = ANY($1::bigint[]) AND allocation = ANY($2::text[]) ORDER BY payment_intent_id",
         list(order_ids),
-        [str(a) for a in _CANCEL_REASON],
+        [str(a) for a in UNFILLABLE],
     )
     wanted = [
         refund_row(r["payment_intent_id"], r["id"], Allocation(r["allocation"]), policy)

@@ -20,10 +20,13 @@ from typing import Any
 
 import asyncpg
 
+from intentflow.consumer.allocation import UNFILLABLE
 from intentflow.consumer.connections import Connection
 from intentflow.consumer.decisions import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS
 from intentflow.consumer.errors import Fault, cause, classify, describe
 from intentflow.consumer.migrate import SchemaBehind, check_schema
+from intentflow.consumer.owed import CAPTURED_NOT_RETURNED, sql_list
+from intentflow.consumer.policy import DEFAULT_POLICY, ShopPolicy
 from intentflow.consumer.preflight import redact
 from intentflow.consumer.settings import ConsumerSettings
 
@@ -44,12 +47,13 @@ OPERATOR_HINTS = {
 }
 
 
-def _sql_list(values: frozenset[str]) -> str:
-    """Constant strings of ours (never input) as an SQL list, in a stable order."""
-    return ", ".join(f"'{v}'" for v in sorted(values))
-
+# Rows (alias {}) written since schema version 4, when the rules of issue 17 began.
+_SINCE_VERSION_4 = (
+    "{}.created_at >= (SELECT applied_at FROM schema_migrations WHERE version = 4)"
+)
 
 # Each query returns one row per violation; its columns are what an example shows.
+# A query may read the capture policy of the command's settings as $1.
 CHECKS: list[tuple[str, str]] = [
     (
         "one_order_per_intent",
@@ -189,31 +193,36 @@ CHECKS: list[tuple[str, str]] = [
     ),
     (
         # The order mirrors its intent's facts: refunds, dispute, cancellation
-        # reason, and the status `consumer.decisions.order_status` derives from them.
+        # reason, what was captured, the capture deadline, the Connect account, and
+        # the status `consumer.decisions.order_status` derives from them.
         "order_mirrors_its_intent",
         f"""
         WITH facts AS (
             SELECT p.id, p.cancellation_reason, p.charge_refunded, p.dispute_status,
                    p.dispute_amount, p.dispute_reason, p.status = 'canceled' AS canceled,
+                   p.amount_received, to_timestamp(p.capture_before) AS capture_before,
+                   p.account,
                    greatest(p.charge_amount_refunded, coalesce((
                        SELECT sum(r.amount) FROM refunds r
                        WHERE r.payment_intent_id = p.id
-                         AND r.status IN ({_sql_list(REFUND_COUNTS)})), 0)) AS refunded
+                         AND r.status IN ({sql_list(REFUND_COUNTS)})), 0)) AS refunded
             FROM payment_intents p
         ), expected AS (
             SELECT o.id, o.payment_intent_id, o.status, o.amount_refunded, f.refunded,
                    CASE
                      WHEN f.canceled OR o.allocation = 'skipped' THEN 'canceled'
                      WHEN f.dispute_status IS NOT NULL
-                      AND f.dispute_status NOT IN ({_sql_list(DISPUTE_SETTLED_FOR_US)})
+                      AND f.dispute_status NOT IN ({sql_list(DISPUTE_SETTLED_FOR_US)})
                        THEN 'disputed'
                      WHEN f.charge_refunded OR (o.amount > 0 AND f.refunded >= o.amount)
                        THEN 'refunded'
                      ELSE o.allocation
                    END AS derived,
-                   (o.cancellation_reason, o.dispute_status, o.dispute_amount, o.dispute_reason)
+                   (o.cancellation_reason, o.dispute_status, o.dispute_amount, o.dispute_reason,
+                    o.amount_captured, o.capture_before, o.account)
                      IS DISTINCT FROM
-                   (f.cancellation_reason, f.dispute_status, f.dispute_amount, f.dispute_reason)
+                   (f.cancellation_reason, f.dispute_status, f.dispute_amount, f.dispute_reason,
+                    f.amount_received, f.capture_before, f.account)
                      AS copied_wrong
             FROM orders o JOIN facts f ON f.id = o.payment_intent_id
         )
@@ -225,19 +234,68 @@ CHECKS: list[tuple[str, str]] = [
         """,
     ),
     (
-        # Money held for goods we cannot deliver is being released: the cancel is
-        # asked for in the transaction that made the order out_of_stock
-        # (consumer/outbox.py), and Stripe has not refused it for good.
-        "held_money_of_unfillable_order_released",
+        # One live order per cart (the unique index keeps it for orders made since
+        # version 4; a cart paid twice before then shows here until one of its
+        # orders is canceled or refunded).
+        "one_live_order_per_cart",
         """
-        SELECT o.id AS order_id, o.payment_intent_id,
+        SELECT cart_id, array_agg(payment_intent_id ORDER BY id) AS payment_intent_ids
+        FROM orders
+        WHERE allocation IN ('placed', 'needs_review') AND status NOT IN ('canceled', 'refunded')
+        GROUP BY cart_id HAVING count(*) > 1
+        ORDER BY cart_id
+        """,
+    ),
+    (
+        # Only the shop's payments are orders: since version 4 an intent that names
+        # no cart (CART_METADATA_KEY) makes none, and nothing acts on its money.
+        "only_the_shops_payments_are_orders",
+        f"""
+        SELECT o.id AS order_id, o.payment_intent_id, x.name AS stripe_action
+        FROM orders o LEFT JOIN outbox x ON x.kind = 'stripe_action' AND x.order_id = o.id
+        WHERE o.cart_id IS NULL
+          AND ({_SINCE_VERSION_4.format("o")} OR {_SINCE_VERSION_4.format("x")})
+        ORDER BY o.id
+        """,
+    ),
+    (
+        # Money held for goods we cannot deliver is being released: the cancel is
+        # asked for in the transaction that made the order out_of_stock or
+        # duplicate (consumer/outbox.py), and Stripe has not refused it for good.
+        "held_money_of_unfillable_order_released",
+        f"""
+        SELECT o.id AS order_id, o.payment_intent_id, o.allocation,
                coalesce(x.state, 'never asked') AS cancel
         FROM orders o JOIN payment_intents p ON p.id = o.payment_intent_id
         LEFT JOIN outbox x ON x.kind = 'stripe_action' AND x.name = 'cancel_payment_intent'
                           AND x.payment_intent_id = o.payment_intent_id
-        WHERE o.status = 'out_of_stock' AND p.status = 'requires_capture'
+        WHERE o.allocation IN ({sql_list(UNFILLABLE)}) AND p.status = 'requires_capture'
           AND (x.id IS NULL OR x.state = 'failed')
         ORDER BY o.id
+        """,
+    ),
+    (
+        # Money captured for goods we cannot deliver is going back: a refund is asked
+        # for (whoever captured it, in whichever batch) and is neither refused nor
+        # owed (REFUND_UNFILLABLE=false lists every such order here until an
+        # operator refunds it). A dispute that holds the money is its own way back.
+        "captured_money_of_unfillable_order_returned",
+        CAPTURED_NOT_RETURNED,
+    ),
+    (
+        # Under CAPTURE_POLICY=on_placed (this command's own setting) every placed
+        # order whose money is still held has its capture asked for: orders placed by
+        # a member still on `never` during a rolling change get none, and would lapse.
+        "placed_order_capture_asked",
+        """
+        SELECT o.id AS order_id, o.payment_intent_id, o.capture_before,
+               coalesce(x.state, 'never asked') AS capture
+        FROM orders o JOIN payment_intents p ON p.id = o.payment_intent_id
+        LEFT JOIN outbox x ON x.kind = 'stripe_action' AND x.name = 'capture_payment_intent'
+                          AND x.payment_intent_id = o.payment_intent_id
+        WHERE $1::text = 'on_placed' AND o.status = 'placed' AND p.status = 'requires_capture'
+          AND (x.id IS NULL OR x.state = 'failed')
+        ORDER BY o.capture_before NULLS LAST, o.id
         """,
     ),
 ]
@@ -282,14 +340,16 @@ class Report:
         }
 
 
-async def check(conn: Connection) -> Report:
-    """Run every check in one snapshot of the database."""
+async def check(conn: Connection, policy: ShopPolicy = DEFAULT_POLICY) -> Report:
+    """Run every check in one snapshot of the database, under the shop's `policy`."""
     results = []
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         for name, sql in CHECKS:
+            args = (str(policy.capture),) if "$1" in sql else ()
             # The count is taken over every violation before LIMIT keeps the examples.
             rows = await conn.fetch(
-                f"SELECT count(*) OVER () AS violations__, v.* FROM ({sql}) v LIMIT {EXAMPLES}"
+                f"SELECT count(*) OVER () AS violations__, v.* FROM ({sql}) v LIMIT {EXAMPLES}",
+                *args,
             )
             violations = int(rows[0]["violations__"]) if rows else 0
             examples = [{k: v for k, v in row.items() if k != "violations__"} for row in rows]
@@ -318,7 +378,7 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
         return _cannot_check(exc, settings)
     try:
         await check_schema(conn)
-        report = await check(conn)
+        report = await check(conn, ShopPolicy.from_settings(settings))
     except Exception as exc:
         return _cannot_check(exc, settings)
     finally:

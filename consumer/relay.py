@@ -58,7 +58,7 @@ from intentflow.consumer.order_events import publish_marks
 from intentflow.consumer.outbox import Action, Kind, ask_refunds, sweep_needs_review
 from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.settings import ConsumerSettings
-from intentflow.consumer.stripe_actions import ACTIONS, CAPTURED_CODE, Attempt, Facts, spec_of
+from intentflow.consumer.stripe_actions import ACTIONS, CAPTURED_CODE, Attempt, IntentMoney, spec_of
 from intentflow.consumer.stripe_answers import DONE, Answer, Outcome
 
 log = structlog.get_logger("relay")
@@ -339,7 +339,9 @@ class Relay:
         """The answer the webhooks already give, what this relay records instead of an
         action its policy forbids, or Stripe's."""
         spec = spec_of(row.name)  # claimed by name from ACTIONS: known
-        known = Facts.from_webhooks(row.intent_status, row.amount_captured, row.amount_refunded)
+        known = IntentMoney.from_webhooks(
+            row.intent_status, row.amount_captured, row.amount_refunded
+        )
         settled = spec.settled(known)
         if settled is not None:
             return settled

@@ -95,9 +95,10 @@ class ConsumerSettings(KafkaConnection, BaseSettings):
     stripe_api_key: SecretStr | None = None
     # Another API address (an emulator, a proxy); unset: Stripe's own.
     stripe_api_base: str | None = None
-    # Per call. A claim's transaction waits for its calls (a refusal adds a read):
-    # the relay's sessions may stay idle in a transaction for two calls and more
-    # (consumer/bootstrap.py, `build_relay`).
+    # Per request. A claim's transaction waits for its requests (a refund reads the
+    # intent and its refunds first; a refusal adds a read): the relay's sessions may
+    # stay idle in a transaction for four requests and more (consumer/bootstrap.py,
+    # `build_relay`).
     stripe_timeout_s: float = Field(default=20.0, gt=0)
     orders_topic: str = Field(default=DEFAULT_ORDERS_TOPIC, min_length=1)
     # `run` also runs the relay; off for members that should only consume

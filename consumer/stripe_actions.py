@@ -4,7 +4,7 @@
 to its `ActionSpec`, the whole of what the relay knows about it:
   - `call`: the request that performs it; `leads_to`: where it leaves the money;
   - `settled(facts)`: the answer the intent's known state already gives, without
-    a call: the state our webhooks recorded (`Facts.from_webhooks`, in the
+    a call: the state our webhooks recorded (`IntentMoney.from_webhooks`, in the
     claim) or what Stripe shows (`StripeActions.read`);
   - `allowed(policy)`: whether a relay performs it under its own policy (cancel
     always; capture only under CAPTURE_POLICY=on_placed; refund only under
@@ -39,14 +39,12 @@ from typing import Any
 import stripe
 
 from intentflow.consumer.claims import generation_key
+from intentflow.consumer.decisions import REFUND_COUNTS
 from intentflow.consumer.outbox import CAPTURED, OWED_CODE, OWED_MESSAGE, Action
 from intentflow.consumer.policy import CapturePolicy, ShopPolicy
 from intentflow.consumer.stripe_answers import Answer, Outcome, classify
 
 CANCELED = "canceled"
-# A refund in these statuses returns, or returned, the money; `failed` and `canceled`
-# do not (https://docs.stripe.com/api/refunds/object#refund_object-status).
-REFUND_COUNTS = frozenset({"pending", "requires_action", "succeeded"})
 # In the metadata of each refund the relay makes: the outbox row it was made for. A read
 # finds it whatever became of the key (pruned after 24 h) or of the answer (lost).
 OUTBOX_ID_KEY = "intentflow_outbox_id"
@@ -60,7 +58,7 @@ CAPTURED_FIRST = (
 
 
 @dataclass(frozen=True, slots=True)
-class Facts:
+class IntentMoney:
     """What is known of an intent's money: what our webhooks recorded, or what Stripe
     shows now (`read`: then, for a refund, every refund on the intent counted)."""
 
@@ -72,7 +70,7 @@ class Facts:
     read: bool = False
 
     @classmethod
-    def from_webhooks(cls, status: str | None, captured: int, refunded: int) -> Facts:
+    def from_webhooks(cls, status: str | None, captured: int, refunded: int) -> IntentMoney:
         """The order's amounts as the webhooks left them (0 captured: not known yet)."""
         return cls(status, captured or None, refunded if captured else None)
 
@@ -91,7 +89,7 @@ class Attempt:
     account: str | None = None  # the intent's Connect account; None: the platform's own
 
 
-Call = Callable[[stripe.StripeClient, Attempt, Facts | None, Any], Awaitable[object]]
+Call = Callable[[stripe.StripeClient, Attempt, IntentMoney | None, Any], Awaitable[object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,21 +97,25 @@ class ActionSpec:
     action: Action
     call: Call
     leads_to: str  # what done looks like
-    settled: Callable[[Facts], Answer | None]
+    settled: Callable[[IntentMoney], Answer | None]
     allowed: Callable[[ShopPolicy], bool]
     instead: Answer | None = None  # recorded by a relay that may not perform it
     waits_for: str = ""  # who performs it, when this relay may not and records nothing
     reads_first: bool = False  # read Stripe (the refunds too) before every call
 
 
-async def _cancel(client: stripe.StripeClient, a: Attempt, _: Facts | None, options: Any) -> None:
+async def _cancel(
+    client: stripe.StripeClient, a: Attempt, _: IntentMoney | None, options: Any
+) -> None:
     fields: Any = a.params  # as consumer/outbox.py wrote them: Stripe's own names
     await client.v1.payment_intents.cancel_async(
         a.payment_intent_id, params=fields, options=options
     )
 
 
-async def _capture(client: stripe.StripeClient, a: Attempt, _: Facts | None, options: Any) -> None:
+async def _capture(
+    client: stripe.StripeClient, a: Attempt, _: IntentMoney | None, options: Any
+) -> None:
     fields: Any = a.params
     await client.v1.payment_intents.capture_async(
         a.payment_intent_id, params=fields, options=options
@@ -121,7 +123,7 @@ async def _capture(client: stripe.StripeClient, a: Attempt, _: Facts | None, opt
 
 
 async def _refund(
-    client: stripe.StripeClient, a: Attempt, facts: Facts | None, options: Any
+    client: stripe.StripeClient, a: Attempt, facts: IntentMoney | None, options: Any
 ) -> None:
     """What is captured and not yet refunded, by anyone: never more than the customer paid."""
     assert facts is not None and facts.received is not None and facts.refunded is not None
@@ -135,7 +137,7 @@ async def _refund(
     await client.v1.refunds.create_async(params=fields, options=options)
 
 
-def _cancel_settled(facts: Facts) -> Answer | None:
+def _cancel_settled(facts: IntentMoney) -> Answer | None:
     if facts.status == CANCELED:
         return Answer(Outcome.ALREADY_DONE, None, "the payment intent is canceled")
     if facts.status == CAPTURED:
@@ -145,7 +147,7 @@ def _cancel_settled(facts: Facts) -> Answer | None:
     return None
 
 
-def _capture_settled(facts: Facts) -> Answer | None:
+def _capture_settled(facts: IntentMoney) -> Answer | None:
     if facts.status == CAPTURED:
         return Answer(Outcome.ALREADY_DONE, None, "the payment intent is succeeded")
     if facts.status == CANCELED:
@@ -155,7 +157,7 @@ def _capture_settled(facts: Facts) -> Answer | None:
     return None
 
 
-def _refund_settled(facts: Facts) -> Answer | None:
+def _refund_settled(facts: IntentMoney) -> Answer | None:
     if facts.status == CANCELED:
         return Answer(Outcome.NOT_NEEDED, None, "the payment intent is canceled: nothing captured")
     if facts.ours is not None:
@@ -234,7 +236,7 @@ class StripeActions:
     async def perform(self, attempt: Attempt) -> Answer:
         spec = spec_of(attempt.action)
         generation = attempt.generation
-        facts: Facts | None = None
+        facts: IntentMoney | None = None
         if spec.reads_first or attempt.verify_first:
             try:
                 facts = await self.read(attempt, refunds=spec.reads_first)
@@ -259,14 +261,16 @@ class StripeActions:
             return dataclasses.replace(answer, generation=generation)
         return Answer(Outcome.SUCCEEDED, generation=generation)
 
-    async def read(self, attempt: Attempt, *, refunds: bool) -> Facts:
+    async def read(self, attempt: Attempt, *, refunds: bool) -> IntentMoney:
         """The intent as Stripe has it, and (`refunds`) every refund on it, every page."""
         options = self._options(attempt)
         intent = await self._client.v1.payment_intents.retrieve_async(
             attempt.payment_intent_id, options=options
         )
         if not refunds:
-            return Facts(intent.status, read=True)  # where it is says all a cancel or capture needs
+            return IntentMoney(
+                intent.status, read=True
+            )  # where it is says all a cancel or capture needs
         refunded, ours, ours_failed = 0, None, False
         params: Any = {"payment_intent": attempt.payment_intent_id, "limit": REFUNDS_PAGE}
         while True:
@@ -281,7 +285,9 @@ class StripeActions:
             if not page.has_more or not page.data:
                 break
             params["starting_after"] = page.data[-1].id
-        return Facts(intent.status, intent.amount_received, refunded, ours, ours_failed, read=True)
+        return IntentMoney(
+            intent.status, intent.amount_received, refunded, ours, ours_failed, read=True
+        )
 
     async def _unless_settled(self, spec: ActionSpec, attempt: Attempt, refusal: Answer) -> Answer:
         """A refusal may only mean the work is done: ask Stripe where the intent is."""

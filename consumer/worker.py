@@ -42,6 +42,7 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
 
+from intentflow.consumer import owed
 from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped
 from intentflow.consumer.bootstrap import (
     BrokerConsumer,
@@ -77,6 +78,7 @@ POLL_MARGIN_S = 1.0
 READY_DATABASE_TIMEOUT_S = 2.0
 # What a scrape waits for the broker's end and committed offsets.
 LAG_READ_TIMEOUT_S = 2.0
+OWED_READ_TIMEOUT_S = 2.0
 # What one offset commit may take before it is retried as a broker failure.
 COMMIT_TIMEOUT_S = 15.0
 
@@ -330,9 +332,31 @@ class Worker:
         return True, f"ready: {held} partitions" if held else "ready: waiting for partitions"
 
     async def exposition(self) -> tuple[bytes, str]:
-        """/metrics, with each owned partition's lag read now."""
+        """/metrics, with each owned partition's lag and the money owed read now."""
         await self._read_lag()
+        await self._read_owed()
         return self.metrics.render(), CONTENT_TYPE
+
+    async def _read_owed(self) -> None:
+        """Refunds owed and captures due soon (consumer/owed.py), from the database now.
+
+        Bounded like the lag: a database that does not answer in time leaves the
+        gauges at their last reading, and /readyz says why.
+        """
+        pool = self._pool
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(OWED_READ_TIMEOUT_S), pool.acquire() as conn:
+                found = await owed.read(conn, self.settings.capture_warning_s)
+        except Exception as exc:
+            # A scrape is not the consume loop: whatever went wrong, the next one asks again.
+            if classify(exc) is Fault.FATAL:
+                log.exception("owed_read_failed")
+            else:
+                log.debug("owed_read_skipped", error=describe(exc, 200))
+            return
+        self.metrics.set_money(found.refunds, found.captures_due_soon)
 
     async def _read_lag(self) -> None:
         """Each owned partition's end offset, asked now, minus the offset committed for it.

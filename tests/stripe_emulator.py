@@ -152,30 +152,34 @@ async def create_payment_method(base_url: str, card_number: str = VISA) -> dict[
 async def create_manual_capture_intent(
     base_url: str,
     *,
-    cart_id: str,
+    cart_id: str | None,
     amount: int = 2000,
     currency: str = "eur",
     payment_method: str | None = None,
+    capture_method: str = "manual",
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A confirmed PaymentIntent with capture_method=manual, amount in the smallest unit.
+    """A confirmed PaymentIntent, amount in the smallest unit, `metadata[cart_id]` unless
+    `cart_id` is None (another integration's payment: `metadata` alone).
 
-    With the default card it ends `requires_capture`: authorised, waiting for a capture
-    or a cancel. A new Visa PaymentMethod is made unless `payment_method` is given.
+    With the default card a manual capture ends `requires_capture` (authorised, waiting
+    for a capture or a cancel) and `capture_method="automatic"` ends `succeeded`. A new
+    Visa PaymentMethod is made unless `payment_method` is given.
     """
     if payment_method is None:
         payment_method = (await create_payment_method(base_url))["id"]
-    return await _call(
-        "POST",
-        f"{base_url}/v1/payment_intents",
-        {
-            "amount": str(amount),
-            "currency": currency,
-            "capture_method": "manual",
-            "confirm": "true",
-            "payment_method": payment_method,
-            "metadata[cart_id]": cart_id,
-        },
-    )
+    form = {
+        "amount": str(amount),
+        "currency": currency,
+        "capture_method": capture_method,
+        "confirm": "true",
+        "payment_method": payment_method,
+    }
+    tags = dict(metadata or {})
+    if cart_id is not None:
+        tags["cart_id"] = cart_id
+    form.update({f"metadata[{key}]": value for key, value in tags.items()})
+    return await _call("POST", f"{base_url}/v1/payment_intents", form)
 
 
 async def retrieve_intent(base_url: str, intent_id: str) -> dict[str, Any]:

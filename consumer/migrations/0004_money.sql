@@ -43,6 +43,10 @@ FROM (
 CREATE UNIQUE INDEX orders_one_live_order_per_cart_idx
     ON orders (cart_id) WHERE holds_cart AND status <> 'canceled';
 
+-- What intentflow_consumer_refunds_owed and reconcile read: the orders that cannot be filled.
+CREATE INDEX orders_unfillable_idx
+    ON orders (payment_intent_id) WHERE allocation IN ('out_of_stock', 'duplicate');
+
 -- What intentflow_consumer_captures_due_soon counts: placed orders by deadline.
 CREATE INDEX orders_capture_before_idx
     ON orders (capture_before) WHERE status = 'placed' AND capture_before IS NOT NULL;

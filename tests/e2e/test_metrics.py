@@ -14,7 +14,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from intentflow.consumer import owed
 from intentflow.consumer.decisions import OrderStatus
+from intentflow.consumer.settings import ConsumerSettings
 from intentflow.devservices import Services
 from intentflow.loadtest import delivery, readback
 from intentflow.loadtest.stack import Stack, StackOptions
@@ -82,6 +84,19 @@ async def test_bridge_and_consumer_metrics_move_by_what_a_replay_did(
                     " AND name <> 'order.updated' GROUP BY 1"
                 )
             }
+            # One held order's authorization about to lapse, and one refund owed: the
+            # gauges read them at scrape time.
+            await conn.execute(
+                "UPDATE orders SET capture_before = now() + interval '1 hour' WHERE id = ("
+                " SELECT min(o.id) FROM orders o JOIN payment_intents p"
+                " ON p.id = o.payment_intent_id"
+                " WHERE o.status = 'placed' AND p.status = 'requires_capture')"
+            )
+            await conn.execute(
+                "UPDATE outbox SET state = 'failed', outcome = 'owed', done_at = now()"
+                " WHERE id = (SELECT min(id) FROM outbox WHERE name = 'refund_payment_intent')"
+            )
+            money = await owed.read(conn, ConsumerSettings().capture_warning_s)
         finally:
             await conn.close()
         consumer_url = f"http://127.0.0.1:{stack.consumer_ports[0]}"
@@ -125,6 +140,9 @@ async def test_bridge_and_consumer_metrics_move_by_what_a_replay_did(
     lag = labelled(consumer, "intentflow_consumer_lag_records", "partition")
     assert lag and set(lag.values()) == {0.0}  # caught up, on every partition it owns
     assert value(consumer, "intentflow_consumer_last_commit_timestamp_seconds") > tally.started
+    assert money == owed.Owed(refunds=1, captures_due_soon=1)
+    assert value(consumer, "intentflow_consumer_refunds_owed") == money.refunds
+    assert value(consumer, "intentflow_consumer_captures_due_soon") == money.captures_due_soon
 
     # Both: the build, and the process defaults.
     for samples, service in ((bridge, "stripe-bridge"), (consumer, "order-consumer")):

@@ -7,6 +7,7 @@ they are still there if a migration drops or loosens one (DESIGN.md, invariants
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 import asyncpg
@@ -15,6 +16,8 @@ import pytest
 import intentflow.consumer.orders
 from intentflow.consumer.allocation import Cart, OrderPlan
 from intentflow.consumer.decisions import Allocation, OrderStatus, PlaceOrder
+from intentflow.consumer.errors import Fault, cause, classify
+from intentflow.consumer.orders import ConcurrentCartOrder
 from intentflow.consumer.store import apply_batch
 from intentflow.stripekit import events
 from tests.integration.store_support import envelope
@@ -117,6 +120,52 @@ async def test_a_second_order_for_one_payment_intent_is_refused(db: asyncpg.Conn
     assert "(payment_intent_id)=(pi_1)" in (refused.value.detail or "")
     await insert_order(db, "pi_2")  # another intent is another order
     assert await db.fetchval("SELECT count(*) FROM orders") == 2
+
+
+# One live order per cart (issue 17): allocation makes a second payment a duplicate;
+# behind it, the unique index refuses a second live order, and a batch that meets
+# one placed concurrently is retried, not dead-lettered.
+
+
+async def test_a_second_live_order_for_one_cart_is_refused(db: asyncpg.Connection) -> None:
+    live = (
+        "INSERT INTO orders (payment_intent_id, cart_id, status, allocation, amount, currency,"
+        " holds_cart) VALUES ($1, 'cart-1', $2, 'placed', 100, 'usd', true)"
+    )
+    await db.execute(live, "pi_1", "placed")
+    with pytest.raises(asyncpg.UniqueViolationError) as refused:
+        await db.execute(live, "pi_2", "placed")
+    assert refused.value.constraint_name == "orders_one_live_order_per_cart_idx"
+    # Once the first is canceled, the cart is free for a new payment.
+    await db.execute("UPDATE orders SET status = 'canceled' WHERE payment_intent_id = 'pi_1'")
+    await db.execute(live, "pi_2", "placed")
+
+
+async def test_a_cart_placed_by_another_batch_meanwhile_is_a_retriable_conflict(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    """Two consumers, two partitions, one cart: the batch that finds the other's order
+    committed under its feet waits, fails as the environment's (never dead-lettered),
+    and its retry makes its order the duplicate."""
+    await seed_stock(db, {"sku-a": 5})
+    total = await seed_cart(db, "cart-1", [("sku-a", 1, 100)])
+    first = envelope(events.intent_event("pi_1", amount=total, cart_id="cart-1"))
+    second = envelope(events.intent_event("pi_2", amount=total, cart_id="cart-1"))
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await apply_batch(other, [first])  # its own transaction, nested: still open
+            racing = asyncio.create_task(apply_batch(db, [second]))
+            await asyncio.sleep(0.3)  # it found no holder, and now waits on the index
+            assert not racing.done()
+        with pytest.raises(ConcurrentCartOrder) as lost:
+            await racing
+    finally:
+        await other.close()
+    assert (classify(lost.value), cause(lost.value)) == (Fault.ENVIRONMENT, "conflict")
+    await apply_batch(db, [second])  # the retry
+    assert (await snapshot(db)).orders == {"pi_1": "placed", "pi_2": "duplicate"}
+    assert await db.fetchval("SELECT stocked_quantity FROM inventory_levels") == 4
 
 
 # Invariant 2: one effect per Stripe event (the inbox).

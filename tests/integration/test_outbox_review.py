@@ -105,7 +105,7 @@ async def test_a_stripe_slower_than_the_idle_in_transaction_timeout_is_not_calle
     A claim keeps its transaction open while Stripe answers; PostgreSQL ends a session
     idle in a transaction after its limit, and the answer would be lost with it, the
     row never marked, and Stripe called again and again. The relay's own pool allows
-    twice STRIPE_TIMEOUT_S and more (consumer/bootstrap.py `build_relay`). Found by the
+    four times STRIPE_TIMEOUT_S and more (consumer/bootstrap.py `build_relay`). Found by the
     review: the worker's limit (2 x DB_STATEMENT_TIMEOUT_MS) applied to the relay."""
     await seed_stock(shop.db, {SKU: 0})
     pid = (await authorize(shop, quantity=1)).payment_intent_id

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from intentflow.consumer import prune, reconcile
+from intentflow.consumer.policy import CapturePolicy, ShopPolicy
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import apply_batch
 from intentflow.devservices import Services
@@ -174,11 +175,38 @@ BREAKAGES: dict[str, list[str]] = {
         # A refund the intent never saw (or one the order missed).
         "UPDATE orders SET amount_refunded = 100 WHERE payment_intent_id = 'pi_0'",
     ],
+    "one_live_order_per_cart": [
+        # A second live order for pi_0's cart, past the index that refuses it.
+        "DROP INDEX orders_one_live_order_per_cart_idx",
+        """INSERT INTO orders (payment_intent_id, cart_id, status, allocation, amount, currency,
+                               holds_cart)
+           SELECT 'pi_again', cart_id, 'placed', 'placed', amount, currency, true
+           FROM orders WHERE payment_intent_id = 'pi_0'""",
+    ],
+    "only_the_shops_payments_are_orders": [
+        # An order for an intent that names no cart (a subscription's, another system's).
+        """INSERT INTO orders (payment_intent_id, cart_id, status, allocation, status_reason,
+                               amount, currency)
+           VALUES ('pi_invoice', NULL, 'needs_review', 'needs_review', 'no_cart_id', 900, 'usd')""",
+    ],
     "held_money_of_unfillable_order_released": [
         # The cancel that the out_of_stock order's batch asked for, lost.
         "DELETE FROM outbox WHERE kind = 'stripe_action' AND payment_intent_id = 'pi_2'",
     ],
+    "captured_money_of_unfillable_order_returned": [
+        # The out_of_stock order's money captured (the shop, from its dashboard), and the
+        # refund that the batch that learned it would have asked for, missing.
+        "UPDATE payment_intents SET status = 'succeeded', amount_received = 900 WHERE id = 'pi_2'",
+        "UPDATE orders SET amount_captured = 900 WHERE payment_intent_id = 'pi_2'",
+        "DELETE FROM outbox WHERE kind = 'stripe_action' AND payment_intent_id = 'pi_2'",
+    ],
+    "placed_order_capture_asked": [
+        # Nothing to break: pi_0 was placed by a member on CAPTURE_POLICY=never, and the
+        # check runs under on_placed (a rolling change of the policy).
+    ],
 }
+# The policy each check runs under in `test_each_check_reports_the_breakage_it_exists_for`.
+POLICY = {"placed_order_capture_asked": ShopPolicy(CapturePolicy.ON_PLACED)}
 
 
 def test_every_check_has_a_breakage_below() -> None:
@@ -195,7 +223,7 @@ async def test_each_check_reports_the_breakage_it_exists_for(
         for statement in BREAKAGES[name]:
             await db.execute(statement)
 
-    report = await reconcile.check(db)
+    report = await reconcile.check(db, POLICY.get(name, ShopPolicy()))
 
     assert not report.ok
     assert report.failed()[name].violations == 1

@@ -3,8 +3,8 @@
 What localstripe cannot show (it keeps no idempotency keys and ignores
 `Stripe-Account`): a 5xx saved under its key and replayed for ever, an answer lost
 after Stripe acted, a relay killed mid-call, refunds made by others or by us, and
-connected accounts. Orders are made as the consumer makes them (`apply`); a refund
-row is asked for as the relay asks for it (`outbox.ask_refunds`). Each test checks
+connected accounts. Orders are made as the consumer makes them (`apply`), which
+asks for the refund of a captured one, or the cancel of a held one. Each test checks
 the outbox row, the requests the fake recorded, and the intent and refunds it holds.
 """
 
@@ -21,7 +21,7 @@ import pytest
 import structlog
 
 from intentflow.consumer.bootstrap import build_relay
-from intentflow.consumer.outbox import Action, ask_refunds
+from intentflow.consumer.outbox import Action
 from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.relay import RelayStats
 from intentflow.consumer.settings import ConsumerSettings
@@ -85,17 +85,29 @@ async def unfillable(
     pid = m.stripe.add_intent(amount=AMOUNT, status=status, account=account)
     cart = f"cart-{pid}"
     await seed_cart(m.db, cart, [(SKU, 1, AMOUNT)])
-    await apply(m.db, events.intent_event(pid, amount=AMOUNT, cart_id=cart, status=status))
-    # What the consumer records from the event's `account`, set here whatever it does.
-    await m.db.execute("UPDATE payment_intents SET account = $2 WHERE id = $1", pid, account)
+    evt = events.intent_event(pid, amount=AMOUNT, cart_id=cart, status=status)
+    if account is not None:
+        evt["account"] = account  # as Stripe sends a connected account's events
+    await apply(m.db, evt, policy=refund_policy or ShopPolicy())
+    assert await m.db.fetchval("SELECT account FROM orders WHERE payment_intent_id = $1", pid) == (
+        account
+    )
     # The order events are the events loop's: published, so that no broker is needed.
     await m.db.execute(
         "UPDATE outbox SET state = 'done', outcome = 'published', done_at = now()"
         " WHERE kind = 'order_event'"
     )
     order_id = await m.db.fetchval("SELECT id FROM orders WHERE payment_intent_id = $1", pid)
-    if status == "succeeded":
-        await ask_refunds(m.db, [order_id], refund_policy or ShopPolicy())
+    # The consumer asked for what the order is owed: a cancel while held, a refund once taken.
+    asked = await m.db.fetchval(
+        "SELECT name FROM outbox WHERE kind = 'stripe_action' AND payment_intent_id = $1", pid
+    )
+    assert (
+        asked
+        == {"requires_capture": "cancel_payment_intent", "succeeded": "refund_payment_intent"}[
+            status
+        ]
+    )
     return Order(pid, order_id)
 
 

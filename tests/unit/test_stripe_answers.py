@@ -2,7 +2,7 @@
 
 consumer/stripe_answers.py (`classify`, on errors built as the `stripe` library builds
 them: stripe/_api_requestor.py, `specific_v1_api_error`, and its HTTP clients'
-`_handle_request_error`), consumer/stripe_actions.py (`ACTIONS`, `spec_of`, `Facts`),
+`_handle_request_error`), consumer/stripe_actions.py (`ACTIONS`, `spec_of`, `IntentMoney`),
 consumer/claims.py (`generation_key`) and consumer/relay.py (`_perform`,
 `_action_mark`, `_actions_handled`, on a relay that is never started and a ten-line fake
 of the Stripe API). Against a Stripe server: tests/integration/test_stripe_answers.py.
@@ -19,7 +19,7 @@ from intentflow.consumer.claims import Claimed, Mark, generation_key
 from intentflow.consumer.outbox import OWED_CODE, OWED_MESSAGE, Action, Kind
 from intentflow.consumer.relay import Relay
 from intentflow.consumer.settings import ConsumerSettings
-from intentflow.consumer.stripe_actions import ACTIONS, Attempt, Facts, UnknownAction, spec_of
+from intentflow.consumer.stripe_actions import ACTIONS, Attempt, IntentMoney, UnknownAction, spec_of
 from intentflow.consumer.stripe_answers import Answer, Outcome, classify
 
 
@@ -173,7 +173,7 @@ def test_an_action_no_record_knows_fails_loudly_in_one_line(name: str) -> None:
     )
 
 
-def answer_of(action: Action, facts: Facts) -> tuple[str, str | None] | None:
+def answer_of(action: Action, facts: IntentMoney) -> tuple[str, str | None] | None:
     answer = ACTIONS[action].settled(facts)
     return None if answer is None else (str(answer.outcome), answer.code)
 
@@ -195,7 +195,7 @@ def answer_of(action: Action, facts: Facts) -> tuple[str, str | None] | None:
 def test_what_the_webhooks_already_settle_without_a_call(
     action: Action, status: str | None, expected: tuple[str, str | None] | None
 ) -> None:
-    assert answer_of(action, Facts.from_webhooks(status, 0, 0)) == expected
+    assert answer_of(action, IntentMoney.from_webhooks(status, 0, 0)) == expected
 
 
 @pytest.mark.parametrize(
@@ -210,7 +210,7 @@ def test_what_the_webhooks_already_settle_without_a_call(
 def test_a_refund_the_webhooks_show_complete_needs_no_call(
     captured: int, refunded: int, expected: tuple[str, str | None] | None
 ) -> None:
-    assert answer_of(Action.REFUND, Facts.from_webhooks("succeeded", captured, refunded)) == (
+    assert answer_of(Action.REFUND, IntentMoney.from_webhooks("succeeded", captured, refunded)) == (
         expected
     )
 
@@ -218,18 +218,18 @@ def test_a_refund_the_webhooks_show_complete_needs_no_call(
 @pytest.mark.parametrize(
     ("facts", "expected"),
     [
-        (Facts("succeeded", 2500, 0, read=True), None),
-        (Facts("succeeded", 2500, 1000, read=True), None),
-        (Facts("succeeded", 2500, 2500, read=True), ("already_done", None)),
-        (Facts("succeeded", 2500, 100, ours="re_1", read=True), ("already_done", None)),
-        (Facts("succeeded", 2500, 0, ours_failed=True, read=True), None),
-        (Facts("requires_capture", 0, 0, read=True), ("not_needed", None)),
-        (Facts("canceled", 0, 0, read=True), ("not_needed", None)),
+        (IntentMoney("succeeded", 2500, 0, read=True), None),
+        (IntentMoney("succeeded", 2500, 1000, read=True), None),
+        (IntentMoney("succeeded", 2500, 2500, read=True), ("already_done", None)),
+        (IntentMoney("succeeded", 2500, 100, ours="re_1", read=True), ("already_done", None)),
+        (IntentMoney("succeeded", 2500, 0, ours_failed=True, read=True), None),
+        (IntentMoney("requires_capture", 0, 0, read=True), ("not_needed", None)),
+        (IntentMoney("canceled", 0, 0, read=True), ("not_needed", None)),
     ],
     ids=["none", "part", "all", "ours", "ours-failed", "uncaptured", "canceled"],
 )
 def test_what_stripes_read_of_the_refunds_settles(
-    facts: Facts, expected: tuple[str, str | None] | None
+    facts: IntentMoney, expected: tuple[str, str | None] | None
 ) -> None:
     assert answer_of(Action.REFUND, facts) == expected
 

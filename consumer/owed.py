@@ -1,0 +1,58 @@
+"""Money that needs a person now: refunds owed, and authorizations about to lapse.
+
+Read from the database at scrape time (consumer/worker.py, `exposition`) into
+the gauges `intentflow_consumer_refunds_owed` and `..._captures_due_soon`
+(consumer/metrics.py); `CAPTURED_NOT_RETURNED` is also `reconcile`'s check
+`captured_money_of_unfillable_order_returned`. Each query reads a partial index
+(`orders_unfillable_idx`, `orders_capture_before_idx`), not the orders table.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from intentflow.consumer.allocation import UNFILLABLE
+from intentflow.consumer.connections import Connection
+from intentflow.consumer.decisions import DISPUTE_SETTLED_FOR_US
+
+
+def sql_list(values: frozenset[str]) -> str:
+    """Constant strings of ours (never input) as an SQL list, in a stable order."""
+    return ", ".join(f"'{v}'" for v in sorted(values))
+
+
+# Orders that cannot be filled whose captured money is neither refunded nor on its way
+# back: no refund asked, or its row refused or owed (REFUND_UNFILLABLE=false). A
+# dispute that holds the money is its own way back (Stripe refuses to refund it).
+CAPTURED_NOT_RETURNED = f"""
+    SELECT o.id AS order_id, o.payment_intent_id, o.allocation, o.amount_captured,
+           o.amount_refunded, coalesce(x.outcome, x.state, 'never asked') AS refund
+    FROM orders o JOIN payment_intents p ON p.id = o.payment_intent_id
+    LEFT JOIN outbox x ON x.kind = 'stripe_action' AND x.name = 'refund_payment_intent'
+                      AND x.payment_intent_id = o.payment_intent_id
+    WHERE o.allocation IN ({sql_list(UNFILLABLE)}) AND p.status = 'succeeded'
+      AND o.amount_captured > o.amount_refunded
+      AND (o.dispute_status IS NULL OR o.dispute_status IN ({sql_list(DISPUTE_SETTLED_FOR_US)}))
+      AND (x.id IS NULL OR x.state = 'failed')
+    ORDER BY o.id
+"""
+
+# Placed orders whose authorization Stripe lets lapse within $1 seconds and that are
+# still uncaptured (a lapsed one is canceled by Stripe: the order with it).
+CAPTURES_DUE_SOON = """
+    SELECT count(*) FROM orders o JOIN payment_intents p ON p.id = o.payment_intent_id
+    WHERE o.status = 'placed' AND o.capture_before IS NOT NULL
+      AND o.capture_before < now() + make_interval(secs => $1)
+      AND p.status = 'requires_capture'
+"""
+
+
+class Owed(NamedTuple):
+    refunds: int
+    captures_due_soon: int
+
+
+async def read(conn: Connection, capture_warning_s: float) -> Owed:
+    refunds = await conn.fetchval(f"SELECT count(*) FROM ({CAPTURED_NOT_RETURNED}) owed")
+    due = await conn.fetchval(CAPTURES_DUE_SOON, capture_warning_s)
+    return Owed(int(refunds), int(due))

@@ -48,9 +48,7 @@ OPERATOR_HINTS = {
 
 
 # Rows (alias {}) written since schema version 4, when the rules of issue 17 began.
-_SINCE_VERSION_4 = (
-    "{}.created_at >= (SELECT applied_at FROM schema_migrations WHERE version = 4)"
-)
+_SINCE_VERSION_4 = "{}.created_at >= (SELECT applied_at FROM schema_migrations WHERE version = 4)"
 
 # Each query returns one row per violation; its columns are what an example shows.
 # A query may read the capture policy of the command's settings as $1.

@@ -1,4 +1,6 @@
-"""The parts of Stripe's Event, PaymentIntent and Charge objects that intentflow reads.
+"""The parts of Stripe's objects that intentflow reads: the event, the payment intent, its
+charges, refunds and disputes, the Checkout Session that made it, and Radar's review and
+early fraud warning about it.
 
 Stripe adds fields to its objects without notice, so every model ignores what it
 does not know instead of rejecting it. Models are frozen value types.
@@ -111,8 +113,82 @@ class Refund(_StripeModel):
         return "" if value is None else value
 
 
+class TotalDetails(_StripeModel):
+    amount_discount: Amount = 0
+    amount_shipping: Amount = 0
+    amount_tax: Amount = 0
+
+
+class CurrencyConversion(_StripeModel):
+    """Adaptive Pricing: the session's amounts are in the buyer's currency; these are in
+    the shop's (`source_currency`), where its cart is (stripe-python
+    `checkout.Session.CurrencyConversion`)."""
+
+    amount_subtotal: Amount
+    amount_total: Amount
+    source_currency: Annotated[str, Field(max_length=16)]
+
+
+class CheckoutSession(_StripeModel):
+    """A Checkout Session (`checkout.session.*`; Payment Links make them too). The shop's
+    cart rides on it (`metadata`, `client_reference_id`) and it names its intent."""
+
+    object: Literal["checkout.session"]
+    id: StripeId
+    mode: Annotated[str, Field(max_length=32)] = "payment"  # payment, setup or subscription
+    payment_intent: StripeId | None = None  # none for a session that expired unpaid
+    client_reference_id: Annotated[str, Field(max_length=200)] | None = None
+    metadata: dict[str, str] = {}
+    amount_subtotal: Amount | None = None  # the items, before discounts, shipping and tax
+    amount_total: Amount | None = None  # what the buyer was asked to pay
+    currency: Annotated[str, Field(max_length=16)] | None = None
+    total_details: TotalDetails | None = None
+    currency_conversion: CurrencyConversion | None = None
+    payment_status: Annotated[str, Field(max_length=32)] = "unpaid"  # paid, unpaid, ...
+    status: Annotated[str, Field(max_length=32)] | None = None  # open, complete, expired
+
+    def cart(self, key: str) -> str | None:
+        """The shop's cart: the session's metadata under `key`, else its client_reference_id."""
+        return self.metadata.get(key) or self.client_reference_id or None
+
+
+class Review(_StripeModel):
+    """A Radar review (`review.opened`, `review.closed`) of a payment."""
+
+    object: Literal["review"]
+    id: StripeId
+    payment_intent: StripeId | None = None
+    charge: StripeId | None = None
+    open: bool = False
+    reason: Annotated[str, Field(max_length=64)] = ""
+    closed_reason: Annotated[str, Field(max_length=64)] | None = None
+
+
+class EarlyFraudWarning(_StripeModel):
+    """A card issuer's early fraud warning (`radar.early_fraud_warning.*`)."""
+
+    object: Literal["radar.early_fraud_warning"]
+    id: StripeId
+    payment_intent: StripeId | None = None
+    charge: StripeId | None = None
+    actionable: bool = True
+    fraud_type: Annotated[str, Field(max_length=64)] = ""
+
+
 # The object kinds that have a model of their own.
-MODELLED_OBJECTS = frozenset({"payment_intent", "charge", "dispute", "refund"})
+MODELLED_OBJECTS = frozenset(
+    {
+        "payment_intent",
+        "charge",
+        "dispute",
+        "refund",
+        "checkout.session",
+        "review",
+        "radar.early_fraud_warning",
+    }
+)
+# Models whose object names its payment intent in `payment_intent`.
+_NAMES_ITS_INTENT = (Charge, Dispute, Refund, CheckoutSession, Review, EarlyFraudWarning)
 
 
 class OtherObject(_StripeModel):
@@ -134,7 +210,15 @@ class OtherObject(_StripeModel):
 # (A callable discriminator would make pydantic build the whole object as Python
 # data first, which doubled the consumer's decoding time.)
 StripeObject = Annotated[
-    PaymentIntent | Charge | Dispute | Refund | OtherObject, Field(union_mode="left_to_right")
+    PaymentIntent
+    | Charge
+    | Dispute
+    | Refund
+    | CheckoutSession
+    | Review
+    | EarlyFraudWarning
+    | OtherObject,
+    Field(union_mode="left_to_right"),
 ]
 
 
@@ -160,6 +244,6 @@ class StripeEvent(_StripeModel):
         # ABC check, and this runs several times per event on the consumer's hot path.
         if type(obj) is PaymentIntent:
             return obj.id
-        if type(obj) is Charge or type(obj) is Dispute or type(obj) is Refund:
-            return obj.payment_intent
+        if type(obj) in _NAMES_ITS_INTENT:
+            return obj.payment_intent  # type: ignore[union-attr]
         return None

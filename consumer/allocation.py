@@ -4,8 +4,10 @@ Pure code: no I/O. Orders are allocated in the order given (the store gives them
 in the order their payments were authorized: first paid, first served); an
 order whose summed demand per SKU does not fit the stock left gets
 `out_of_stock` and takes nothing (invariant 3). Two lines of one SKU are one
-demand. An order is trusted as paid for only when its cart exists, matches the
-intent's amount and currency, and the authorization covers it. A cart has one
+demand. An order is trusted as paid for only when its cart exists and matches
+the order's terms (consumer/facts.py: the Checkout Session's subtotal, else the
+intent's amount, in the cart's currency), and what is held covers what the
+buyer was asked to pay. A cart has one
 live (`placed` or `needs_review`) order: a second payment for it is a
 `duplicate`, checked first, and takes nothing.
 """
@@ -16,7 +18,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from intentflow.consumer.decisions import Allocation, PlaceOrder
+from intentflow.consumer.decisions import Allocation, PlaceOrder, ReviewOrder
+from intentflow.consumer.facts import Terms
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,34 +49,38 @@ class Cart:
 
 @dataclass(frozen=True, slots=True)
 class OrderPlan:
-    request: PlaceOrder
+    request: Request
     cart: Cart | None
     status: Allocation
     reason: str | None
     taken: Mapping[str, int]  # units taken from stock per SKU; empty unless placed
 
 
-def review_reason(request: PlaceOrder, cart: Cart | None) -> str | None:
+def review_reason(terms: Terms, cart: Cart | None) -> str | None:
     """Why an order cannot be trusted as paid for, or None when it can."""
     if cart is None:
         return "cart_missing"
     if not cart.lines:
         return "cart_empty"
-    if cart.currency.lower() != request.currency.lower():
+    if cart.currency.lower() != terms.cart_currency.lower():
         return "currency_mismatch"
-    if cart.total != request.amount:
+    if cart.total != terms.cart_amount:
         return "amount_mismatch"
-    if request.amount_authorized < cart.total:
+    if terms.authorized < terms.amount:
         return "authorization_short"  # a partial authorization
     return None
 
 
-def skus_wanted(requests: Iterable[PlaceOrder], carts: Mapping[str, Cart]) -> list[str]:
+# A new order, or one waiting in needs_review decided again on new terms.
+Request = PlaceOrder | ReviewOrder
+
+
+def skus_wanted(requests: Iterable[Request], carts: Mapping[str, Cart]) -> list[str]:
     """Every SKU the orders may take stock of, sorted: the global lock order (invariant 8)."""
     skus: set[str] = set()
     for request in requests:
         cart = carts.get(request.cart_id)
-        if cart is not None and review_reason(request, cart) is None:
+        if cart is not None and review_reason(request.terms, cart) is None:
             skus.update(line.sku for line in cart.lines)
     return sorted(skus)
 
@@ -85,7 +92,7 @@ UNFILLABLE = frozenset({Allocation.OUT_OF_STOCK, Allocation.DUPLICATE})
 
 
 def allocate(
-    requests: Iterable[PlaceOrder],
+    requests: Iterable[Request],
     carts: Mapping[str, Cart],
     stock: Mapping[str, int],
     holders: Mapping[str, str] | None = None,
@@ -95,7 +102,8 @@ def allocate(
     A SKU missing from `stock` has none. `holders` names, per cart, the payment
     intent whose live order holds it already: an order for a held cart is a
     `duplicate` (no stock; its money goes back), and the first live order
-    planned for a cart holds it for the orders after it.
+    planned for a cart holds it for the orders after it (an order decided again
+    holds its own cart already).
     """
     left = dict(stock)
     held = dict(holders or {})
@@ -103,7 +111,7 @@ def allocate(
     for request in requests:
         cart = carts.get(request.cart_id)
         holder = held.get(request.cart_id)
-        if holder is not None:
+        if holder is not None and holder != request.payment_intent_id:
             reason = f"duplicate_of:{holder}"
             plans.append(OrderPlan(request, cart, Allocation.DUPLICATE, reason, {}))
             continue
@@ -114,9 +122,9 @@ def allocate(
     return plans, left
 
 
-def _plan(request: PlaceOrder, cart: Cart | None, left: dict[str, int]) -> OrderPlan:
+def _plan(request: Request, cart: Cart | None, left: dict[str, int]) -> OrderPlan:
     """Check one order against its cart, then give it stock from `left` (changed in place)."""
-    reason = review_reason(request, cart)
+    reason = review_reason(request.terms, cart)
     if reason is not None:
         return OrderPlan(request, cart, Allocation.NEEDS_REVIEW, reason, {})
     assert cart is not None

@@ -4,17 +4,17 @@ The fold (consumer/fold.py) turns one intent's events into a new `IntentState`
 and a list of decisions; the store (consumer/store.py) applies each kind of
 decision with one set-based writer per batch. An order's status is never
 stored as a choice of its own: it is derived by `order_status` from what
-allocation decided when the order was created and from the intent's facts, so
-the same facts give the same status whatever order they arrived in.
+allocation decided and from the intent's facts (consumer/facts.py), so the same
+facts give the same status whatever order they arrived in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from types import MappingProxyType
 from typing import NamedTuple
+
+from intentflow.consumer.facts import Facts, Terms
 
 
 class OrderStatus(StrEnum):
@@ -28,90 +28,15 @@ class OrderStatus(StrEnum):
 
 
 class Allocation(StrEnum):
-    """What allocation decided when the order was created; never changes afterwards."""
+    """What allocation decided: when the order was created, or when an order waiting in
+    needs_review was decided again on new terms (`ReviewOrder`); a decided order
+    (placed, out_of_stock, duplicate, skipped) never changes it again."""
 
     PLACED = "placed"
     OUT_OF_STOCK = "out_of_stock"
     NEEDS_REVIEW = "needs_review"
     DUPLICATE = "duplicate"  # the cart already had a live order of another intent
     SKIPPED = "skipped"  # the intent was already canceled: no stock was asked for
-
-
-# A dispute in one of these statuses no longer holds the money against us.
-DISPUTE_SETTLED_FOR_US = frozenset({"won", "warning_closed", "prevented", "charge_refunded"})
-
-
-@dataclass(frozen=True, slots=True)
-class Dispute:
-    id: str
-    status: str
-    amount: int
-    reason: str
-    created: int  # the event's, for ordering snapshots
-
-    @property
-    def against_us(self) -> bool:
-        return self.status not in DISPUTE_SETTLED_FOR_US
-
-
-@dataclass(frozen=True, slots=True)
-class RefundSnapshot:
-    amount: int
-    status: str
-    created: int
-
-
-_NO_REFUNDS: Mapping[str, RefundSnapshot] = MappingProxyType({})
-
-# Refund statuses whose money is on its way back, or back; `failed` and `canceled` are not
-# (Stripe's refund object: https://docs.stripe.com/api/refunds/object#refund_object-status).
-REFUND_COUNTS = frozenset({"pending", "requires_action", "succeeded"})
-
-
-class Facts(NamedTuple):
-    """What is known of one intent, merged from every event seen in any order.
-
-    A NamedTuple, like the other values built per event or per intent on the hot
-    path (`PlaceOrder`, `consumer.fold.IntentState`): a frozen dataclass costs
-    about 3 µs to build here and a NamedTuple under 1; the fold built three per
-    intent and fell 17 % behind the code before it in the consumer bench.
-    """
-
-    status: str | None = None
-    # The key of the event that set `status`: (created, step, event id); the
-    # status's tier leads the key (consumer/lifecycle.py).
-    status_created: int | None = None
-    status_step: int | None = None
-    status_event_id: str | None = None
-    cancellation_reason: str | None = None
-    charge_amount_refunded: int = 0
-    charge_refunded: bool = False
-    refunds: Mapping[str, RefundSnapshot] = _NO_REFUNDS
-    dispute: Dispute | None = None
-    # Connect: the account the intent lives on (the events' `account`); None: the platform's.
-    account: str | None = None
-    # The most Stripe says it captured: the intent's `amount_received`, a charge's
-    # `amount_captured`. What a refund of an order that cannot be filled returns.
-    amount_received: int = 0
-    # When an uncaptured authorization lapses (the charge's capture_before, Unix time).
-    capture_before: int | None = None
-
-    @property
-    def canceled(self) -> bool:
-        return self.status == "canceled"
-
-    @property
-    def amount_refunded(self) -> int:
-        counted = sum(r.amount for r in self.refunds.values() if r.status in REFUND_COUNTS)
-        return max(self.charge_amount_refunded, counted)
-
-    def refunded_in_full(self, order_amount: int) -> bool:
-        return self.charge_refunded or (0 < order_amount <= self.amount_refunded)
-
-    @property
-    def disputed(self) -> bool:
-        """A dispute holds the money against us (Stripe refuses to refund a disputed charge)."""
-        return self.dispute is not None and self.dispute.against_us
 
 
 def order_status(allocation: Allocation, facts: Facts, order_amount: int) -> OrderStatus:
@@ -129,20 +54,36 @@ def order_status(allocation: Allocation, facts: Facts, order_amount: int) -> Ord
 
 
 class PlaceOrder(NamedTuple):
-    """Create the intent's one order from its first authorization.
+    """Create the intent's one order, on the terms its facts give (consumer/facts.py).
 
     Allocated in `paid_key` order within a batch (first paid, first served);
     created `skipped` (and so canceled) when the intent's facts say it is canceled.
     """
 
     payment_intent_id: str
-    cart_id: str  # under CART_METADATA_KEY: an intent that names none makes no order
-    amount: int
-    currency: str
-    amount_authorized: int
-    event_id: str
-    # (event created, received-at ms, partition, offset) of the authorization.
+    terms: Terms
+    event_id: str  # the batch's event that made the order possible (its source)
+    # (when the money was first held or received, then where the intent's first event
+    # of the batch arrived: received-at ms, partition, offset).
     paid_key: tuple[int, int, int, int]
+
+    @property
+    def cart_id(self) -> str:
+        return self.terms.cart_id
+
+
+class ReviewOrder(NamedTuple):
+    """An order waiting in needs_review whose terms changed (a session's subtotal, an
+    increment of the authorization): decided again, in the batch's first-paid order."""
+
+    payment_intent_id: str
+    terms: Terms
+    event_id: str
+    paid_key: tuple[int, int, int, int]
+
+    @property
+    def cart_id(self) -> str:
+        return self.terms.cart_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +118,19 @@ class RecordDispute:
 
 @dataclass(frozen=True, slots=True)
 class RecordPayment:
-    """The intent's Stripe status changed otherwise than to canceled (a capture, mostly):
-    nothing of the order's own changes, but its readers learn where the money is."""
+    """The intent's Stripe status changed otherwise than to canceled (a capture, mostly),
+    or what the order shows of its money did (captured, its deadline, its terms, a
+    review or a fraud warning): copy it, and its readers learn it."""
 
     payment_intent_id: str
 
 
 Decision = (
-    PlaceOrder | CancelOrder | RecordCancellation | RecordRefund | RecordDispute | RecordPayment
+    PlaceOrder
+    | ReviewOrder
+    | CancelOrder
+    | RecordCancellation
+    | RecordRefund
+    | RecordDispute
+    | RecordPayment
 )

@@ -4,17 +4,23 @@ Pure code: no I/O. Each event is merged into the intent's `Facts` through the
 meanings table (consumer/lifecycle.py); the decisions then follow from what
 changed between the facts before the batch and after it:
 
-- the intent's first authorization that names the shop's cart creates its one
-  order (`PlaceOrder`); an intent that names none is not the shop's and makes
-  no order (`not_an_order`);
+- the intent's one order is made (`PlaceOrder`) in the batch whose events make
+  its terms known (consumer/facts.py, `terms`): its money held or received (an
+  authorization, a capture, a paid Checkout Session) and its cart named (the
+  intent's metadata under CART_METADATA_KEY, or its session's); an intent whose
+  money is held and that names no cart is not the shop's and makes no order
+  (its authorizations are `not_an_order`);
+- an order waiting in needs_review whose terms changed (the session's
+  subtotal arrived, the authorization was incremented) is decided again
+  (`ReviewOrder`);
 - an existing order whose intent became canceled gives its stock back
   (`CancelOrder`), once; a later change of the reason only is copied
   (`RecordCancellation`);
 - an existing order whose intent's refunds or dispute changed is brought up to
   date (`RecordRefund`, `RecordDispute`);
 - an existing order whose intent's Stripe status changed otherwise (a capture),
-  or what was captured or its deadline, is brought up to date and announced to
-  its readers (`RecordPayment`).
+  or what it shows of its money (captured, the deadline, its terms, a review,
+  a fraud warning), is brought up to date and announced (`RecordPayment`).
 
 An event that changes no fact is recorded as `stale`; one without a meaning
 here as `ignored`. Because facts merge the same way in any order, the final
@@ -30,18 +36,18 @@ from intentflow.consumer.decisions import (
     Allocation,
     CancelOrder,
     Decision,
-    Dispute,
-    Facts,
     OrderStatus,
     PlaceOrder,
     RecordCancellation,
     RecordDispute,
     RecordPayment,
     RecordRefund,
+    ReviewOrder,
 )
-from intentflow.consumer.lifecycle import EVENT_STEP, authorized_amount, meaning_of
+from intentflow.consumer.facts import Dispute, Facts, Terms, terms
+from intentflow.consumer.lifecycle import authorized_amount, meaning_of
 from intentflow.consumer.policy import DEFAULT_CART_KEY
-from intentflow.schemas import PaymentIntent, StripeEvent
+from intentflow.schemas import CheckoutSession, StripeEvent
 
 
 class Outcome(StrEnum):
@@ -75,7 +81,7 @@ class IntentState(NamedTuple):
 
 
 # Where an event arrived: (received-at ms, partition, offset). Ties between
-# authorizations of the same second are broken by it (first paid, first served).
+# payments made in the same second are broken by it (first paid, first served).
 Arrival = tuple[int, int, int]
 NO_ARRIVAL: Arrival = (0, 0, 0)
 
@@ -101,92 +107,87 @@ def fold_intent(
 ) -> IntentFold:
     """Merge `events` (one intent's, in Kafka order) into `state`; decide what follows.
 
-    The order comes from the earliest authorization that names a cart under
-    `cart_key`; an authorization of an intent with no order that names none is
-    `not_an_order`.
+    `cart_key` is the metadata key naming the shop's cart (CART_METADATA_KEY).
     """
     facts = state.facts
     outcomes: list[tuple[str, Outcome]] = []
-    first_auth: StripeEvent | None = None
-    held_most = 0
-    paid_key: tuple[int, int, int, int] | None = None
+    first_arrival: Arrival | None = None
+    # The batch's earliest authorizing event, by (created, arrival): where it was paid.
+    first_paid: tuple[int, Arrival] | None = None
+    source: str | None = None  # the batch's first event that changed the facts
     for i, event in enumerate(events):
         learn = meaning_of(event.type)
-        held = authorized_amount(event)
-        if learn is None and held is None:
+        if learn is None:
             outcomes.append((event.id, Outcome.IGNORED))
             continue
         before = facts
-        if learn is not None:
-            facts = learn(facts, event)
+        facts = learn(facts, event, cart_key)
         if event.account is not None and facts.account is None:
             facts = facts._replace(account=event.account)
-        if held is not None and state.order is None:
-            intent = event.data.object
-            assert type(intent) is PaymentIntent  # authorized_amount checked it
-            if intent.cart(cart_key) is None:
-                outcomes.append((event.id, Outcome.NOT_AN_ORDER))
-                continue
-            creates_order = first_auth is None
-            arrival = arrivals[i] if arrivals is not None else NO_ARRIVAL
-            key = (event.created, *arrival)
-            paid_key = key if paid_key is None else min(paid_key, key)
-            held_most = max(held_most, held)
-            # The order's cart and amount come from the earliest authorization, by
-            # the same key as the intent's status, not from whichever came first.
-            if first_auth is None or _auth_key(event) < _auth_key(first_auth):
-                first_auth = event
-        else:
-            creates_order = False
-        applied = creates_order or facts is not before
-        outcomes.append((event.id, Outcome.APPLIED if applied else Outcome.STALE))
-    decisions = _decide(state, facts, first_auth, held_most, paid_key, cart_key)
+        arrival = arrivals[i] if arrivals is not None else NO_ARRIVAL
+        first_arrival = arrival if first_arrival is None else min(first_arrival, arrival)
+        if _authorizes(event):
+            paid = (event.created, arrival)
+            first_paid = paid if first_paid is None else min(first_paid, paid)
+        changed = facts is not before
+        if changed and source is None:
+            source = event.id
+        outcomes.append((event.id, Outcome.APPLIED if changed else Outcome.STALE))
+    now = terms(facts)
+    if state.order is None and now is None and facts.paid:
+        # Money held or received, and no cart named: not the shop's payment.
+        outcomes = [
+            (eid, Outcome.NOT_AN_ORDER if _authorizes(e) else outcome)
+            for (eid, outcome), e in zip(outcomes, events, strict=True)
+        ]
+    # First paid, first served: when the money was first held or received, then where
+    # the batch's earliest authorizing event arrived (else the intent's first event of
+    # the batch: an order the session's cart completes).
+    where = first_paid[1] if first_paid is not None else first_arrival or NO_ARRIVAL
+    paid_key = (facts.paid_at or 0, *where)
+    decisions = _decide(state, facts, now, source or "", paid_key)
     new_state = IntentState(state.payment_intent_id, facts, state.order, state.exists)
-    changed = facts is not state.facts or any(o is Outcome.APPLIED for _, o in outcomes)
+    changed = facts is not state.facts
     return IntentFold(new_state, decisions, tuple(outcomes), changed)
 
 
-def _auth_key(event: StripeEvent) -> tuple[int, int, str]:
-    return (event.created, EVENT_STEP.get(event.type, 0), event.id)
+def _authorizes(event: StripeEvent) -> bool:
+    """An authorization or capture of the intent, or a paid Checkout Session."""
+    if authorized_amount(event) is not None:
+        return True
+    session = event.data.object
+    return type(session) is CheckoutSession and session.payment_status == "paid"
 
 
 def _decide(
     state: IntentState,
     facts: Facts,
-    first_auth: StripeEvent | None,
-    held_most: int,
-    paid_key: tuple[int, int, int, int] | None,
-    cart_key: str,
+    now: Terms | None,
+    source: str,
+    paid_key: tuple[int, int, int, int],
 ) -> tuple[Decision, ...]:
     pid = state.payment_intent_id
-    if state.order is None:
-        if first_auth is None or paid_key is None:
-            return ()
-        intent = first_auth.data.object
-        assert type(intent) is PaymentIntent  # authorized_amount checked it
-        cart_id = intent.cart(cart_key)
-        assert cart_id is not None  # fold_intent keeps only authorizations that name one
-        place = PlaceOrder(
-            payment_intent_id=pid,
-            cart_id=cart_id,
-            amount=intent.amount,
-            currency=intent.currency.lower(),
-            amount_authorized=held_most,
-            event_id=first_auth.id,
-            paid_key=paid_key,
-        )
-        return (place,)
+    order = state.order
+    if order is None:
+        return () if now is None else (PlaceOrder(pid, now, source, paid_key),)
     before = state.facts
     decisions: list[Decision] = []
     if facts.canceled and not before.canceled:
         decisions.append(CancelOrder(pid, facts.status_event_id or ""))
     elif facts.canceled and facts.cancellation_reason != before.cancellation_reason:
         decisions.append(RecordCancellation(pid))
-    elif facts.status != before.status or _payment(facts) != _payment(before):
+    elif facts.status != before.status or _shown_payment(facts) != _shown_payment(before):
         decisions.append(RecordPayment(pid))
-    if (facts.amount_refunded, facts.charge_refunded) != (
+    if (
+        order.allocation is Allocation.NEEDS_REVIEW
+        and not facts.canceled
+        and now is not None
+        and now != terms(before)
+    ):
+        decisions.append(ReviewOrder(pid, now, source, paid_key))
+    if (facts.amount_refunded, facts.refunded_in_full(order.amount)) != (
         before.amount_refunded,
-        before.charge_refunded,
+        before.refunded_in_full(order.amount),
     ):
         decisions.append(RecordRefund(pid))
     if _shown(facts.dispute) != _shown(before.dispute):
@@ -194,9 +195,18 @@ def _decide(
     return tuple(decisions)
 
 
-def _payment(facts: Facts) -> tuple[int, int | None]:
-    """What an order shows of where its money is besides the intent's status."""
-    return (facts.amount_received, facts.capture_before)
+def _shown_payment(facts: Facts) -> tuple[object, ...]:
+    """What an order shows of its money besides the intent's status: what was captured,
+    the deadline, its terms, Radar's review and the issuer's warning."""
+    review = facts.review
+    warning = facts.fraud_warning
+    return (
+        facts.amount_received,
+        facts.capture_before,
+        terms(facts),
+        review and (review.id, review.open, review.reason, review.closed_reason),
+        warning and (warning.id, warning.actionable, warning.fraud_type),
+    )
 
 
 def _shown(dispute: Dispute | None) -> tuple[str, int, str] | None:

@@ -11,13 +11,21 @@ on how often each came (DESIGN.md invariant 6):
   `requires_payment_method`), so within that tier time decides, not the
   status; `requires_capture` outranks all of them, and `canceled` (which an
   expired authorization ends in) is absorbing;
-- a charge's `amount_refunded` only grows: the largest seen counts (of a
-  captured charge: an uncaptured one "refunds" only the hold it releases);
+- the intent's authorization is its latest (event created, step, id): an
+  increment or an overcapture moves it; the cart its metadata names
+  (CART_METADATA_KEY) is the latest object's that names one; when the money
+  was first held or received (`paid_at`) is the earliest such event's;
+- a captured charge keeps its latest snapshot by (event created, step, id):
+  what it says is refunded falls again when a refund fails, and the rest of a
+  partial capture that Stripe released is not counted as refunded (an
+  uncaptured charge "refunds" only the hold it releases: not counted at all);
 - what Stripe captured (the intent's `amount_received`, a captured charge's
   `amount_captured`) and the authorization's deadline (an uncaptured charge's
   `payment_method_details.card.capture_before`) keep their largest value;
 - a refund or a dispute keeps its greatest snapshot by (event created, the
-  rank of its status, id).
+  rank of its status, id); so do the Checkout Session that made the intent
+  (`checkout.session.*`, mode `payment`), Radar's review (`review.*`) and the
+  issuer's early fraud warning (`radar.early_fraud_warning.*`).
 
 Adding a meaning is one function here and one entry in `MEANINGS`.
 """
@@ -25,11 +33,30 @@ Adding a meaning is one function here and one entry in `MEANINGS`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from intentflow.consumer.decisions import Dispute as DisputeFact
-from intentflow.consumer.decisions import Facts, RefundSnapshot
-from intentflow.schemas import Charge, Dispute, PaymentIntent, Refund, StripeEvent
+from intentflow.consumer.facts import (
+    Authorization,
+    ChargeSnapshot,
+    Checkout,
+    Facts,
+    FraudWarning,
+    Key,
+    Named,
+    RefundSnapshot,
+)
+from intentflow.consumer.facts import Dispute as DisputeFact
+from intentflow.consumer.facts import Review as ReviewFact
+from intentflow.schemas import (
+    Charge,
+    CheckoutSession,
+    Dispute,
+    EarlyFraudWarning,
+    PaymentIntent,
+    Refund,
+    Review,
+    StripeEvent,
+)
 
 # The tier of each PaymentIntent status; a status moves only to an equal or greater key.
 STATUS_TIER: dict[str, int] = {
@@ -67,17 +94,36 @@ AUTHORIZATION_EVENTS = frozenset(
 AUTHORIZED_STATUSES = frozenset({"requires_capture", "succeeded"})
 
 REFUND_RANK = {"pending": 0, "requires_action": 0, "succeeded": 1, "failed": 2, "canceled": 2}
+# Within one second, where a dispute's status comes. Stripe's appeal of a lost dispute
+# (API 2026-10-28: `appeal_needs_response`, `appeal_under_review`) comes after the loss;
+# its final `won` or `lost` comes later in time, which ranks first.
 DISPUTE_RANK = {
     "warning_needs_response": 0,
     "needs_response": 0,
     "warning_under_review": 1,
     "under_review": 1,
-    "won": 2,
     "lost": 2,
-    "warning_closed": 2,
-    "prevented": 2,
-    "charge_refunded": 2,
+    "appeal_needs_response": 3,
+    "appeal_under_review": 4,
+    "won": 5,
+    "warning_closed": 5,
+    "prevented": 5,
+    "charge_refunded": 5,
 }
+# Within one second, where a captured charge's snapshot comes: a refund (charge.refunded)
+# comes after the capture, and a later change (a refund that failed: charge.updated with
+# less refunded) after that.
+CHARGE_STEP = {"charge.succeeded": 0, "charge.captured": 1, "charge.refunded": 2}
+CHARGE_LATER = 3  # charge.updated and any other charge.* event
+# Within one second, where a Checkout Session's snapshot comes.
+CHECKOUT_STEP = {
+    "checkout.session.completed": 0,
+    "checkout.session.async_payment_succeeded": 1,
+    "checkout.session.async_payment_failed": 1,
+    "checkout.session.expired": 1,
+}
+# A review closes after it opens (`review.opened`, then `review.closed`).
+REVIEW_STEP = {"review.opened": 0, "review.closed": 1}
 
 # Why an intent ended when `charge.expired` is what says so.
 EXPIRED = "expired"
@@ -111,6 +157,20 @@ def authorized_amount(event: StripeEvent) -> int | None:
     return held or 0
 
 
+def _key(event: StripeEvent, step: int) -> Key:
+    return (event.created, step, event.id)
+
+
+class _Keyed(Protocol):
+    @property
+    def key(self) -> Key: ...
+
+
+def _newer(key: Key, old: _Keyed | None) -> bool:
+    """Whether a snapshot at `key` replaces `old`."""
+    return old is None or key > old.key
+
+
 def _take_status(facts: Facts, event: StripeEvent, status: str, reason: str | None) -> Facts:
     key = (STATUS_TIER[status], event.created, EVENT_STEP[event.type], event.id)
     current = status_key(facts)
@@ -125,15 +185,33 @@ def _take_status(facts: Facts, event: StripeEvent, status: str, reason: str | No
     )
 
 
-def learn_intent_status(facts: Facts, event: StripeEvent) -> Facts:
+def learn_intent(facts: Facts, event: StripeEvent, cart_key: str) -> Facts:
+    """Its status, what it captured, the cart its metadata names, and its authorization."""
     intent = event.data.object
     if type(intent) is not PaymentIntent or intent.status not in STATUS_TIER:
         return facts
     facts = _captured(facts, intent.amount_received or 0)
+    key = _key(event, EVENT_STEP[event.type])
+    cart_id = intent.cart(cart_key)
+    if cart_id is not None and _newer(key, facts.named):
+        facts = _with(facts, named=Named(key, cart_id))
+    held = authorized_amount(event)
+    if held is not None:
+        if _newer(key, facts.authorization):
+            auth = Authorization(key, intent.amount, intent.currency.lower(), held)
+            facts = _with(facts, authorization=auth)
+        facts = _paid_at(facts, event.created)
     return _take_status(facts, event, intent.status, intent.cancellation_reason)
 
 
-def learn_charge(facts: Facts, event: StripeEvent) -> Facts:
+def _paid_at(facts: Facts, created: int) -> Facts:
+    """The money was first held or received at the earliest such event's `created`."""
+    if facts.paid_at is not None and facts.paid_at <= created:
+        return facts
+    return _with(facts, paid_at=created)
+
+
+def learn_charge(facts: Facts, event: StripeEvent, cart_key: str) -> Facts:
     charge = event.data.object
     if type(charge) is not Charge:
         return facts
@@ -141,13 +219,17 @@ def learn_charge(facts: Facts, event: StripeEvent) -> Facts:
     if deadline is not None and (facts.capture_before is None or deadline > facts.capture_before):
         facts = _with(facts, capture_before=deadline)
     if not charge.captured:
-        return facts
+        return facts  # what an uncaptured charge "refunds" is the hold it releases
     facts = _captured(facts, charge.amount_captured)
-    refunded = max(facts.charge_amount_refunded, charge.amount_refunded)
-    in_full = facts.charge_refunded or charge.refunded
-    if (refunded, in_full) == (facts.charge_amount_refunded, facts.charge_refunded):
+    key = _key(event, CHARGE_STEP.get(event.type, CHARGE_LATER))
+    if not _newer(key, facts.charge):
         return facts
-    return _with(facts, charge_amount_refunded=refunded, charge_refunded=in_full)
+    # A partial capture releases the rest, which Stripe counts in amount_refunded:
+    # no money went back for it (consumer/facts.py, ChargeSnapshot).
+    captured = charge.amount_captured
+    released = charge.amount - captured if 0 < captured < charge.amount else 0
+    refunded = max(charge.amount_refunded - released, 0)
+    return _with(facts, charge=ChargeSnapshot(key, refunded, charge.refunded))
 
 
 def _captured(facts: Facts, amount: int) -> Facts:
@@ -155,29 +237,30 @@ def _captured(facts: Facts, amount: int) -> Facts:
     return _with(facts, amount_received=amount) if amount > facts.amount_received else facts
 
 
-def learn_expired(facts: Facts, event: StripeEvent) -> Facts:
+def learn_expired(facts: Facts, event: StripeEvent, cart_key: str) -> Facts:
     """An uncaptured authorization lapsed: the intent is canceled (Stripe cancels it too)."""
     if type(event.data.object) is not Charge:
         return facts
-    return _take_status(learn_charge(facts, event), event, "canceled", EXPIRED)
+    return _take_status(learn_charge(facts, event, cart_key), event, "canceled", EXPIRED)
 
 
-def learn_refund(facts: Facts, event: StripeEvent) -> Facts:
+def learn_refund(facts: Facts, event: StripeEvent, cart_key: str) -> Facts:
     refund = event.data.object
     if type(refund) is not Refund or refund.status not in REFUND_RANK:
         return facts
-    new = RefundSnapshot(refund.amount, refund.status, event.created)
+    opened = refund.created if refund.created is not None else event.created
+    new = RefundSnapshot(refund.amount, refund.status, event.created, opened)
     old = facts.refunds.get(refund.id)
     if old is not None and _refund_key(new) <= _refund_key(old):
         return facts
     return _with(facts, refunds={**facts.refunds, refund.id: new})
 
 
-def _refund_key(snapshot: RefundSnapshot) -> tuple[int, int, int]:
-    return (snapshot.created, REFUND_RANK[snapshot.status], snapshot.amount)
+def _refund_key(snapshot: RefundSnapshot) -> tuple[int, int, int, int]:
+    return (snapshot.created, REFUND_RANK[snapshot.status], snapshot.amount, snapshot.opened)
 
 
-def learn_dispute(facts: Facts, event: StripeEvent) -> Facts:
+def learn_dispute(facts: Facts, event: StripeEvent, cart_key: str) -> Facts:
     dispute = event.data.object
     if type(dispute) is not Dispute or dispute.status not in DISPUTE_RANK:
         return facts
@@ -192,17 +275,74 @@ def _dispute_key(dispute: DisputeFact) -> tuple[int, int, str, int]:
     return (dispute.created, DISPUTE_RANK[dispute.status], dispute.id, dispute.amount)
 
 
+def learn_checkout(facts: Facts, event: StripeEvent, cart_key: str) -> Facts:
+    """The session that made the intent: the cart, the amounts the cart is checked
+    against, and whether the money was received (a paid session is as good as a capture)."""
+    session = event.data.object
+    if type(session) is not CheckoutSession or session.mode != "payment":
+        return facts
+    key = _key(event, CHECKOUT_STEP.get(event.type, 1))
+    paid = session.payment_status == "paid"
+    if paid and session.amount_total is not None:
+        facts = _paid_at(facts, event.created)
+    if not _newer(key, facts.checkout):
+        return facts
+    totals = session.total_details
+    conversion = session.currency_conversion
+    # Adaptive Pricing shows the buyer their own currency: the cart is in the shop's,
+    # as `currency_conversion` gives the items (its source amounts).
+    subtotal = conversion.amount_subtotal if conversion else session.amount_subtotal
+    currency = conversion.source_currency if conversion else session.currency
+    snapshot = Checkout(
+        key,
+        session.id,
+        session.cart(cart_key),
+        subtotal,
+        currency.lower() if currency else None,
+        session.amount_total,
+        session.currency.lower() if session.currency else None,
+        totals.amount_shipping if totals else 0,
+        totals.amount_discount if totals else 0,
+        totals.amount_tax if totals else 0,
+        paid,
+    )
+    return _with(facts, checkout=snapshot)
+
+
+def learn_review(facts: Facts, event: StripeEvent, cart_key: str) -> Facts:
+    review = event.data.object
+    if type(review) is not Review:
+        return facts
+    key = _key(event, REVIEW_STEP.get(event.type, 1 if not review.open else 0))
+    if not _newer(key, facts.review):
+        return facts
+    snapshot = ReviewFact(key, review.id, review.open, review.reason, review.closed_reason)
+    return _with(facts, review=snapshot)
+
+
+def learn_fraud_warning(facts: Facts, event: StripeEvent, cart_key: str) -> Facts:
+    warning = event.data.object
+    if type(warning) is not EarlyFraudWarning:
+        return facts
+    key = _key(event, 0)
+    if not _newer(key, facts.fraud_warning):
+        return facts
+    snapshot = FraudWarning(key, warning.id, warning.actionable, warning.fraud_type)
+    return _with(facts, fraud_warning=snapshot)
+
+
 def _with(facts: Facts, **changes: Any) -> Facts:
     return facts._replace(**changes)
 
 
-Learn = Callable[[Facts, StripeEvent], Facts]
+# What one event tells; `cart_key` is CART_METADATA_KEY (the metadata key naming the cart).
+Learn = Callable[[Facts, StripeEvent, str], Facts]
 
 # Event type → what it tells. Types not here, and not matched by a prefix in
 # `_PREFIXES`, have no meaning for the consumer (recorded as `ignored`).
 MEANINGS: dict[str, Learn] = {
     **{
-        event_type: learn_intent_status
+        event_type: learn_intent
         for event_type in EVENT_STEP
         if event_type.startswith("payment_intent.")
     },
@@ -211,10 +351,14 @@ MEANINGS: dict[str, Learn] = {
     "refund.created": learn_refund,
     "refund.updated": learn_refund,
     "refund.failed": learn_refund,
+    **{event_type: learn_checkout for event_type in CHECKOUT_STEP},
+    "review.opened": learn_review,
+    "review.closed": learn_review,
 }
 _PREFIXES: tuple[tuple[str, Learn], ...] = (
     ("charge.dispute.", learn_dispute),
     ("charge.", learn_charge),  # charge.refunded, .succeeded, .captured, .updated, …
+    ("radar.early_fraud_warning.", learn_fraud_warning),
 )
 
 

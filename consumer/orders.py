@@ -2,26 +2,27 @@
 
 Inside the batch's transaction, after the intents' rows are locked and written:
   1. bring every existing order that a decision touched up to date: status,
-     amount refunded and captured, cancellation reason, dispute, capture
-     deadline (`CancelOrder`, `RecordCancellation`, `RecordRefund`,
-     `RecordDispute`, `RecordPayment`); an order canceled here frees its cart
-     for this batch's new orders;
+     what it shows of the intent's facts and terms (`CancelOrder`,
+     `RecordCancellation`, `RecordRefund`, `RecordDispute`, `RecordPayment`);
+     an order canceled here frees its cart for this batch's new orders;
   2. collect what canceled orders took (their `order` movements) and what new
-     orders want; lock those stock rows in SKU order (invariant 8);
+     orders, and orders decided again (`ReviewOrder`), want; lock those stock
+     rows in SKU order (consumer/stock.py, invariant 8);
   3. give back what canceled orders took, one `cancellation` movement per SKU
      (`CancelOrder`; the unique index on movements refuses a second one);
-  4. allocate stock to new orders in the order their payments were
-     authorized (`PlaceOrder`, first paid, first served): an order whose cart
-     already has a live order (read from `holds_cart`, or planned earlier in
+  4. decide new orders (`PlaceOrder`) and orders waiting in needs_review whose
+     terms changed (`ReviewOrder`) in the order their payments were made
+     (first paid, first served; consumer/allocation.py): an order whose cart
+     already has a live order (read from `holds_cart`, or decided earlier in
      the batch) is a `duplicate` and takes nothing; write the orders, their
      items, `order` movements and the levels.
-It returns every order it created or changed (`OrderChange`), for the outbox.
-An order's status is derived by `consumer.decisions.order_status`.
+It returns every order it created or changed (`OrderChange`), one per order, for
+the outbox. An order's status is derived by `consumer.decisions.order_status`.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,78 +33,122 @@ from intentflow.consumer.connections import Columns, Connection
 from intentflow.consumer.decisions import (
     Allocation,
     CancelOrder,
-    Facts,
     OrderStatus,
     PlaceOrder,
     RecordCancellation,
     RecordDispute,
     RecordPayment,
     RecordRefund,
+    ReviewOrder,
     order_status,
 )
 from intentflow.consumer.errors import describe
+from intentflow.consumer.facts import Facts, Terms, terms
 from intentflow.consumer.fold import IntentFold
 from intentflow.consumer.outbox import OrderChange
+from intentflow.consumer.stock import lock_stock, move_stock, taken_by
 
 # Decisions about an existing order that re-derive its status and copy the facts.
-_REFRESHED_BY = (CancelOrder, RecordCancellation, RecordRefund, RecordDispute, RecordPayment)
+_REFRESHED_BY = (
+    CancelOrder,
+    RecordCancellation,
+    RecordRefund,
+    RecordDispute,
+    RecordPayment,
+    ReviewOrder,
+)
 
-# (sku, delta, reason, order id, event id)
-Movement = tuple[str, int, str, int, str]
+
+class ConcurrentCartOrder(Exception):
+    """Another transaction gave one of the batch's carts its live order first (two
+    payments for one cart, on two partitions, at once). The batch is rolled back and
+    retried; it then finds that order and makes this one a duplicate."""
+
+    retriable = True  # consumer.errors: the environment's, not the event's
+    cause = "conflict"
 
 
 async def write_orders(conn: Connection, folds: list[IntentFold]) -> list[OrderChange]:
     """Apply every order decision of the batch; return the orders it created or changed."""
     places: list[tuple[PlaceOrder, Facts]] = []
-    cancels: list[tuple[CancelOrder, IntentFold]] = []
+    reviews: dict[str, IntentFold] = {}
+    canceled: dict[int, str] = {}  # placed orders canceled now -> the canceling event
     touched: list[IntentFold] = []
     for fold in folds:
+        order = fold.state.order
         for decision in fold.decisions:
             if type(decision) is PlaceOrder:
                 places.append((decision, fold.state.facts))
-            elif type(decision) is CancelOrder:
-                cancels.append((decision, fold))
-        if fold.state.order is not None and any(type(d) in _REFRESHED_BY for d in fold.decisions):
+            elif type(decision) is ReviewOrder:
+                reviews[decision.payment_intent_id] = fold
+            elif type(decision) is CancelOrder and order and order.allocation is Allocation.PLACED:
+                canceled[order.id] = decision.event_id
+        if order is not None and any(type(d) in _REFRESHED_BY for d in fold.decisions):
             touched.append(fold)
     if not places and not touched:
         return []
     # Existing orders first: one canceled in this batch gives back its cart (the
     # index holds a cart only while its order is not canceled), as its stock below.
-    refreshed = await _refresh(conn, touched)
-    # First paid, first served: the authorization's created, received-at, partition, offset.
-    places.sort(key=lambda place: place[0].paid_key)
-    to_allocate = [p for p, facts in places if not facts.canceled]
-    returns = await _taken_by(conn, cancels)
+    refreshed = await _refresh(conn, touched, set(reviews))
+    # First paid, first served: when the money was held or received, then where it arrived.
+    requests: list[PlaceOrder | ReviewOrder] = [p for p, facts in places if not facts.canceled]
+    requests += [d for f in reviews.values() for d in f.decisions if type(d) is ReviewOrder]
+    requests.sort(key=lambda request: request.paid_key)
+    returns = await taken_by(conn, canceled)
     # Skipped orders get their cart's lines too: the same order as "authorized, then canceled".
-    carts = await _load_carts(conn, sorted({p.cart_id for p, _ in places}))
-    holders = await _cart_holders(conn, sorted({p.cart_id for p in to_allocate}))
-    skus = sorted(set(skus_wanted(to_allocate, carts)) | {m[0] for m in returns})
-    stock = await _lock_stock(conn, skus)
+    carts = await _load_carts(conn, sorted({p.cart_id for p, _ in places} | _carts(reviews)))
+    holders = await _cart_holders(conn, sorted({r.cart_id for r in requests}))
+    skus = sorted(set(skus_wanted(requests, carts)) | {m[0] for m in returns})
+    stock = await lock_stock(conn, skus)
     for sku, delta, *_ in returns:
         stock[sku] = stock.get(sku, 0) + delta
-    plans, _left = allocate(to_allocate, carts, stock, holders)
-    skipped = [
+    plans, _left = allocate(requests, carts, stock, holders)
+    new_plans = [p for p in plans if type(p.request) is PlaceOrder]
+    new_plans += [
         OrderPlan(p, carts.get(p.cart_id), Allocation.SKIPPED, None, {})
         for p, facts in places
         if facts.canceled
     ]
     facts_of = {p.payment_intent_id: facts for p, facts in places}
-    created = await _insert_orders(conn, plans + skipped, facts_of)
+    created = await _insert_orders(conn, new_plans, facts_of)
+    decided = [p for p in plans if type(p.request) is ReviewOrder]
+    order_of = {
+        pid: fold.state.order.id for pid, fold in reviews.items() if fold.state.order is not None
+    }
+    decided_status = {
+        p.request.payment_intent_id: order_status(
+            p.status, reviews[p.request.payment_intent_id].state.facts, p.request.terms.amount
+        )
+        for p in decided
+    }
+    await _write_decided(conn, decided, order_of, decided_status, carts)
+    ids = {**created, **order_of}
     movements = returns + [
-        (sku, -qty, "order", created[p.request.payment_intent_id], p.request.event_id)
+        (sku, -qty, "order", ids[p.request.payment_intent_id], p.request.event_id)
         for p in plans
         if p.status is Allocation.PLACED
         for sku, qty in sorted(p.taken.items())
     ]
-    await _move_stock(conn, movements)
+    await move_stock(conn, movements)
     changes = []
-    for p in plans + skipped:
-        pid, amount = p.request.payment_intent_id, p.request.amount
+    for p in new_plans:
+        pid, amount = p.request.payment_intent_id, p.request.terms.amount
         facts = facts_of[pid]
         status = order_status(p.status, facts, amount)
         snapshot = _snapshot(p, created[pid], status, facts)
         changes.append(_change(created[pid], pid, None, status, facts, amount, p.status, snapshot))
+    for p in decided:
+        pid = p.request.payment_intent_id
+        order = reviews[pid].state.order
+        assert order is not None
+        facts, amount = reviews[pid].state.facts, p.request.terms.amount
+        status = decided_status[pid]
+        changes.append(_change(order.id, pid, order.status, status, facts, amount, p.status))
     return changes + refreshed
+
+
+def _carts(reviews: dict[str, IntentFold]) -> set[str]:
+    return {d.cart_id for f in reviews.values() for d in f.decisions if type(d) is ReviewOrder}
 
 
 def _change(
@@ -127,6 +172,7 @@ def _change(
         captured=facts.amount_received,
         refunded=facts.amount_refunded,
         disputed=facts.disputed,
+        capture_held=facts.capture_held,
         snapshot=snapshot,
     )
 
@@ -134,7 +180,9 @@ def _change(
 def _snapshot(plan: OrderPlan, order_id: int, status: OrderStatus, facts: Facts) -> dict[str, Any]:
     """A new order as its event shows it (schemas/orders.py), from what was just written."""
     r = plan.request
+    t = r.terms
     d = facts.dispute
+    review, warning = facts.review, facts.fraud_warning
     return {
         "id": order_id,
         "payment_intent_id": r.payment_intent_id,
@@ -142,47 +190,30 @@ def _snapshot(plan: OrderPlan, order_id: int, status: OrderStatus, facts: Facts)
         "status": str(status),
         "allocation": str(plan.status),
         "status_reason": plan.reason,
-        "amount": r.amount,
-        "amount_authorized": r.amount_authorized,
+        "amount": t.amount,
+        "amount_subtotal": t.cart_amount,
+        "amount_shipping": t.shipping,
+        "amount_discount": t.discount,
+        "amount_tax": t.tax,
+        "amount_authorized": t.authorized,
         "amount_refunded": facts.amount_refunded,
         "amount_captured": facts.amount_received,
-        "currency": r.currency,
+        "currency": t.currency,
         "payment_status": facts.status,
         "cancellation_reason": facts.cancellation_reason,
         "capture_before": facts.capture_before,
         "account": facts.account,
+        "checkout_session_id": facts.checkout and facts.checkout.session_id,
         "dispute": d and {"status": d.status, "amount": d.amount, "reason": d.reason},
+        "review": review
+        and {"open": review.open, "reason": review.reason, "closed_reason": review.closed_reason},
+        "fraud_warning": warning
+        and {"fraud_type": warning.fraud_type, "actionable": warning.actionable},
         "items": [
             {"sku": line.sku, "quantity": line.quantity, "unit_amount": line.unit_amount}
             for line in (plan.cart.lines if plan.cart is not None else ())
         ],
     }
-
-
-async def _taken_by(
-    conn: Connection, cancels: list[tuple[CancelOrder, IntentFold]]
-) -> list[Movement]:
-    """What each newly canceled, placed order took: the movements that give it back."""
-    placed = {
-        fold.state.order.id: cancel
-        for cancel, fold in cancels
-        if fold.state.order is not None and fold.state.order.allocation is Allocation.PLACED
-    }
-    if not placed:
-        return []
-    rows = await conn.fetch(
-        """
-        SELECT order_id, sku, -sum(quantity_delta)::int AS qty FROM inventory_movements
-        WHERE order_id = ANY($1::bigint[]) AND reason = 'order'
-        GROUP BY order_id, sku ORDER BY order_id, sku
-        """,
-        sorted(placed),
-    )
-    return [
-        (r["sku"], r["qty"], "cancellation", r["order_id"], placed[r["order_id"]].event_id)
-        for r in rows
-        if r["qty"] > 0
-    ]
 
 
 async def _cart_holders(conn: Connection, cart_ids: list[str]) -> dict[str, str]:
@@ -200,19 +231,6 @@ async def _cart_holders(conn: Connection, cart_ids: list[str]) -> dict[str, str]
         cart_ids,
     )
     return {r["cart_id"]: r["payment_intent_id"] for r in rows}
-
-
-async def _lock_stock(conn: Connection, skus: list[str]) -> dict[str, int]:
-    if not skus:
-        return {}
-    rows = await conn.fetch(
-        """
-        SELECT sku, stocked_quantity FROM inventory_levels
-        WHERE sku = ANY($1::text[]) ORDER BY sku FOR UPDATE
-        """,
-        skus,
-    )
-    return {r["sku"]: r["stocked_quantity"] for r in rows}
 
 
 async def _load_carts(conn: Connection, cart_ids: list[str]) -> dict[str, Cart]:
@@ -235,31 +253,31 @@ async def _load_carts(conn: Connection, cart_ids: list[str]) -> dict[str, Cart]:
     return {cid: Cart(cid, cur, tuple(lines[cid])) for cid, cur in currency.items()}
 
 
-class ConcurrentCartOrder(Exception):
-    """Another transaction gave one of the batch's carts its live order first (two
-    payments for one cart, on two partitions, at once). The batch is rolled back and
-    retried; it then finds that order and makes this one a duplicate."""
-
-    retriable = True  # consumer.errors: the environment's, not the event's
-    cause = "conflict"
-
-
-# A new order's columns. Most new orders have nothing yet that happened after
-# their authorization (a refund, a dispute, a capture, a deadline): they are
-# written with `_NEW_ORDER` alone and the rest default.
-_NEW_ORDER = Columns.of(
-    ("payment_intent_id", "text"),
-    ("cart_id", "text"),
-    ("status", "text"),
-    ("allocation", "text"),
-    ("status_reason", "text"),
+# An order's columns, by name. `_TERMS` are what it was decided on (consumer/facts.py);
+# `_COPIED` what it shows of its intent's facts: most new orders have none of those
+# yet (no refund, dispute, capture, deadline, review), and are written without them.
+_TERMS = Columns.of(
     ("amount", "bigint"),
     ("currency", "text"),
-    ("source_event_id", "text"),
     ("amount_authorized", "bigint"),
-    ("holds_cart", "bool"),
+    ("amount_subtotal", "bigint"),
+    ("amount_shipping", "bigint"),
+    ("amount_discount", "bigint"),
+    ("amount_tax", "bigint"),
 )
-_COPIED_FACTS = Columns.of(
+_NEW_ORDER = (
+    Columns.of(
+        ("payment_intent_id", "text"),
+        ("cart_id", "text"),
+        ("status", "text"),
+        ("allocation", "text"),
+        ("status_reason", "text"),
+        ("source_event_id", "text"),
+        ("holds_cart", "bool"),
+    )
+    + _TERMS
+)
+_COPIED = Columns.of(
     ("amount_refunded", "bigint"),
     ("amount_captured", "bigint"),
     ("cancellation_reason", "text"),
@@ -268,8 +286,16 @@ _COPIED_FACTS = Columns.of(
     ("dispute_reason", "text"),
     ("capture_before", "timestamptz"),
     ("account", "text"),
+    ("checkout_session_id", "text"),
+    ("review_id", "text"),
+    ("review_open", "bool"),
+    ("review_reason", "text"),
+    ("review_closed_reason", "text"),
+    ("fraud_warning_id", "text"),
+    ("fraud_warning_type", "text"),
+    ("fraud_warning_actionable", "bool"),
 )
-_EVENTFUL_ORDER = _NEW_ORDER + _COPIED_FACTS
+_EVENTFUL_ORDER = _NEW_ORDER + _COPIED
 
 
 async def _insert_orders(
@@ -298,36 +324,40 @@ async def _insert_orders(
             raise ConcurrentCartOrder(describe(exc)) from exc
         raise
     order_ids: dict[str, int] = {r["payment_intent_id"]: r["id"] for r in rows}
-    items = [
-        (order_ids[p.request.payment_intent_id], line)
-        for p in plans
-        if p.cart is not None
-        for line in p.cart.lines
-    ]
-    if items:
-        await conn.execute(
-            """
-            INSERT INTO order_items (order_id, sku, quantity, unit_amount)
-            SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[])
-            """,
-            [oid for oid, _ in items],
-            [line.sku for _, line in items],
-            [line.quantity for _, line in items],
-            [line.unit_amount for _, line in items],
-        )
+    await _insert_items(conn, [(order_ids[p.request.payment_intent_id], p.cart) for p in plans])
     return order_ids
 
 
+async def _insert_items(conn: Connection, carts: list[tuple[int, Cart | None]]) -> None:
+    """The orders' items, copied from their carts' lines (none when the cart is missing)."""
+    items = [(oid, line) for oid, cart in carts if cart is not None for line in cart.lines]
+    if not items:
+        return
+    await conn.execute(
+        """
+        INSERT INTO order_items (order_id, sku, quantity, unit_amount)
+        SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[])
+        """,
+        [oid for oid, _ in items],
+        [line.sku for _, line in items],
+        [line.quantity for _, line in items],
+        [line.unit_amount for _, line in items],
+    )
+
+
 def _nothing_after(facts: Facts) -> bool:
-    """Whether nothing that an order copies has happened to the intent since its authorization."""
+    """Whether nothing that an order copies has happened to the intent since it was paid."""
     return not (
         facts.amount_refunded
-        or facts.charge_refunded
+        or facts.charge
         or facts.dispute
         or facts.canceled
         or facts.amount_received
         or facts.capture_before
         or facts.account
+        or facts.checkout
+        or facts.review
+        or facts.fraud_warning
     )
 
 
@@ -337,21 +367,32 @@ def _order_row(plan: OrderPlan, facts: Facts) -> dict[str, Any]:
     return {
         "payment_intent_id": r.payment_intent_id,
         "cart_id": r.cart_id,
-        "status": str(order_status(plan.status, facts, r.amount)),
+        "status": str(order_status(plan.status, facts, r.terms.amount)),
         "allocation": str(plan.status),
         "status_reason": plan.reason,
-        "amount": r.amount,
-        "currency": r.currency,
         "source_event_id": r.event_id,
-        "amount_authorized": r.amount_authorized,
         "holds_cart": plan.status in LIVE,
+        **_terms_row(r.terms),
         **_copied(facts),
     }
 
 
+def _terms_row(t: Terms) -> dict[str, Any]:
+    """What an order was decided on, keyed by `_TERMS`'s columns."""
+    return {
+        "amount": t.amount,
+        "currency": t.currency,
+        "amount_authorized": t.authorized,
+        "amount_subtotal": t.cart_amount,
+        "amount_shipping": t.shipping,
+        "amount_discount": t.discount,
+        "amount_tax": t.tax,
+    }
+
+
 def _copied(facts: Facts) -> dict[str, Any]:
-    """What an order copies of its intent's facts, keyed by `_COPIED_FACTS`'s columns."""
-    d = facts.dispute
+    """What an order copies of its intent's facts, keyed by `_COPIED`'s columns."""
+    d, review, warning = facts.dispute, facts.review, facts.fraud_warning
     return {
         "amount_refunded": facts.amount_refunded,
         "amount_captured": facts.amount_received,
@@ -361,6 +402,14 @@ def _copied(facts: Facts) -> dict[str, Any]:
         "dispute_reason": d and d.reason,
         "capture_before": _timestamp(facts.capture_before),
         "account": facts.account,
+        "checkout_session_id": facts.checkout and facts.checkout.session_id,
+        "review_id": review and review.id,
+        "review_open": review and review.open,
+        "review_reason": review and review.reason,
+        "review_closed_reason": review and review.closed_reason,
+        "fraud_warning_id": warning and warning.id,
+        "fraud_warning_type": warning and warning.fraud_type,
+        "fraud_warning_actionable": warning and warning.actionable,
     }
 
 
@@ -368,97 +417,104 @@ def _timestamp(unix_s: int | None) -> datetime | None:
     return None if unix_s is None else datetime.fromtimestamp(unix_s, UTC)
 
 
-class StockRowMissing(Exception):
-    """Movements for SKUs that have no inventory_levels row: the batch waits for an operator.
-
-    Not the event's fault, so never dead-lettered: the row was removed behind the
-    database's refusal (migration 0005), and inserting it again mends the books
-    (its trigger records what makes the movements sum to the level put in).
-    """
-
-    retriable = True  # consumer.errors: the environment's, not the event's
-    cause = "stock_row_missing"
-
-    def __init__(self, skus: list[str]) -> None:
-        named = ", ".join(repr(sku) for sku in skus[:5])
-        if len(skus) > 5:
-            named += f" and {len(skus) - 5} more"
-        super().__init__(
-            f"no inventory_levels row for SKU {named}, whose stock this batch moves: insert one "
-            "with the quantity on hand (its movements are kept); the batch is retried until then"
-        )
-        self.skus = skus
+_DECIDED = Columns.of(
+    ("id", "bigint"),
+    ("allocation", "text"),
+    ("status_reason", "text"),
+    ("holds_cart", "bool"),
+    ("status", "text"),
+)
 
 
-async def _move_stock(conn: Connection, movements: list[Movement]) -> None:
-    """Write the movements and change each level by their sum (rows locked by `_lock_stock`).
-
-    Raises StockRowMissing when a movement's SKU has no level row, which would
-    otherwise take the movement into the books and change no level.
-    """
-    if not movements:
+async def _write_decided(
+    conn: Connection,
+    plans: list[OrderPlan],
+    order_of: dict[str, int],
+    statuses: dict[str, OrderStatus],
+    carts: dict[str, Cart],
+) -> None:
+    """Orders decided again: their new allocation, and the items of a cart that was
+    missing when they were made. Their facts and terms were copied by `_refresh`."""
+    if not plans:
         return
-    await conn.execute(
-        """
-        INSERT INTO inventory_movements (sku, quantity_delta, reason, order_id, event_id)
-        SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::text[])
-        """,
-        [m[0] for m in movements],
-        [m[1] for m in movements],
-        [m[2] for m in movements],
-        [m[3] for m in movements],
-        [m[4] for m in movements],
-    )
-    net: Counter[str] = Counter()
-    for sku, delta, *_ in movements:
-        net[sku] += delta
-    skus = sorted(net)
-    # One statement, as before: SKUs whose movements cancel out change no level
-    # but need their row all the same.
-    missing: list[str] = await conn.fetchval(
-        """
-        WITH t AS (SELECT * FROM unnest($1::text[], $2::int[]) AS t(sku, delta)),
-        moved AS (
-            UPDATE inventory_levels l
-            SET stocked_quantity = l.stocked_quantity + t.delta, updated_at = now()
-            FROM t WHERE l.sku = t.sku AND t.delta <> 0
+    rows = []
+    for p in plans:
+        rows.append(
+            {
+                "id": order_of[p.request.payment_intent_id],
+                "allocation": str(p.status),
+                "status_reason": p.reason,
+                "holds_cart": p.status in LIVE,
+                "status": str(statuses[p.request.payment_intent_id]),
+            }
         )
-        SELECT coalesce(array_agg(t.sku ORDER BY t.sku), '{}') FROM t
-        WHERE NOT EXISTS (SELECT 1 FROM inventory_levels l WHERE l.sku = t.sku)
+    await conn.execute(
+        f"""
+        UPDATE orders o SET allocation = v.allocation, status_reason = v.status_reason,
+            holds_cart = v.holds_cart, status = v.status, updated_at = now()
+        FROM {_DECIDED.unnest} AS v({_DECIDED.listed})
+        WHERE o.id = v.id
         """,
-        skus,
-        [net[s] for s in skus],
+        *_DECIDED.arrays(rows),
     )
-    if missing:
-        raise StockRowMissing(missing)
+    without = await conn.fetch(
+        "SELECT o.id FROM unnest($1::bigint[]) AS o(id)"
+        " WHERE NOT EXISTS (SELECT 1 FROM order_items i WHERE i.order_id = o.id)",
+        [r["id"] for r in rows],
+    )
+    missing = {r["id"] for r in without}
+    await _insert_items(
+        conn,
+        [
+            (oid, carts.get(p.request.cart_id))
+            for p in plans
+            if (oid := order_of[p.request.payment_intent_id]) in missing
+        ],
+    )
 
 
-_REFRESHED = Columns.of(("id", "bigint"), ("status", "text")) + _COPIED_FACTS
+_REFRESHED = Columns.of(("id", "bigint"), ("status", "text")) + _COPIED
+_REFRESHED_TERMS = _REFRESHED + _TERMS
 
 
-async def _refresh(conn: Connection, touched: list[IntentFold]) -> list[OrderChange]:
-    """Re-derive the status and copy the facts of existing orders a decision touched."""
+async def _refresh(
+    conn: Connection, touched: list[IntentFold], reviewed: set[str]
+) -> list[OrderChange]:
+    """Re-derive the status and copy the facts and terms of existing orders a decision
+    touched; return their changes, but for the orders decided again (`reviewed`),
+    whose one change `write_orders` makes once they are decided."""
     if not touched:
         return []
-    rows: list[dict[str, Any]] = []
+    with_terms: list[dict[str, Any]] = []
+    without_terms: list[dict[str, Any]] = []
     changes: list[OrderChange] = []
     for fold in sorted(touched, key=lambda f: f.state.payment_intent_id):
         order = fold.state.order
         assert order is not None
         facts = fold.state.facts
-        status: OrderStatus = order_status(order.allocation, facts, order.amount)
+        now = terms(facts)
+        amount = now.amount if now is not None else order.amount
+        status = order_status(order.allocation, facts, amount)
         pid = fold.state.payment_intent_id
-        changes.append(
-            _change(order.id, pid, order.status, status, facts, order.amount, order.allocation)
+        if pid not in reviewed:
+            changes.append(
+                _change(order.id, pid, order.status, status, facts, amount, order.allocation)
+            )
+        row = {"id": order.id, "status": str(status), **_copied(facts)}
+        if now is not None:
+            with_terms.append({**row, **_terms_row(now)})
+        else:
+            without_terms.append(row)  # an order made before its terms were kept
+    for columns, rows in ((_REFRESHED_TERMS, with_terms), (_REFRESHED, without_terms)):
+        if not rows:
+            continue
+        assigned = ", ".join(f"{name} = v.{name}" for name in columns.names[1:])
+        await conn.execute(
+            f"""
+            UPDATE orders o SET {assigned}, updated_at = now()
+            FROM {columns.unnest} AS v({columns.listed})
+            WHERE o.id = v.id
+            """,
+            *columns.arrays(rows),
         )
-        rows.append({"id": order.id, "status": str(status), **_copied(facts)})
-    assigned = ", ".join(f"{name} = v.{name}" for name in _REFRESHED.names[1:])
-    await conn.execute(
-        f"""
-        UPDATE orders o SET {assigned}, updated_at = now()
-        FROM {_REFRESHED.unnest} AS v({_REFRESHED.listed})
-        WHERE o.id = v.id
-        """,
-        *_REFRESHED.arrays(rows),
-    )
     return changes

@@ -83,6 +83,8 @@ class OrderChange(NamedTuple):
     captured: int = 0
     refunded: int = 0
     disputed: bool = False
+    # Radar's review is open or the issuer warned of fraud: no capture until it is settled.
+    capture_held: bool = False
     # A new order's snapshot as its writer built it, without the two timestamps
     # (the transaction's); None: read back from the rows (`_enqueue_read_back`).
     snapshot: dict[str, Any] | None = None
@@ -119,8 +121,10 @@ def stripe_actions_for(change: OrderChange, policy: ShopPolicy) -> ActionRow | N
     An order that cannot be filled (out_of_stock, duplicate) gets its money back
     whenever a change shows it held (cancel) or captured and not all refunded
     (refund), whoever captured it and in whichever batch; asking again is
-    harmless (one row per intent and action). A new placed order is captured
-    under CAPTURE_POLICY=on_placed while its money is held.
+    harmless (one row per intent and action). A placed order is captured under
+    CAPTURE_POLICY=on_placed while its money is held and neither Radar's review is
+    open nor the issuer has warned of fraud: a change that settles the review
+    (closed `approved`) asks for it then.
     """
     pid, order_id = change.payment_intent_id, change.order_id
     if change.allocation in UNFILLABLE:
@@ -133,10 +137,11 @@ def stripe_actions_for(change: OrderChange, policy: ShopPolicy) -> ActionRow | N
             return refund_row(pid, order_id, change.allocation, policy)
         return None
     if (
-        change.previous is None
-        and change.status is OrderStatus.PLACED
+        change.status is OrderStatus.PLACED
+        and change.allocation is Allocation.PLACED
         and change.intent_status == HELD
         and policy.capture is CapturePolicy.ON_PLACED
+        and not change.capture_held
     ):
         return ActionRow(Action.CAPTURE, pid, order_id, {"amount_to_capture": change.amount})
     return None
@@ -232,13 +237,22 @@ async def _enqueue_read_back(conn: Connection, changes: Sequence[OrderChange]) -
                     'id', o.id, 'payment_intent_id', o.payment_intent_id, 'cart_id', o.cart_id,
                     'status', o.status, 'allocation', o.allocation,
                     'status_reason', o.status_reason, 'amount', o.amount,
+                    'amount_subtotal', o.amount_subtotal,
+                    'amount_shipping', o.amount_shipping,
+                    'amount_discount', o.amount_discount, 'amount_tax', o.amount_tax,
                     'amount_authorized', o.amount_authorized,
                     'amount_refunded', o.amount_refunded,
                     'amount_captured', o.amount_captured, 'currency', o.currency,
                     'payment_status', p.status,
                     'cancellation_reason', o.cancellation_reason,
                     'capture_before', extract(epoch FROM o.capture_before)::bigint,
-                    'account', o.account,
+                    'account', o.account, 'checkout_session_id', o.checkout_session_id,
+                    'review', CASE WHEN o.review_id IS NULL THEN NULL ELSE
+                        json_build_object('open', o.review_open, 'reason', o.review_reason,
+                                          'closed_reason', o.review_closed_reason) END,
+                    'fraud_warning', CASE WHEN o.fraud_warning_id IS NULL THEN NULL ELSE
+                        json_build_object('fraud_type', o.fraud_warning_type,
+                                          'actionable', o.fraud_warning_actionable) END,
                     'dispute', CASE WHEN o.dispute_status IS NULL THEN NULL ELSE
                         json_build_object('status', o.dispute_status,
                                           'amount', o.dispute_amount,

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from intentflow.consumer.allocation import UNFILLABLE
 from intentflow.consumer.connections import Connection
-from intentflow.consumer.decisions import DISPUTE_SETTLED_FOR_US
+from intentflow.consumer.facts import DISPUTE_SETTLED_FOR_US
 
 
 def sql_list(values: frozenset[str]) -> str:

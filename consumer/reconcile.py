@@ -22,8 +22,8 @@ import asyncpg
 
 from intentflow.consumer.allocation import UNFILLABLE
 from intentflow.consumer.connections import Connection
-from intentflow.consumer.decisions import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS
 from intentflow.consumer.errors import Fault, cause, classify, describe
+from intentflow.consumer.facts import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS
 from intentflow.consumer.migrate import SchemaBehind, check_schema
 from intentflow.consumer.owed import CAPTURED_NOT_RETURNED, sql_list
 from intentflow.consumer.policy import DEFAULT_POLICY, ShopPolicy

@@ -39,7 +39,7 @@ from typing import Any
 import stripe
 
 from intentflow.consumer.claims import generation_key
-from intentflow.consumer.decisions import REFUND_COUNTS
+from intentflow.consumer.facts import REFUND_COUNTS
 from intentflow.consumer.outbox import CAPTURED, OWED_CODE, OWED_MESSAGE, Action
 from intentflow.consumer.policy import CapturePolicy, ShopPolicy
 from intentflow.consumer.stripe_answers import Answer, Outcome, classify

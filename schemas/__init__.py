@@ -30,11 +30,14 @@ from intentflow.schemas.orders import (
 )
 from intentflow.schemas.stripe import (
     Charge,
+    CheckoutSession,
     Dispute,
+    EarlyFraudWarning,
     EventData,
     OtherObject,
     PaymentIntent,
     Refund,
+    Review,
     StripeEvent,
 )
 
@@ -54,13 +57,16 @@ __all__ = [
     "ORDER_EVENT_SCHEMA_VERSION",
     "ORDER_EVENT_TYPES",
     "Charge",
+    "CheckoutSession",
     "Dispute",
+    "EarlyFraudWarning",
     "EventData",
     "OrderEvent",
     "OrderSnapshot",
     "OtherObject",
     "PaymentIntent",
     "Refund",
+    "Review",
     "StripeEvent",
     "charge_key",
     "contract_headers",

@@ -52,6 +52,21 @@ class OrderDispute(_Frozen):
     reason: str | None
 
 
+class OrderReview(_Frozen):
+    """Radar's review of the payment: while `open`, a capture waits (CAPTURE_POLICY=on_placed)."""
+
+    open: bool
+    reason: str  # why it was opened (rule, manual, ...), or how it closed
+    closed_reason: str | None  # approved, refunded, refunded_as_fraud, disputed, ...
+
+
+class OrderFraudWarning(_Frozen):
+    """The card issuer's early fraud warning: the shop decides (refund, or capture by hand)."""
+
+    fraud_type: str
+    actionable: bool  # not yet disputed nor refunded in full
+
+
 class OrderSnapshot(_Frozen):
     id: int
     payment_intent_id: str
@@ -62,7 +77,13 @@ class OrderSnapshot(_Frozen):
     # (the intent was canceled before it was authorized).
     allocation: Literal["placed", "out_of_stock", "needs_review", "duplicate", "skipped"]
     status_reason: str | None  # why needs_review or out_of_stock, e.g. `authorization_short`
-    amount: int
+    amount: int  # what the buyer was asked to pay
+    # What the cart was checked against (a Checkout Session's subtotal, in the cart's
+    # currency), and the rest of `amount`: shipping and tax, less discounts.
+    amount_subtotal: int | None
+    amount_shipping: int
+    amount_discount: int
+    amount_tax: int
     amount_authorized: int | None
     amount_refunded: int
     amount_captured: int  # what Stripe captured: what a refund can return
@@ -76,6 +97,9 @@ class OrderSnapshot(_Frozen):
     capture_before: int | None
     # Connect: the connected account of the payment; null for the platform's own.
     account: str | None
+    checkout_session_id: str | None  # the Checkout Session that made the payment, if any
+    review: OrderReview | None
+    fraud_warning: OrderFraudWarning | None
     dispute: OrderDispute | None
     items: tuple[OrderLine, ...]
 

@@ -104,6 +104,7 @@ class Refund(_StripeModel):
     amount: Amount = 0
     currency: Annotated[str, Field(max_length=16)] = ""
     status: Annotated[str, Field(max_length=64)] = ""
+    created: int | None = None  # when the refund was made (not when its status last moved)
 
     @field_validator("status", mode="before")
     @classmethod

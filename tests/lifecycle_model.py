@@ -8,6 +8,13 @@ the real consumer against the real database and compare the outcome with what
 this model predicts, so a misreading has to be made twice, independently, to
 go unnoticed.
 
+Issue 18: an order's terms join the intent and its Checkout Session (the cart
+from the intent's metadata, else the session's; the cart checked against the
+session's subtotal); the authorization is the latest (an increment moves it);
+a needs_review order whose terms change is decided again; refunds count from
+what Stripe says now (a failed refund stops counting; the released rest of a
+partial capture is no refund).
+
 Every fact about an intent is a function of the SET of its events: the model
 takes them in any order, duplicates included, and never looks at delivery
 order. Allocation of scarce stock between intents is the one exception: it
@@ -63,16 +70,28 @@ AUTHORIZATION_TYPES = frozenset(
 )
 REFUND_RANK = {"pending": 0, "requires_action": 0, "succeeded": 1, "failed": 2, "canceled": 2}
 REFUND_COUNTS = frozenset({"pending", "requires_action", "succeeded"})
+REFUND_STOPPED = frozenset({"failed", "canceled"})
+# An appeal (API 2026-10-28) comes after a lost dispute and before its final word.
 DISPUTE_RANK = {
     "warning_needs_response": 0,
     "needs_response": 0,
     "warning_under_review": 1,
     "under_review": 1,
-    "won": 2,
     "lost": 2,
-    "warning_closed": 2,
-    "prevented": 2,
-    "charge_refunded": 2,
+    "appeal_needs_response": 3,
+    "appeal_under_review": 4,
+    "won": 5,
+    "warning_closed": 5,
+    "prevented": 5,
+    "charge_refunded": 5,
+}
+# A captured charge's snapshots within one second: captured, refunded, then any update.
+CHARGE_STEP = {"charge.succeeded": 0, "charge.captured": 1, "charge.refunded": 2}
+CHECKOUT_STEP = {
+    "checkout.session.completed": 0,
+    "checkout.session.async_payment_succeeded": 1,
+    "checkout.session.async_payment_failed": 1,
+    "checkout.session.expired": 1,
 }
 DISPUTE_NOT_AGAINST_US = frozenset({"won", "warning_closed", "prevented", "charge_refunded"})
 # The metadata key that names the shop's cart (CART_METADATA_KEY's default). An
@@ -94,23 +113,43 @@ def intent_of(event: Event) -> str | None:
     obj = _object(event)
     if obj.get("object") == "payment_intent":
         return str(obj["id"])
-    if obj.get("object") in ("charge", "dispute", "refund"):
+    if obj.get("object") in ("charge", "dispute", "refund", "checkout.session"):
         intent = obj.get("payment_intent")
         return str(intent) if intent else None
     return None
 
 
+Key = tuple[int, int, str]
+
+
+def _key(event: Event, step: int) -> Key:
+    return (event["created"], step, event["id"])
+
+
 @dataclass(frozen=True)
 class Authorization:
-    """What the order is created from: the intent's first authorization event."""
+    """The intent's latest authorization (or capture): what it asks and what is held."""
 
-    event_id: str
-    created: int
-    step: int
-    cart_id: str | None
+    key: Key
     amount: int
     currency: str
-    amount_authorized: int
+    held: int
+
+
+@dataclass(frozen=True)
+class Session:
+    """The Checkout Session that made the intent, at its latest snapshot."""
+
+    key: Key
+    cart_id: str | None
+    subtotal: int | None  # in `currency`, the shop's
+    currency: str | None
+    total: int | None  # in `total_currency`, the buyer's
+    total_currency: str | None
+    shipping: int
+    discount: int
+    tax: int
+    paid: bool
 
 
 @dataclass(frozen=True)
@@ -118,6 +157,7 @@ class RefundFact:
     amount: int
     status: str
     status_created: int
+    opened: int
 
 
 @dataclass(frozen=True)
@@ -134,8 +174,21 @@ class DisputeFact:
 
 
 @dataclass(frozen=True)
+class Terms:
+    cart_id: str
+    amount: int
+    currency: str
+    authorized: int
+    cart_amount: int
+    cart_currency: str
+    shipping: int = 0
+    discount: int = 0
+    tax: int = 0
+
+
+@dataclass(frozen=True)
 class Intent:
-    """The facts kept per intent (rules 1-4)."""
+    """The facts kept per intent."""
 
     status: str | None = None
     status_created: int | None = None
@@ -143,8 +196,10 @@ class Intent:
     status_event_id: str | None = None
     cancellation_reason: str | None = None
     authorization: Authorization | None = None
-    charge_amount_refunded: int = 0
-    charge_refunded: bool = False
+    paid_at: int | None = None
+    named_cart: tuple[Key, str] | None = None
+    session: Session | None = None
+    charge: tuple[Key, int, bool] | None = None  # key, refunded (net), refunded in full
     refunds: Mapping[str, RefundFact] = field(default_factory=dict)
     dispute: DisputeFact | None = None
     amount_received: int = 0  # the most Stripe said it captured
@@ -155,16 +210,70 @@ class Intent:
         return self.status == "canceled"
 
     @property
+    def stopped_since_charge(self) -> int:
+        """Refunds made before the charge last spoke that failed or were canceled after."""
+        if self.charge is None:
+            return 0
+        said_at = self.charge[0][0]
+        return sum(
+            r.amount
+            for r in self.refunds.values()
+            if r.status in REFUND_STOPPED and r.opened <= said_at < r.status_created
+        )
+
+    @property
     def amount_refunded(self) -> int:
         counted = sum(r.amount for r in self.refunds.values() if r.status in REFUND_COUNTS)
-        return max(self.charge_amount_refunded, counted)
+        by_charge = 0 if self.charge is None else max(self.charge[1] - self.stopped_since_charge, 0)
+        return max(by_charge, counted)
 
     def refunded_in_full(self, order_amount: int) -> bool:
-        return self.charge_refunded or self.amount_refunded >= order_amount
+        if self.charge is not None and self.charge[2] and self.stopped_since_charge == 0:
+            return True
+        target = self.amount_received or order_amount
+        return 0 < target <= self.amount_refunded
 
     @property
     def disputed(self) -> bool:
         return self.dispute is not None and self.dispute.against_us
+
+    @property
+    def cart_id(self) -> str | None:
+        if self.named_cart is not None:
+            return self.named_cart[1]
+        return self.session.cart_id if self.session is not None else None
+
+    @property
+    def paid(self) -> bool:
+        return self.authorization is not None or (
+            self.session is not None and self.session.paid and self.session.total is not None
+        )
+
+    @property
+    def terms(self) -> Terms | None:
+        """What the order is decided on; None while it cannot be made."""
+        cart_id = self.cart_id
+        if cart_id is None or not self.paid:
+            return None
+        auth, session = self.authorization, self.session
+        if auth is not None:
+            amount, currency, held = auth.amount, auth.currency, auth.held
+        else:
+            assert session is not None and session.total is not None
+            amount, currency, held = session.total, session.total_currency or "", session.total
+        if session is not None and session.subtotal is not None:
+            return Terms(
+                cart_id,
+                amount,
+                currency,
+                held,
+                session.subtotal,
+                session.currency or currency,
+                session.shipping,
+                session.discount,
+                session.tax,
+            )
+        return Terms(cart_id, amount, currency, held, amount, currency)
 
 
 def _status_of(event: Event) -> tuple[str, str | None] | None:
@@ -189,77 +298,130 @@ def _authorization(event: Event) -> Authorization | None:
         return None
     status = obj.get("status")
     if status == "requires_capture":
-        authorized = obj.get("amount_capturable") or 0
+        held = obj.get("amount_capturable") or 0
     elif status == "succeeded":
-        authorized = obj.get("amount_received") or 0
+        held = obj.get("amount_received") or 0
     else:
         return None
     return Authorization(
-        event_id=event["id"],
-        created=event["created"],
-        step=STEP[event["type"]],
-        cart_id=(obj.get("metadata") or {}).get(CART_KEY) or None,
-        amount=obj["amount"],
-        currency=str(obj["currency"]).lower(),
-        amount_authorized=authorized,
+        _key(event, STEP[event["type"]]), obj["amount"], str(obj["currency"]).lower(), held
     )
 
 
-def intent_facts(events: Iterable[Event]) -> Intent:
-    """The facts of one intent from its events, in any order, duplicates included.
+def _session(event: Event) -> Session | None:
+    obj = _object(event)
+    if (
+        event["type"] not in CHECKOUT_STEP
+        or obj.get("object") != "checkout.session"
+        or obj.get("mode", "payment") != "payment"
+    ):
+        return None
+    conversion = obj.get("currency_conversion")
+    details = obj.get("total_details") or {}
+    subtotal = conversion["amount_subtotal"] if conversion else obj.get("amount_subtotal")
+    currency = conversion["source_currency"] if conversion else obj.get("currency")
+    return Session(
+        _key(event, CHECKOUT_STEP[event["type"]]),
+        (obj.get("metadata") or {}).get(CART_KEY) or obj.get("client_reference_id") or None,
+        subtotal,
+        currency.lower() if currency else None,
+        obj.get("amount_total"),
+        obj["currency"].lower() if obj.get("currency") else None,
+        details.get("amount_shipping") or 0,
+        details.get("amount_discount") or 0,
+        details.get("amount_tax") or 0,
+        obj.get("payment_status") == "paid",
+    )
 
-    Its order (if any) comes from the earliest authorization that names a cart.
-    """
+
+def _authorizes(event: Event) -> bool:
+    """An authorization or capture, or a paid Checkout Session."""
+    if _authorization(event) is not None:
+        return True
+    session = _session(event)
+    return session is not None and session.paid and session.total is not None
+
+
+def _captured_charge(event: Event) -> tuple[Key, int, bool, int] | None:
+    """A captured charge's snapshot: (key, money refunded, refunded in full, captured)."""
+    obj = _object(event)
+    kind = event["type"]
+    if (
+        not kind.startswith("charge.")
+        or kind.startswith("charge.dispute.")
+        or obj.get("object") != "charge"
+        or not obj.get("captured", True)
+    ):
+        return None
+    amount, captured = obj.get("amount") or 0, obj.get("amount_captured") or 0
+    released = amount - captured if 0 < captured < amount else 0
+    refunded = max((obj.get("amount_refunded") or 0) - released, 0)
+    return (_key(event, CHARGE_STEP.get(kind, 3)), refunded, bool(obj.get("refunded")), captured)
+
+
+def intent_facts(events: Iterable[Event]) -> Intent:  # noqa: C901 - one pass, one rule each
+    """The facts of one intent from its events, in any order, duplicates included."""
     unique = {e["id"]: e for e in events}
     status_key: tuple[int, int, int, str] | None = None
     status: tuple[str, str | None] | None = None
-    first_auth: Authorization | None = None
-    charge_refunded_max, charge_refunded = 0, False
+    auth: Authorization | None = None
+    paid_at: int | None = None
+    named: tuple[Key, str] | None = None
+    session: Session | None = None
+    charge: tuple[Key, int, bool] | None = None
     received = 0
     deadline: int | None = None
-    refunds: dict[str, tuple[tuple[int, int], RefundFact]] = {}
+    refunds: dict[str, tuple[tuple[int, int, int, int], RefundFact]] = {}
     dispute_key: tuple[int, int, str] | None = None
     dispute: DisputeFact | None = None
     for event in unique.values():
         obj = _object(event)
+        kind = obj.get("object")
         carried = _status_of(event)
         if carried is not None:
             key = (TIER[carried[0]], event["created"], STEP[event["type"]], event["id"])
             if status_key is None or key > status_key:
                 status_key, status = key, carried
-            if obj.get("object") == "payment_intent":
+            if kind == "payment_intent":
                 received = max(received, obj.get("amount_received") or 0)
-        auth = _authorization(event)
-        if (
-            auth is not None
-            and auth.cart_id is not None
-            and (first_auth is None or _first(auth) < _first(first_auth))
-        ):
-            first_auth = auth
-        kind = obj.get("object")
+                cart = (obj.get("metadata") or {}).get(CART_KEY)
+                if cart and (named is None or key[1:] > named[0]):
+                    named = ((event["created"], STEP[event["type"]], event["id"]), cart)
+        found = _authorization(event)
+        if found is not None and (auth is None or found.key > auth.key):
+            auth = found
+        if _authorizes(event):
+            paid_at = event["created"] if paid_at is None else min(paid_at, event["created"])
+        snapshot = _session(event)
+        if snapshot is not None and (session is None or snapshot.key > session.key):
+            session = snapshot
         if event["type"].startswith("charge.") and kind == "charge":
             deadline = _later(deadline, _capture_before(obj))
-        # An uncaptured charge (expired, canceled) reports the hold it released as
-        # refunded: that is no money sent back, so only captured charges count.
-        if event["type"].startswith("charge.") and kind == "charge" and obj.get("captured", True):
-            charge_refunded_max = max(charge_refunded_max, obj.get("amount_refunded") or 0)
-            charge_refunded = charge_refunded or bool(obj.get("refunded"))
-            received = max(received, obj.get("amount_captured") or 0)
-        elif kind == "refund":
-            rkey = (event["created"], REFUND_RANK.get(obj.get("status", ""), 0))
+        said = _captured_charge(event)
+        if said is not None:
+            received = max(received, said[3])
+            if charge is None or said[0] > charge[0]:
+                charge = said[:3]
+        if kind == "refund":
+            status_name = obj.get("status", "")
+            opened = obj.get("created", event["created"])
+            amount = obj.get("amount") or 0
+            rkey = (event["created"], REFUND_RANK.get(status_name, 0), amount, opened)
             known = refunds.get(obj["id"])
-            if known is None or rkey > known[0]:
+            if (known is None or rkey > known[0]) and status_name in REFUND_RANK:
                 refunds[obj["id"]] = (
                     rkey,
-                    RefundFact(obj.get("amount") or 0, obj.get("status", ""), event["created"]),
+                    RefundFact(amount, status_name, event["created"], opened),
                 )
         elif event["type"].startswith("charge.dispute.") and kind == "dispute":
-            dkey = (event["created"], DISPUTE_RANK.get(obj.get("status", ""), 0), obj["id"])
+            if obj.get("status", "") not in DISPUTE_RANK:
+                continue
+            dkey = (event["created"], DISPUTE_RANK[obj["status"]], obj["id"])
             if dispute_key is None or dkey > dispute_key:
                 dispute_key = dkey
                 dispute = DisputeFact(
                     obj["id"],
-                    obj.get("status", ""),
+                    obj["status"],
                     obj.get("amount") or 0,
                     obj.get("reason", ""),
                     event["created"],
@@ -270,9 +432,11 @@ def intent_facts(events: Iterable[Event]) -> Intent:
         status_step=status_key[2] if status_key else None,
         status_event_id=status_key[3] if status_key else None,
         cancellation_reason=status[1] if status and status[0] == "canceled" else None,
-        authorization=first_auth,
-        charge_amount_refunded=charge_refunded_max,
-        charge_refunded=charge_refunded,
+        authorization=auth,
+        paid_at=paid_at,
+        named_cart=named,
+        session=session,
+        charge=charge,
         refunds={rid: fact for rid, (_, fact) in refunds.items()},
         dispute=dispute,
         amount_received=received,
@@ -288,11 +452,6 @@ def _capture_before(charge: Mapping[str, Any]) -> int | None:
 
 def _later(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else max(a, b)
-
-
-def _first(auth: Authorization) -> tuple[int, int, str]:
-    """Which authorization came first: by `created`, then as the status key breaks ties."""
-    return (auth.created, auth.step, auth.event_id)
 
 
 def intents(events: Iterable[Event]) -> dict[str, Intent]:
@@ -323,31 +482,31 @@ class Cart:
         return wanted
 
 
-def review_reason(auth: Authorization, carts: Mapping[str, Cart]) -> str | None:
+def review_reason(terms: Terms, carts: Mapping[str, Cart]) -> str | None:
     """Why the order needs review, checked in the spec's order; None when it may take stock."""
-    assert auth.cart_id is not None  # an intent that names no cart has no order to review
-    cart = carts.get(auth.cart_id)
+    cart = carts.get(terms.cart_id)
     if cart is None:
         return "cart_missing"
     if not cart.lines:
         return "cart_empty"
-    if cart.currency.lower() != auth.currency:
+    if cart.currency.lower() != terms.cart_currency:
         return "currency_mismatch"
-    if cart.total != auth.amount:
+    if cart.total != terms.cart_amount:
         return "amount_mismatch"
-    if auth.amount_authorized < cart.total:
+    if terms.authorized < terms.amount:
         return "authorization_short"
     return None
 
 
 def order_status(intent: Intent, allocation: str) -> str:
     """The order's status: first match of canceled, disputed, refunded, the allocation."""
-    assert intent.authorization is not None
-    if intent.canceled:
+    terms = intent.terms
+    assert terms is not None
+    if intent.canceled or allocation == "skipped":
         return "canceled"
-    if intent.dispute is not None and intent.dispute.against_us:
+    if intent.disputed:
         return "disputed"
-    if intent.refunded_in_full(intent.authorization.amount):
+    if intent.refunded_in_full(terms.amount):
         return "refunded"
     return allocation
 
@@ -370,6 +529,10 @@ class Order:
     dispute_reason: str | None
     amount_captured: int
     capture_before: int | None
+    amount_subtotal: int
+    amount_shipping: int
+    amount_discount: int
+    amount_tax: int
 
 
 REASONED = frozenset({"needs_review", "out_of_stock", "duplicate"})
@@ -377,17 +540,17 @@ REASONED = frozenset({"needs_review", "out_of_stock", "duplicate"})
 
 def order(intent: Intent, allocation: str, status_reason: str | None) -> Order:
     """The order of `intent` once its allocation is known."""
-    auth = intent.authorization
-    assert auth is not None
+    terms = intent.terms
+    assert terms is not None
     dispute = intent.dispute
     return Order(
         status=order_status(intent, allocation),
         allocation=allocation,
         status_reason=status_reason if allocation in REASONED else None,
-        cart_id=auth.cart_id,
-        amount=auth.amount,
-        currency=auth.currency,
-        amount_authorized=auth.amount_authorized,
+        cart_id=terms.cart_id,
+        amount=terms.amount,
+        currency=terms.currency,
+        amount_authorized=terms.authorized,
         amount_refunded=intent.amount_refunded,
         cancellation_reason=intent.cancellation_reason,
         dispute_status=dispute.status if dispute else None,
@@ -395,6 +558,10 @@ def order(intent: Intent, allocation: str, status_reason: str | None) -> Order:
         dispute_reason=dispute.reason if dispute else None,
         amount_captured=intent.amount_received,
         capture_before=intent.capture_before,
+        amount_subtotal=terms.cart_amount,
+        amount_shipping=terms.shipping,
+        amount_discount=terms.discount,
+        amount_tax=terms.tax,
     )
 
 
@@ -422,7 +589,7 @@ class State:
     levels: dict[str, int]
 
 
-# Per new order: (allocation, status_reason).
+# Per order: (allocation, status_reason).
 Verdict = tuple[str, str | None]
 
 
@@ -431,24 +598,26 @@ def one_batch(
 ) -> State:
     """The state after applying every event in ONE batch to an empty database.
 
-    New orders are decided in the order of their first authorization's `created`;
-    the caller guarantees no two intents share that second (the real tie-breaks,
-    received-at, partition and offset, are delivery facts this function has not).
+    New orders are decided in the order their money was first held or received
+    (`paid_at`); the caller guarantees no two intents share that second (the real
+    tie-breaks, received-at, partition and offset, are delivery facts this
+    function has not).
     """
     facts = intents(events)
     decided: dict[str, Verdict] = {}
     competing: list[tuple[tuple[int, ...], str]] = []
     for pid, intent in facts.items():
-        if intent.authorization is None:
-            continue  # never authorized, or not the shop's (no cart): no order
+        if intent.terms is None:
+            continue  # never paid, or not the shop's (no cart): no order
         if intent.canceled:
             decided[pid] = ("skipped", None)
         else:
-            competing.append(((intent.authorization.created,), pid))
+            assert intent.paid_at is not None
+            competing.append(((intent.paid_at,), pid))
     seconds = [paid for paid, _ in competing]
-    assert len(set(seconds)) == len(seconds), "authorizations of two intents share a second"
+    assert len(set(seconds)) == len(seconds), "two intents were paid in the same second"
     left = dict(stock)
-    decided.update(_decide_new(competing, facts, carts, left, {}))
+    decided.update(_decide(competing, facts, carts, left, {}))
     orders = {pid: order(facts[pid], *verdict) for pid, verdict in decided.items()}
     return State(facts, orders, left)
 
@@ -465,13 +634,14 @@ def in_batches(
     """The state after applying `batches` one after the other, each its own transaction.
 
     An event applies in the batch of its first copy (later copies change
-    nothing) and is paid at that copy's arrival. Per batch: stock given back by
-    orders canceled in it is there first for the batch's new orders ("goes to
-    the next order that asks"), and so is a cart whose live order was canceled
-    in it; the new orders are created `skipped` if their intent ends the batch
-    canceled, else decided in the order of their authorization (created,
-    received-at, partition, offset); an `out_of_stock` order is never revisited,
-    and a `duplicate` stays one.
+    nothing). Per batch: stock given back by orders canceled in it is there
+    first for the batch's decisions ("goes to the next order that asks"), and so
+    is a cart whose live order was canceled in it; an intent whose terms became
+    known gets its order, created `skipped` if it ends the batch canceled; an
+    order in needs_review whose terms changed is decided again; both are
+    decided in the order (paid_at, where the batch's earliest authorizing event
+    of the intent arrived, else its first event of the batch); an
+    `out_of_stock` or `duplicate` order is never revisited.
     """
     applied: dict[str, Event] = {}
     decided: dict[str, Verdict] = {}
@@ -494,62 +664,77 @@ def in_batches(
             for pid, (allocation, _) in decided.items()
             if allocation in LIVE and not facts[pid].canceled
         }
-        competing: list[tuple[tuple[int, ...], str]] = []
-        for pid, intent in facts.items():
-            if pid in decided or intent.authorization is None:
-                continue
-            if intent.canceled:
-                decided[pid] = ("skipped", None)
-                continue
-            paid = min(
-                (applied[eid]["created"], *arrival)
-                for eid, arrival in arrived.items()
-                if intent_of(applied[eid]) == pid and _names_a_cart(applied[eid])
-            )
-            competing.append((paid, pid))
-        decided.update(_decide_new(competing, facts, carts, left, holders))
+        competing = _competing(facts, before, decided, applied, arrived)
+        decided.update(_decide(competing, facts, carts, left, holders))
     orders = {pid: order(facts[pid], *verdict) for pid, verdict in decided.items()}
     return State(facts, orders, left)
 
 
-def _names_a_cart(event: Event) -> bool:
-    auth = _authorization(event)
-    return auth is not None and auth.cart_id is not None
+def _competing(
+    facts: Mapping[str, Intent],
+    before: Mapping[str, Intent],
+    decided: dict[str, Verdict],
+    applied: Mapping[str, Event],
+    arrived: Mapping[str, Arrival],
+) -> list[tuple[tuple[int, ...], str]]:
+    """The orders the batch decides, with what they are served by (`in_batches`); records
+    `skipped` the new orders of intents the batch ends canceled."""
+    competing: list[tuple[tuple[int, ...], str]] = []
+    for pid, intent in facts.items():
+        terms = intent.terms
+        if terms is None or (intent.canceled and pid in decided):
+            continue
+        if pid in decided:
+            was = before.get(pid)
+            if decided[pid][0] != "needs_review" or (was is not None and was.terms == terms):
+                continue
+        elif intent.canceled:
+            decided[pid] = ("skipped", None)
+            continue
+        mine = [eid for eid in arrived if intent_of(applied[eid]) == pid]
+        if not mine:
+            continue
+        paying = [(applied[e]["created"], arrived[e]) for e in mine if _authorizes(applied[e])]
+        where = min(paying)[1] if paying else min(arrived[e] for e in mine)
+        assert intent.paid_at is not None
+        competing.append(((intent.paid_at, *where), pid))
+    return competing
 
 
 def _cart_of(intent: Intent) -> str:
-    assert intent.authorization is not None and intent.authorization.cart_id is not None
-    return intent.authorization.cart_id
+    terms = intent.terms
+    assert terms is not None
+    return terms.cart_id
 
 
 def _demand(intent: Intent, carts: Mapping[str, Cart]) -> Counter[str]:
     return carts[_cart_of(intent)].demand
 
 
-def _decide_new(
+def _decide(
     competing: list[tuple[tuple[int, ...], str]],
     facts: Mapping[str, Intent],
     carts: Mapping[str, Cart],
     left: dict[str, int],
     holders: dict[str, str],
 ) -> dict[str, Verdict]:
-    """First paid, first decided: a cart already held makes a duplicate; else its cart
-    is checked (needs_review), then it takes its whole demand from `left` or nothing.
+    """First paid, first decided: a cart another order holds makes a duplicate; else its
+    cart is checked (needs_review), then it takes its whole demand from `left` or nothing.
     A needs_review or placed order holds its cart for the orders after it."""
     decided: dict[str, Verdict] = {}
     for _, pid in sorted(competing):
-        auth = facts[pid].authorization
-        assert auth is not None and auth.cart_id is not None
-        holder = holders.get(auth.cart_id)
-        if holder is not None:
+        terms = facts[pid].terms
+        assert terms is not None
+        holder = holders.get(terms.cart_id)
+        if holder is not None and holder != pid:
             decided[pid] = ("duplicate", f"duplicate_of:{holder}")
             continue
-        reason = review_reason(auth, carts)
+        reason = review_reason(terms, carts)
         if reason is not None:
             decided[pid] = ("needs_review", reason)
-            holders[auth.cart_id] = pid
+            holders[terms.cart_id] = pid
             continue
-        demand = _demand(facts[pid], carts)
+        demand = carts[terms.cart_id].demand
         short = [sku for sku, qty in demand.items() if left.get(sku, 0) < qty]
         if short:
             decided[pid] = ("out_of_stock", short_reason(short))
@@ -557,7 +742,7 @@ def _decide_new(
         for sku, qty in demand.items():
             left[sku] = left.get(sku, 0) - qty
         decided[pid] = ("placed", None)
-        holders[auth.cart_id] = pid
+        holders[terms.cart_id] = pid
     return decided
 
 

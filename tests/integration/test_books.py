@@ -13,7 +13,7 @@ import pytest
 
 from intentflow.consumer import reconcile
 from intentflow.consumer.errors import Fault, cause, classify
-from intentflow.consumer.orders import StockRowMissing
+from intentflow.consumer.stock import StockRowMissing
 from intentflow.consumer.store import apply_batch
 from intentflow.stripekit import events
 from tests.integration.store_support import envelope

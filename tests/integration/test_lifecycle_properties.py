@@ -19,10 +19,11 @@ state is the same for every order and split), many batches with scarce stock
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, is_dataclass, replace
+from dataclasses import astuple, dataclass, field, is_dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -95,11 +96,14 @@ class IntentRow:
     status_step: int | None
     status_event_id: str | None  # the event whose status won (column last_event_id)
     cancellation_reason: str | None
-    charge_amount_refunded: int
-    charge_refunded: bool
+    charge: tuple[Any, ...] | None  # key, refunded, refunded in full: the latest word
     dispute: tuple[str, str, int, str, int] | None  # id, status, amount, reason, created
     amount_received: int
     capture_before: int | None
+    authorization: tuple[Any, ...] | None  # key, amount, currency, held: the latest
+    paid_at: int | None
+    named_cart: tuple[Any, ...] | None  # key, cart
+    session: tuple[Any, ...] | None  # key, cart, subtotal, currency, total, ..., paid
 
 
 @dataclass(frozen=True)
@@ -108,27 +112,31 @@ class RefundRow:
     amount: int
     status: str
     status_created: int
+    opened: int
 
 
 def intent_row(intent: model.Intent) -> IntentRow:
-    d = intent.dispute
+    d, a, session = intent.dispute, intent.authorization, intent.session
     return IntentRow(
         intent.status,
         intent.status_created,
         intent.status_step,
         intent.status_event_id,
         intent.cancellation_reason,
-        intent.charge_amount_refunded,
-        intent.charge_refunded,
+        intent.charge,
         (d.id, d.status, d.amount, d.reason, d.created) if d else None,
         intent.amount_received,
         intent.capture_before,
+        (a.key, a.amount, a.currency, a.held) if a else None,
+        intent.paid_at,
+        intent.named_cart,
+        astuple(session) if session else None,
     )
 
 
 def refund_rows(facts: dict[str, model.Intent]) -> dict[str, RefundRow]:
     return {
-        refund_id: RefundRow(pid, r.amount, r.status, r.status_created)
+        refund_id: RefundRow(pid, r.amount, r.status, r.status_created, r.opened)
         for pid, intent in facts.items()
         for refund_id, r in intent.refunds.items()
     }
@@ -177,33 +185,11 @@ def comparable_orders(orders: dict[str, model.Order], twins: set[str]) -> dict[s
 
 
 async def observe(db: asyncpg.Connection) -> Seen:
-    intents = {
-        r["id"]: IntentRow(
-            r["status"],
-            r["status_created"],
-            r["status_step"],
-            r["last_event_id"],
-            r["cancellation_reason"],
-            r["charge_amount_refunded"],
-            r["charge_refunded"],
-            (
-                (
-                    r["dispute_id"],
-                    r["dispute_status"],
-                    r["dispute_amount"],
-                    r["dispute_reason"],
-                    r["dispute_created"],
-                )
-                if r["dispute_id"] is not None
-                else None
-            ),
-            r["amount_received"],
-            r["capture_before"],
-        )
-        for r in await db.fetch("SELECT * FROM payment_intents")
-    }
+    intents = {r["id"]: stored_intent(r) for r in await db.fetch("SELECT * FROM payment_intents")}
     refunds = {
-        r["id"]: RefundRow(r["payment_intent_id"], r["amount"], r["status"], r["status_created"])
+        r["id"]: RefundRow(
+            r["payment_intent_id"], r["amount"], r["status"], r["status_created"], r["opened"]
+        )
         for r in await db.fetch("SELECT * FROM refunds")
     }
     orders = {
@@ -222,6 +208,10 @@ async def observe(db: asyncpg.Connection) -> Seen:
             dispute_reason=r["dispute_reason"],
             amount_captured=r["amount_captured"],
             capture_before=r["capture_before_s"],
+            amount_subtotal=r["amount_subtotal"],
+            amount_shipping=r["amount_shipping"],
+            amount_discount=r["amount_discount"],
+            amount_tax=r["amount_tax"],
         )
         for r in await db.fetch(
             "SELECT *, extract(epoch FROM capture_before)::bigint AS capture_before_s FROM orders"
@@ -261,6 +251,45 @@ async def observe(db: asyncpg.Connection) -> Seen:
     }
     return Seen(
         intents, refunds, orders, levels, movements, order_movements, processed, items, actions
+    )
+
+
+def _keyed(r: asyncpg.Record, prefix: str) -> tuple[Any, ...] | None:
+    if r[f"{prefix}_created"] is None:
+        return None
+    return (r[f"{prefix}_created"], r[f"{prefix}_step"], r[f"{prefix}_event_id"])
+
+
+def stored_intent(r: asyncpg.Record) -> IntentRow:
+    """An intent's row, in the model's terms."""
+    dispute = None
+    if r["dispute_id"] is not None:
+        dispute = (
+            r["dispute_id"],
+            r["dispute_status"],
+            r["dispute_amount"],
+            r["dispute_reason"],
+            r["dispute_created"],
+        )
+    charge, auth, named = (_keyed(r, p) for p in ("charge", "auth", "named"))
+    session = None
+    if r["checkout"] is not None:
+        key, _session_id, *fields = json.loads(r["checkout"])
+        session = (tuple(key), *fields)
+    return IntentRow(
+        r["status"],
+        r["status_created"],
+        r["status_step"],
+        r["last_event_id"],
+        r["cancellation_reason"],
+        None if charge is None else (charge, r["charge_amount_refunded"], r["charge_refunded"]),
+        dispute,
+        r["amount_received"],
+        r["capture_before"],
+        None if auth is None else (auth, r["auth_amount"], r["auth_currency"], r["auth_held"]),
+        r["paid_at"],
+        None if named is None else (named, r["named_cart_id"]),
+        session,
     )
 
 

@@ -7,7 +7,8 @@ import asyncio
 import asyncpg
 import pytest
 
-from intentflow.consumer.store import ConcurrentIntentWrite, apply_batch
+from intentflow.consumer.intents import ConcurrentIntentWrite
+from intentflow.consumer.store import apply_batch
 from intentflow.stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import eventually, seed_cart, seed_stock, snapshot

@@ -5,6 +5,7 @@ from __future__ import annotations
 from intentflow.consumer.allocation import Cart, CartLine, allocate, review_reason, skus_wanted
 from intentflow.consumer.decisions import Allocation as OrderStatus
 from intentflow.consumer.decisions import PlaceOrder
+from intentflow.consumer.facts import Terms
 
 
 def request(
@@ -15,7 +16,8 @@ def request(
     authorized: int | None = None,
 ) -> PlaceOrder:
     held = amount if authorized is None else authorized
-    return PlaceOrder(pi, cart_id, amount, currency, held, f"evt_{pi}", (0, 0, 0, 0))
+    terms = Terms(cart_id, amount, currency, held, amount, currency)
+    return PlaceOrder(pi, terms, f"evt_{pi}", (0, 0, 0, 0))
 
 
 def cart(cart_id: str, *lines: tuple[str, int, int], currency: str = "usd") -> Cart:
@@ -68,12 +70,12 @@ def test_a_smaller_later_order_can_still_fit_after_a_large_one_is_refused() -> N
 
 def test_review_reasons() -> None:
     good = cart("c1", ("a", 2, 100))
-    assert review_reason(request("p", "c1", 200), good) is None
-    assert review_reason(request("p", "c1", 200, "USD"), good) is None
-    assert review_reason(request("p", "c1", 200), None) == "cart_missing"
-    assert review_reason(request("p", "c1", 0), cart("c1")) == "cart_empty"
-    assert review_reason(request("p", "c1", 199), good) == "amount_mismatch"
-    assert review_reason(request("p", "c1", 200, "eur"), good) == "currency_mismatch"
+    assert review_reason(request("p", "c1", 200).terms, good) is None
+    assert review_reason(request("p", "c1", 200, "USD").terms, good) is None
+    assert review_reason(request("p", "c1", 200).terms, None) == "cart_missing"
+    assert review_reason(request("p", "c1", 0).terms, cart("c1")) == "cart_empty"
+    assert review_reason(request("p", "c1", 199).terms, good) == "amount_mismatch"
+    assert review_reason(request("p", "c1", 200, "eur").terms, good) == "currency_mismatch"
 
 
 def test_needs_review_orders_take_no_stock_and_lock_no_rows() -> None:
@@ -93,7 +95,7 @@ def test_skus_wanted_is_sorted_for_the_global_lock_order() -> None:
 def test_a_partial_authorization_is_reviewed_not_placed() -> None:
     carts = {"c1": cart("c1", ("a", 1, 1000))}
     short = request("pi_1", "c1", 1000, authorized=999)
-    assert review_reason(short, carts["c1"]) == "authorization_short"
+    assert review_reason(short.terms, carts["c1"]) == "authorization_short"
     plans, left = allocate([short], carts, {"a": 5})
     assert (plans[0].status, plans[0].reason, left) == (
         OrderStatus.NEEDS_REVIEW,
@@ -104,7 +106,7 @@ def test_a_partial_authorization_is_reviewed_not_placed() -> None:
 
 def test_an_authorization_of_more_than_the_cart_is_placed() -> None:
     carts = {"c1": cart("c1", ("a", 1, 1000))}
-    assert review_reason(request("pi_1", "c1", 1000, authorized=1200), carts["c1"]) is None
+    assert review_reason(request("pi_1", "c1", 1000, authorized=1200).terms, carts["c1"]) is None
 
 
 # --- One live order per cart -----------------------------------------------------------

@@ -17,11 +17,11 @@ from aiokafka.errors import (
 
 from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
 from intentflow.consumer.errors import Fault, cause, classify, is_read_only, is_statement_timeout
+from intentflow.consumer.intents import ConcurrentIntentWrite
 from intentflow.consumer.migrate import SchemaBehind
-from intentflow.consumer.orders import StockRowMissing
 from intentflow.consumer.preflight import TopicsMissing, redact, until_ready
 from intentflow.consumer.settings import ConsumerSettings
-from intentflow.consumer.store import ConcurrentIntentWrite
+from intentflow.consumer.stock import StockRowMissing
 from intentflow.schemas.config import check_bootstrap_servers
 
 

@@ -18,6 +18,7 @@ from intentflow.consumer.decisions import (
     RecordPayment,
     RecordRefund,
 )
+from intentflow.consumer.facts import Terms
 from intentflow.consumer.fold import IntentFold, IntentState, OrderView, Outcome, fold_intent
 from intentflow.schemas import StripeEvent
 from intentflow.stripekit import events
@@ -96,7 +97,8 @@ def test_authorization_places_one_order_from_the_intent() -> None:
     auth = ev("requires_capture", capturable=900)
     fold = fold_intent(NEW, [auth], [(5, 2, 7)])
     (place,) = fold.decisions
-    assert place == PlaceOrder("pi_1", "cart-1", 1000, "usd", 900, auth.id, (T0, 5, 2, 7))
+    terms = Terms("cart-1", 1000, "usd", 900, 1000, "usd")
+    assert place == PlaceOrder("pi_1", terms, auth.id, (T0, 5, 2, 7))
     assert fold.state.facts.status == "requires_capture"
     assert outcomes(fold) == [Outcome.APPLIED]
 
@@ -112,14 +114,14 @@ def test_authorization_places_one_order_from_the_intent() -> None:
 def test_every_authorization_synonym_places_an_order(event_type: str) -> None:
     status = "succeeded" if event_type.endswith("succeeded") else "requires_capture"
     (place,) = fold_intent(NEW, [ev(status, event_type)]).decisions
-    assert isinstance(place, PlaceOrder) and place.amount_authorized == 1000
+    assert isinstance(place, PlaceOrder) and place.terms.authorized == 1000
 
 
 def test_a_captured_payment_counts_what_was_received() -> None:
     succeeded = ev("succeeded")
     assert succeeded.data.object.amount_received == 1000  # type: ignore[union-attr]
     (place,) = fold_intent(NEW, [succeeded]).decisions
-    assert isinstance(place, PlaceOrder) and place.amount_authorized == 1000
+    assert isinstance(place, PlaceOrder) and place.terms.authorized == 1000
 
 
 def test_an_intent_that_already_has_an_order_gets_no_second_one() -> None:
@@ -146,12 +148,16 @@ def test_capture_after_authorization_in_one_batch_is_one_order() -> None:
 # Status: Stripe's state machine, not a rank of statuses.
 
 
-def test_an_older_status_is_stale() -> None:
+def test_an_older_status_changes_no_status() -> None:
     late_auth = ev("requires_capture")
     state = with_order(fold_intent(NEW, [ev("succeeded", created=T0 + 9)]))
     fold = fold_intent(state, [late_auth])
-    assert fold.outcomes == ((late_auth.id, Outcome.STALE),)
-    assert fold.state.facts.status == "succeeded" and not fold.changed
+    # It tells when the money was first held, and nothing else: no decision.
+    assert fold.outcomes == ((late_auth.id, Outcome.APPLIED),)
+    assert (fold.state.facts.status, fold.state.facts.paid_at) == ("succeeded", T0)
+    assert fold.decisions == ()
+    again = fold_intent(fold.state, [ev("requires_capture")])
+    assert again.outcomes[0][1] is Outcome.STALE and not again.changed
 
 
 def test_a_failure_after_3d_secure_in_the_same_second_is_not_stale() -> None:

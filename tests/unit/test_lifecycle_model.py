@@ -136,7 +136,7 @@ def test_facts_do_not_depend_on_the_order_or_repetition_of_events() -> None:
     assert expected.dispute is not None and expected.dispute.status == "won"
 
 
-def test_refunds_count_pending_and_succeeded_but_not_failed_and_the_largest_charge_wins() -> None:
+def test_refunds_count_pending_and_succeeded_but_not_failed_and_the_latest_charge_wins() -> None:
     facts = model.intent_facts(
         [
             ev("evt_1", "charge.refund.updated", 5, refund("re_1", 300, "pending")),
@@ -150,10 +150,18 @@ def test_refunds_count_pending_and_succeeded_but_not_failed_and_the_largest_char
         "re_1": "pending",
         "re_2": "failed",
     }
+    # The charge's latest word: a refund of 700 that failed since (a later update says 0).
     more = model.intent_facts(
         [ev("evt_4", "charge.refunded", 4, charge(700)), ev("evt_5", "charge.updated", 6, charge())]
     )
-    assert (more.amount_refunded, more.refunded_in_full(1000)) == (700, False)
+    assert (more.amount_refunded, more.refunded_in_full(1000)) == (0, False)
+    # A refund that failed after the charge last spoke, and was made before, stops
+    # counting in what the charge said.
+    failed = {**refund("re_3", 700, "failed"), "created": 3}
+    stale = model.intent_facts(
+        [ev("evt_4", "charge.refunded", 4, charge(700)), ev("evt_6", "refund.failed", 8, failed)]
+    )
+    assert (stale.amount_refunded, stale.refunded_in_full(1000)) == (0, False)
 
 
 def test_a_released_hold_on_an_uncaptured_charge_is_no_refund() -> None:
@@ -165,7 +173,7 @@ def test_a_released_hold_on_an_uncaptured_charge_is_no_refund() -> None:
             ev("evt_r", "charge.refunded", 9, released),
         ]
     )
-    assert (facts.amount_refunded, facts.charge_refunded) == (0, False)
+    assert (facts.amount_refunded, facts.refunded_in_full(1000)) == (0, False)
     assert (facts.status, facts.cancellation_reason) == ("canceled", "expired")
 
 
@@ -220,9 +228,9 @@ def test_one_batch_skips_an_order_canceled_in_it_so_the_next_payment_gets_the_st
 def test_review_reasons_are_checked_in_the_rules_order() -> None:
     cart = model.Cart("usd", (("sku-a", 2, 500),))
 
-    def authorized(cart_id: str | None, amount: int, currency: str, held: int) -> str | None:
-        authorization = model.Authorization("evt_1", 1, 4, cart_id, amount, currency, held)
-        return model.review_reason(authorization, {"cart-1": cart, "cart-empty": empty})
+    def authorized(cart_id: str, amount: int, currency: str, held: int) -> str | None:
+        terms = model.Terms(cart_id, amount, currency, held, amount, currency)
+        return model.review_reason(terms, {"cart-1": cart, "cart-empty": empty})
 
     empty = model.Cart("usd", ())
     assert authorized("cart-1", 1000, "usd", 1000) is None

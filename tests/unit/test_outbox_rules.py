@@ -168,7 +168,6 @@ def test_a_placed_order_already_captured_asks_nothing() -> None:
 @pytest.mark.parametrize(
     ("previous", "status"),
     [
-        (OrderStatus.PLACED, OrderStatus.PLACED),
         (OrderStatus.PLACED, OrderStatus.REFUNDED),
         (OrderStatus.NEEDS_REVIEW, OrderStatus.DISPUTED),
     ],
@@ -313,3 +312,13 @@ def test_a_row_the_broker_refuses_for_good_is_failed_and_holds_nothing_back() ->
     assert refused.retry_in_s is None  # recorded `failed`: `outbox retry` after the fix
     assert published == Mark(2, "published")
     assert relay.stats.publish_failures == 1
+
+
+def test_a_capture_waits_while_radar_reviews_the_payment_or_the_issuer_warned() -> None:
+    """An open review or an early fraud warning holds the capture; a change that settles
+    the review (closed approved) asks for it, as it would a new order's."""
+    held = change(OrderStatus.PLACED)._replace(capture_held=True)
+    assert stripe_actions_for(held, ON_PLACED) is None
+    approved = change(OrderStatus.PLACED, previous=OrderStatus.PLACED)
+    row = stripe_actions_for(approved, ON_PLACED)
+    assert row is not None and row.action is Action.CAPTURE

@@ -43,6 +43,12 @@ class Claimed(NamedTuple):
     verify_first: bool = False
     amount_captured: int = 0
     amount_refunded: int = 0
+    # The order names a cart: the shop's. An action on one that names none (written by
+    # a version before 4, when every payment became an order) is never performed.
+    shops: bool = True
+    # What holds a capture back: Radar's review open, or the issuer's fraud warning.
+    review_open: bool = False
+    fraud_warned: bool = False
 
 
 async def claim(
@@ -66,7 +72,9 @@ async def claim(
                x.idempotency_key, x.attempts, p.status AS intent_status, x.order_id,
                coalesce(p.account, o.account) AS account, x.key_generation, x.verify_first,
                coalesce(o.amount_captured, 0) AS amount_captured,
-               coalesce(o.amount_refunded, 0) AS amount_refunded
+               coalesce(o.amount_refunded, 0) AS amount_refunded,
+               o.cart_id IS NOT NULL AS shops, coalesce(o.review_open, false) AS review_open,
+               o.fraud_warning_id IS NOT NULL AS fraud_warned
         FROM outbox x
         LEFT JOIN payment_intents p ON p.id = x.payment_intent_id
         LEFT JOIN orders o ON o.id = x.order_id
@@ -100,6 +108,10 @@ async def claim(
             r["verify_first"],
             r["amount_captured"],
             r["amount_refunded"],
+            # An order event's row has no order joined to it: nothing to hold back.
+            r["shops"] is not False,
+            bool(r["review_open"]),
+            bool(r["fraud_warned"]),
         )
         for r in rows
     ]

@@ -35,6 +35,15 @@ REFUND_STOPPED = frozenset({"failed", "canceled"})
 Key = tuple[int, int, str]
 
 
+# A dispute in one of these statuses is over: the money went with it, or stayed.
+DISPUTE_CLOSED = frozenset({"won", "lost", "warning_closed", "prevented", "charge_refunded"})
+# A dispute in one of these statuses has taken its amount back from us: a chargeback open
+# or lost (an inquiry, `warning_*`, takes nothing; a dispute won gives it back).
+DISPUTE_WITHDRAWN = frozenset(
+    {"needs_response", "under_review", "lost", "appeal_needs_response", "appeal_under_review"}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Dispute:
     id: str
@@ -42,10 +51,22 @@ class Dispute:
     amount: int
     reason: str
     created: int  # the event's, for ordering snapshots
+    # Stripe's `is_charge_refundable`: the payment can still be refunded while disputed.
+    refundable: bool = False
 
     @property
     def against_us(self) -> bool:
         return self.status not in DISPUTE_SETTLED_FOR_US
+
+    @property
+    def holds(self) -> int:
+        """What the dispute has taken back from us (the customer gets it through it)."""
+        return self.amount if self.status in DISPUTE_WITHDRAWN else 0
+
+    @property
+    def blocks_refund(self) -> bool:
+        """Open, and Stripe would refuse a refund of the disputed payment."""
+        return self.status not in DISPUTE_CLOSED and not self.refundable
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +88,20 @@ class ChargeSnapshot(NamedTuple):
 
 
 class Authorization(NamedTuple):
-    """The intent's latest authorization (or capture) by `key`: an increment or an
-    overcapture moves it, in any delivery order."""
+    """The intent's latest authorization by `key` (an increment moves it, in any delivery
+    order), or, for a payment captured at once, its latest capture: a hold outranks a
+    capture, so that capturing less than was held (the shop's choice, after the order)
+    does not read as an authorization that fell short."""
 
     key: Key
     amount: int  # the intent's `amount`: what the buyer was asked to pay
     currency: str
     held: int  # `amount_capturable` while held, `amount_received` once captured
+    captured: bool = False  # from a capture (`succeeded`), not a hold
+
+    @property
+    def rank(self) -> tuple[bool, Key]:
+        return (not self.captured, self.key)
 
 
 class Named(NamedTuple):
@@ -166,6 +194,9 @@ class Facts(NamedTuple):
     amount_received: int = 0
     # When an uncaptured authorization lapses (the charge's capture_before, Unix time).
     capture_before: int | None = None
+    # The rest of a partial capture that Stripe released as a refund object, before API
+    # 2025-03-31.basil: among the refunds, and no money sent back.
+    released: int = 0
     authorization: Authorization | None = None
     # When the money was first held or received (the earliest authorizing event's
     # `created`): what orders are served by, first paid first.
@@ -181,11 +212,13 @@ class Facts(NamedTuple):
 
     @property
     def amount_refunded(self) -> int:
-        """Money sent back: the refunds that count, or the charge's latest word when it
-        says more (refunds this consumer never saw), less any refund that stopped
-        counting after that word."""
+        """Money sent back: the refunds that count (less the rest of a partial capture
+        released as one), or the charge's latest word when it says more (refunds this
+        consumer never saw), less any refund that stopped counting after that word; never
+        more than was captured (what a released hold "refunds" is no money back)."""
         counted = sum(r.amount for r in self.refunds.values() if r.status in REFUND_COUNTS)
-        return max(self._charge_refunded(), counted)
+        sent_back = max(self._charge_refunded(), counted - self.released)
+        return max(min(sent_back, self.amount_received), 0)
 
     def _charge_refunded(self) -> int:
         charge = self.charge
@@ -217,8 +250,25 @@ class Facts(NamedTuple):
 
     @property
     def disputed(self) -> bool:
-        """A dispute holds the money against us (Stripe refuses to refund a disputed charge)."""
+        """A dispute holds the money against us: the order is `disputed`."""
         return self.dispute is not None and self.dispute.against_us
+
+    @property
+    def owed_back(self) -> int:
+        """Captured money neither refunded nor taken back by a dispute: what an order that
+        cannot be filled still owes its customer."""
+        held = self.dispute.holds if self.dispute is not None else 0
+        return max(self.amount_received - self.amount_refunded - held, 0)
+
+    @property
+    def refund_stopped(self) -> bool:
+        """A refund of the intent failed or was canceled."""
+        return any(r.status in REFUND_STOPPED for r in self.refunds.values())
+
+    @property
+    def refund_blocked(self) -> bool:
+        """An open dispute that Stripe says keeps the payment from being refunded."""
+        return self.dispute is not None and self.dispute.blocks_refund
 
     @property
     def paid(self) -> bool:

@@ -203,13 +203,16 @@ def _shown_payment(facts: Facts) -> tuple[object, ...]:
     return (
         facts.amount_received,
         facts.capture_before,
+        facts.account,
         terms(facts),
         review and (review.id, review.open, review.reason, review.closed_reason),
         warning and (warning.id, warning.actionable, warning.fraud_type),
     )
 
 
-def _shown(dispute: Dispute | None) -> tuple[str, int, str] | None:
+def _shown(dispute: Dispute | None) -> tuple[str, int, str, bool] | None:
     """What an order shows of its dispute: a newer snapshot that changes none of it
     (`charge.dispute.funds_withdrawn`, mostly) is no news to the order or its readers."""
-    return None if dispute is None else (dispute.status, dispute.amount, dispute.reason)
+    if dispute is None:
+        return None
+    return (dispute.status, dispute.amount, dispute.reason, dispute.refundable)

@@ -62,15 +62,18 @@ _INTENT = _STATUS + Columns.of(
     ("dispute_amount", "bigint"),
     ("dispute_reason", "text"),
     ("dispute_created", "bigint"),
+    ("dispute_refundable", "bool"),
     ("account", "text"),
     ("amount_received", "bigint"),
     ("capture_before", "bigint"),
+    ("released", "bigint"),
     ("auth_created", "bigint"),
     ("auth_step", "smallint"),
     ("auth_event_id", "text"),
     ("auth_amount", "bigint"),
     ("auth_currency", "text"),
     ("auth_held", "bigint"),
+    ("auth_captured", "bool"),
     ("paid_at", "bigint"),
     ("named_cart_id", "text"),
     ("named_created", "bigint"),
@@ -139,6 +142,7 @@ def _facts(row: asyncpg.Record, refunds: dict[str, RefundSnapshot]) -> Facts:
             row["dispute_amount"],
             row["dispute_reason"],
             row["dispute_created"],
+            row["dispute_refundable"],
         )
     charge_key, auth_key, named_key = (_key(row, p) for p in ("charge", "auth", "named"))
     charge = None
@@ -146,7 +150,13 @@ def _facts(row: asyncpg.Record, refunds: dict[str, RefundSnapshot]) -> Facts:
         charge = ChargeSnapshot(charge_key, row["charge_amount_refunded"], row["charge_refunded"])
     auth = None
     if auth_key is not None:
-        auth = Authorization(auth_key, row["auth_amount"], row["auth_currency"], row["auth_held"])
+        auth = Authorization(
+            auth_key,
+            row["auth_amount"],
+            row["auth_currency"],
+            row["auth_held"],
+            row["auth_captured"],
+        )
     named = None if named_key is None else Named(named_key, row["named_cart_id"])
     return Facts(
         status=row["status"],
@@ -160,6 +170,7 @@ def _facts(row: asyncpg.Record, refunds: dict[str, RefundSnapshot]) -> Facts:
         account=row["account"],
         amount_received=row["amount_received"],
         capture_before=row["capture_before"],
+        released=row["released"],
         authorization=auth,
         paid_at=row["paid_at"],
         named=named,
@@ -212,15 +223,18 @@ def _row(fold: IntentFold) -> dict[str, Any]:
         "dispute_amount": d and d.amount,
         "dispute_reason": d and d.reason,
         "dispute_created": d and d.created,
+        "dispute_refundable": d and d.refundable,
         "account": f.account,
         "amount_received": f.amount_received,
         "capture_before": f.capture_before,
+        "released": f.released,
         "auth_created": auth_created,
         "auth_step": auth_step,
         "auth_event_id": auth_event,
         "auth_amount": auth and auth.amount,
         "auth_currency": auth and auth.currency,
         "auth_held": auth and auth.held,
+        "auth_captured": auth and auth.captured,
         "paid_at": f.paid_at,
         "named_cart_id": named and named.cart_id,
         "named_created": named_created,

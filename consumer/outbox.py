@@ -78,11 +78,12 @@ class OrderChange(NamedTuple):
     intent_status: str | None  # the intent's Stripe status after the batch
     amount: int
     allocation: Allocation
-    # What Stripe captured of the intent, what is refunded, and whether a dispute
-    # holds the money (a disputed charge cannot be refunded), after the batch.
-    captured: int = 0
-    refunded: int = 0
-    disputed: bool = False
+    # Captured money neither refunded nor taken back by a dispute, after the batch; and
+    # whether an open dispute keeps Stripe from refunding it (consumer/facts.py).
+    owed_back: int = 0
+    refund_blocked: bool = False
+    # A refund of the intent failed or was canceled: ours may be among them.
+    refund_stopped: bool = False
     # Radar's review is open or the issuer warned of fraud: no capture until it is settled.
     capture_held: bool = False
     # A new order's snapshot as its writer built it, without the two timestamps
@@ -103,6 +104,10 @@ class ActionRow(NamedTuple):
     params: dict[str, Any]
     # Written failed as `owed` instead of pending (a refund REFUND_UNFILLABLE=false forbids).
     owed: bool = False
+    # A refund is asked again over a finished row (`_REOPEN`): one refused for a dispute
+    # that has closed since, or owed and asked now under REFUND_UNFILLABLE=true; a done
+    # one too when `reopen` (a refund stopped counting since: ours may have failed).
+    reopen: bool = False
 
     @property
     def idempotency_key(self) -> str:
@@ -131,10 +136,12 @@ def stripe_actions_for(change: OrderChange, policy: ShopPolicy) -> ActionRow | N
         if change.intent_status == HELD:
             params = {"cancellation_reason": _CANCEL_REASON[change.allocation]}
             return ActionRow(Action.CANCEL, pid, order_id, params)
-        if change.intent_status == CAPTURED and change.captured > change.refunded:
-            if change.disputed:
-                return None  # Stripe refuses to refund a disputed charge; the dispute decides
-            return refund_row(pid, order_id, change.allocation, policy)
+        if change.intent_status == CAPTURED and change.owed_back > 0:
+            if change.refund_blocked:
+                return None  # an open dispute Stripe would refuse it for: asked once it closes
+            return refund_row(
+                pid, order_id, change.allocation, policy, reopen=change.refund_stopped
+            )
         return None
     if (
         change.status is OrderStatus.PLACED
@@ -148,7 +155,12 @@ def stripe_actions_for(change: OrderChange, policy: ShopPolicy) -> ActionRow | N
 
 
 def refund_row(
-    payment_intent_id: str, order_id: int, allocation: Allocation, policy: ShopPolicy
+    payment_intent_id: str,
+    order_id: int,
+    allocation: Allocation,
+    policy: ShopPolicy,
+    *,
+    reopen: bool = False,
 ) -> ActionRow:
     """The refund of an order that cannot be filled. The relay reads what Stripe captured
     and what is refunded already, refunds the rest, and adds its outbox id to the metadata."""
@@ -158,7 +170,12 @@ def refund_row(
     if allocation in _REFUND_REASON:
         params["reason"] = _REFUND_REASON[allocation]
     return ActionRow(
-        Action.REFUND, payment_intent_id, order_id, params, owed=not policy.refund_unfillable
+        Action.REFUND,
+        payment_intent_id,
+        order_id,
+        params,
+        owed=not policy.refund_unfillable,
+        reopen=reopen,
     )
 
 
@@ -274,19 +291,47 @@ async def _enqueue_read_back(conn: Connection, changes: Sequence[OrderChange]) -
 
 
 async def insert_actions(conn: Connection, rows: Sequence[ActionRow]) -> int:
-    """Add Stripe actions (pending, or failed as `owed`); one already there for the same
-    intent and action is kept as it is. Return how many were added."""
+    """Add Stripe actions (pending, or failed as `owed`); return how many were added or
+    asked again. One row per intent and action: one already there is kept as it is,
+    unless the new one `reopen`s it (`_REOPEN`)."""
+    added = 0
+    for refunds in (False, True):
+        batch = [r for r in rows if (r.action is Action.REFUND) is refunds]
+        if batch:
+            added += await _insert(conn, batch, _REOPEN if refunds else "DO NOTHING")
+    return added
+
+
+# What a refund asked again does to the row already there for its intent: a refund
+# refused for a dispute that has closed since, or owed under REFUND_UNFILLABLE=false
+# and asked now by a member with true, is asked again; so is one done, when the new
+# row says a refund stopped counting since (`verify_first`, from `reopen`: ours may
+# have failed). Safe: the relay reads the intent's refunds before it refunds
+# anything, so a refund that stands is found and nothing is refunded twice.
+_REOPEN = """
+    DO UPDATE SET state = excluded.state, outcome = excluded.outcome,
+        error_code = excluded.error_code, last_error = excluded.last_error,
+        done_at = excluded.done_at, due_at = clock_timestamp(), verify_first = true
+    WHERE (outbox.state = 'done' AND excluded.verify_first)
+       OR (outbox.state = 'failed' AND outbox.error_code = 'charge_disputed')
+       OR (outbox.outcome = 'owed' AND excluded.state = 'pending')
+"""
+
+
+async def _insert(conn: Connection, rows: Sequence[ActionRow], on_conflict: str) -> int:
     result = await conn.execute(
-        """
+        f"""
         INSERT INTO outbox (kind, name, payment_intent_id, order_id, payload, idempotency_key,
-                            state, outcome, error_code, last_error, done_at)
+                            state, outcome, error_code, last_error, done_at, verify_first)
         SELECT 'stripe_action', v.name, v.pid, v.order_id, v.payload, v.key,
                CASE WHEN v.owed THEN 'failed' ELSE 'pending' END,
                CASE WHEN v.owed THEN $7 END, CASE WHEN v.owed THEN $8 END,
-               CASE WHEN v.owed THEN $9 END, CASE WHEN v.owed THEN clock_timestamp() END
-        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::json[], $5::text[], $6::bool[])
-            AS v(name, pid, order_id, payload, key, owed)
-        ON CONFLICT (payment_intent_id, name) WHERE kind = 'stripe_action' DO NOTHING
+               CASE WHEN v.owed THEN $9 END, CASE WHEN v.owed THEN clock_timestamp() END,
+               v.reopen
+        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::json[], $5::text[], $6::bool[],
+                    $10::bool[])
+            AS v(name, pid, order_id, payload, key, owed, reopen)
+        ON CONFLICT (payment_intent_id, name) WHERE kind = 'stripe_action' {on_conflict}
         """,
         [str(r.action) for r in rows],
         [r.payment_intent_id for r in rows],
@@ -297,6 +342,7 @@ async def insert_actions(conn: Connection, rows: Sequence[ActionRow]) -> int:
         OWED,
         OWED_CODE,
         OWED_MESSAGE,
+        [r.reopen for r in rows],
     )
     return int(result.rsplit(" ", 1)[1])
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from intentflow.consumer.allocation import UNFILLABLE
 from intentflow.consumer.connections import Connection
-from intentflow.consumer.facts import DISPUTE_SETTLED_FOR_US
+from intentflow.consumer.facts import DISPUTE_CLOSED, DISPUTE_WITHDRAWN
 
 
 def sql_list(values: frozenset[str]) -> str:
@@ -21,18 +21,25 @@ def sql_list(values: frozenset[str]) -> str:
     return ", ".join(f"'{v}'" for v in sorted(values))
 
 
-# Orders that cannot be filled whose captured money is neither refunded nor on its way
-# back: no refund asked, or its row refused or owed (REFUND_UNFILLABLE=false). A
-# dispute that holds the money is its own way back (Stripe refuses to refund it).
+# Orders that cannot be filled whose captured money is neither refunded, nor taken
+# back by a dispute, nor on its way back: no refund asked, or its row refused or owed
+# (REFUND_UNFILLABLE=false). An open dispute that Stripe says keeps the payment from
+# being refunded is waited out: the order shows `disputed`, and the refund of what is
+# left is asked once it closes (consumer/facts.py, `owed_back`, `refund_blocked`).
 CAPTURED_NOT_RETURNED = f"""
     SELECT o.id AS order_id, o.payment_intent_id, o.allocation, o.amount_captured,
-           o.amount_refunded, coalesce(x.outcome, x.state, 'never asked') AS refund
+           o.amount_refunded, o.dispute_amount,
+           coalesce(x.outcome, x.state, 'never asked') AS refund
     FROM orders o JOIN payment_intents p ON p.id = o.payment_intent_id
     LEFT JOIN outbox x ON x.kind = 'stripe_action' AND x.name = 'refund_payment_intent'
                       AND x.payment_intent_id = o.payment_intent_id
     WHERE o.allocation IN ({sql_list(UNFILLABLE)}) AND p.status = 'succeeded'
-      AND o.amount_captured > o.amount_refunded
-      AND (o.dispute_status IS NULL OR o.dispute_status IN ({sql_list(DISPUTE_SETTLED_FOR_US)}))
+      AND o.amount_captured > o.amount_refunded + CASE
+            WHEN o.dispute_status IN ({sql_list(DISPUTE_WITHDRAWN)})
+            THEN coalesce(o.dispute_amount, 0) ELSE 0 END
+      AND NOT (o.dispute_status IS NOT NULL
+               AND o.dispute_status NOT IN ({sql_list(DISPUTE_CLOSED)})
+               AND NOT coalesce(o.dispute_refundable, false))
       AND (x.id IS NULL OR x.state = 'failed')
     ORDER BY o.id
 """

@@ -23,7 +23,7 @@ import asyncpg
 from intentflow.consumer.allocation import UNFILLABLE
 from intentflow.consumer.connections import Connection
 from intentflow.consumer.errors import Fault, cause, classify, describe
-from intentflow.consumer.facts import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS
+from intentflow.consumer.facts import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS, REFUND_STOPPED
 from intentflow.consumer.migrate import SchemaBehind, check_schema
 from intentflow.consumer.owed import CAPTURED_NOT_RETURNED, sql_list
 from intentflow.consumer.policy import DEFAULT_POLICY, ShopPolicy
@@ -195,16 +195,27 @@ CHECKS: list[tuple[str, str]] = [
         # the status `consumer.decisions.order_status` derives from them.
         "order_mirrors_its_intent",
         f"""
-        WITH facts AS (
-            SELECT p.id, p.cancellation_reason, p.charge_refunded, p.dispute_status,
-                   p.dispute_amount, p.dispute_reason, p.status = 'canceled' AS canceled,
+        WITH stopped AS (
+            -- Refunds made before the charge last spoke that failed or were canceled
+            -- after: what the charge says still counts them (consumer/facts.py).
+            SELECT p.id, coalesce(sum(r.amount), 0) AS amount
+            FROM payment_intents p LEFT JOIN refunds r
+              ON r.payment_intent_id = p.id AND r.status IN ({sql_list(REFUND_STOPPED)})
+             AND r.opened <= p.charge_created AND p.charge_created < r.status_created
+            GROUP BY p.id
+        ), facts AS (
+            SELECT p.id, p.cancellation_reason, p.charge_refunded AND s.amount = 0 AS in_full,
+                   p.dispute_status, p.dispute_amount, p.dispute_reason, p.dispute_refundable,
+                   p.status = 'canceled' AS canceled,
                    p.amount_received, to_timestamp(p.capture_before) AS capture_before,
                    p.account,
-                   greatest(p.charge_amount_refunded, coalesce((
-                       SELECT sum(r.amount) FROM refunds r
-                       WHERE r.payment_intent_id = p.id
-                         AND r.status IN ({sql_list(REFUND_COUNTS)})), 0)) AS refunded
-            FROM payment_intents p
+                   greatest(least(greatest(
+                       greatest(p.charge_amount_refunded - s.amount, 0),
+                       coalesce((SELECT sum(r.amount) FROM refunds r
+                                 WHERE r.payment_intent_id = p.id
+                                   AND r.status IN ({sql_list(REFUND_COUNTS)})), 0)
+                         - p.released), p.amount_received), 0) AS refunded
+            FROM payment_intents p JOIN stopped s ON s.id = p.id
         ), expected AS (
             SELECT o.id, o.payment_intent_id, o.status, o.amount_refunded, f.refunded,
                    CASE
@@ -212,15 +223,16 @@ CHECKS: list[tuple[str, str]] = [
                      WHEN f.dispute_status IS NOT NULL
                       AND f.dispute_status NOT IN ({sql_list(DISPUTE_SETTLED_FOR_US)})
                        THEN 'disputed'
-                     WHEN f.charge_refunded OR (o.amount > 0 AND f.refunded >= o.amount)
+                     WHEN f.in_full OR (coalesce(nullif(f.amount_received, 0), o.amount) > 0
+                          AND f.refunded >= coalesce(nullif(f.amount_received, 0), o.amount))
                        THEN 'refunded'
                      ELSE o.allocation
                    END AS derived,
                    (o.cancellation_reason, o.dispute_status, o.dispute_amount, o.dispute_reason,
-                    o.amount_captured, o.capture_before, o.account)
+                    o.dispute_refundable, o.amount_captured, o.capture_before, o.account)
                      IS DISTINCT FROM
                    (f.cancellation_reason, f.dispute_status, f.dispute_amount, f.dispute_reason,
-                    f.amount_received, f.capture_before, f.account)
+                    f.dispute_refundable, f.amount_received, f.capture_before, f.account)
                      AS copied_wrong
             FROM orders o JOIN facts f ON f.id = o.payment_intent_id
         )
@@ -239,7 +251,8 @@ CHECKS: list[tuple[str, str]] = [
         """
         SELECT cart_id, array_agg(payment_intent_id ORDER BY id) AS payment_intent_ids
         FROM orders
-        WHERE allocation IN ('placed', 'needs_review') AND status NOT IN ('canceled', 'refunded')
+        WHERE cart_id IS NOT NULL AND allocation IN ('placed', 'needs_review')
+          AND status NOT IN ('canceled', 'refunded')
         GROUP BY cart_id HAVING count(*) > 1
         ORDER BY cart_id
         """,

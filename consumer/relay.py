@@ -73,6 +73,26 @@ NOT_REFUNDED = Answer(
 )
 
 
+# An action on an order that names no cart: another system's payment, made an order by a
+# version before 4. Never performed, whoever asked (the v3 needs_review sweep did).
+NOT_THE_SHOPS = Answer(
+    Outcome.NOT_NEEDED,
+    "not_the_shops",
+    "its order names no cart: not the shop's payment; intentflow never acts on it",
+)
+# A capture while Radar reviews the payment: due again later, until Stripe closes the
+# review (`approved`: captured then; refunded or canceled: not needed).
+CAPTURE_IN_REVIEW = Answer(
+    Outcome.RETRY, "review_open", "Radar's review of the payment is open: the capture waits"
+)
+# A capture of a payment its card issuer warned of as fraud: the shop decides.
+CAPTURE_WARNED = Answer(
+    Outcome.REJECTED,
+    "early_fraud_warning",
+    "the card's issuer warned of fraud: refund the customer, or capture it at Stripe",
+)
+
+
 class EventSink(Protocol):
     """What the relay uses of `consumer.order_events.OrderEvents`."""
 
@@ -339,12 +359,16 @@ class Relay:
         """The answer the webhooks already give, what this relay records instead of an
         action its policy forbids, or Stripe's."""
         spec = spec_of(row.name)  # claimed by name from ACTIONS: known
+        if not row.shops:
+            return NOT_THE_SHOPS
         known = IntentMoney.from_webhooks(
             row.intent_status, row.amount_captured, row.amount_refunded
         )
         settled = spec.settled(known)
         if settled is not None:
             return settled
+        if spec.action is Action.CAPTURE and (row.review_open or row.fraud_warned):
+            return CAPTURE_WARNED if row.fraud_warned else CAPTURE_IN_REVIEW
         if not spec.allowed(self._policy):
             assert spec.instead is not None  # only such actions are claimed
             return spec.instead

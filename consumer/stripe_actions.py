@@ -40,6 +40,7 @@ import stripe
 
 from intentflow.consumer.claims import generation_key
 from intentflow.consumer.facts import REFUND_COUNTS
+from intentflow.consumer.lifecycle import RELEASE
 from intentflow.consumer.outbox import CAPTURED, OWED_CODE, OWED_MESSAGE, Action
 from intentflow.consumer.policy import CapturePolicy, ShopPolicy
 from intentflow.consumer.stripe_answers import Answer, Outcome, classify
@@ -68,6 +69,9 @@ class IntentMoney:
     ours: str | None = None  # the counting refund made for this outbox row, if any
     ours_failed: bool = False  # a refund made for this row failed or was canceled
     read: bool = False
+    # A destination charge (Connect: the intent's `transfer_data`): its refund reverses
+    # the transfer, so the seller who did not ship pays it back, not the platform.
+    transferred: bool = False
 
     @classmethod
     def from_webhooks(cls, status: str | None, captured: int, refunded: int) -> IntentMoney:
@@ -134,6 +138,9 @@ async def _refund(
     }
     if "reason" in a.params:
         fields["reason"] = a.params["reason"]
+    if facts.transferred:
+        # https://docs.stripe.com/api/refunds/create#create_refund-reverse_transfer
+        fields["reverse_transfer"] = True
     await client.v1.refunds.create_async(params=fields, options=options)
 
 
@@ -268,14 +275,29 @@ class StripeActions:
             attempt.payment_intent_id, options=options
         )
         if not refunds:
-            return IntentMoney(
-                intent.status, read=True
-            )  # where it is says all a cancel or capture needs
+            # Where it is says all a cancel or capture needs.
+            return IntentMoney(intent.status, read=True)
         refunded, ours, ours_failed = 0, None, False
+        # Before API 2025-03-31.basil Stripe released the rest of a partial capture as a
+        # refund object of that amount, listed with the intent's refunds: no money back.
+        # One such refund, not ours, is taken for it (if it was the shop's own refund of
+        # just that amount, Stripe refuses ours beyond what is left to refund).
+        received = intent.amount_received or 0
+        rest = intent.amount - received if 0 < received < intent.amount else 0
         params: Any = {"payment_intent": attempt.payment_intent_id, "limit": REFUNDS_PAGE}
         while True:
             page = await self._client.v1.refunds.list_async(params=params, options=options)
             for refund in page.data:
+                if getattr(refund, "reason", None) == RELEASE:
+                    continue  # a hold Stripe released, named so: no money back
+                if (
+                    rest
+                    and refund.amount == rest
+                    and refund.status == "succeeded"
+                    and (not refund.metadata or OUTBOX_ID_KEY not in refund.metadata.to_dict())
+                ):
+                    rest = 0  # the released rest of the partial capture
+                    continue
                 counts = refund.status in REFUND_COUNTS
                 refunded += refund.amount if counts else 0
                 metadata = refund.metadata.to_dict() if refund.metadata else {}
@@ -286,7 +308,13 @@ class StripeActions:
                 break
             params["starting_after"] = page.data[-1].id
         return IntentMoney(
-            intent.status, intent.amount_received, refunded, ours, ours_failed, read=True
+            intent.status,
+            intent.amount_received,
+            refunded,
+            ours,
+            ours_failed,
+            read=True,
+            transferred=getattr(intent, "transfer_data", None) is not None,
         )
 
     async def _unless_settled(self, spec: ActionSpec, attempt: Attempt, refusal: Answer) -> Answer:

@@ -128,12 +128,17 @@ def _key(event: Event, step: int) -> Key:
 
 @dataclass(frozen=True)
 class Authorization:
-    """The intent's latest authorization (or capture): what it asks and what is held."""
+    """The intent's latest hold, else its latest capture: what it asks and what is held."""
 
     key: Key
     amount: int
     currency: str
     held: int
+    captured: bool
+
+    @property
+    def rank(self) -> tuple[bool, Key]:
+        return (not self.captured, self.key)
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,13 @@ class RefundFact:
     opened: int
 
 
+# A chargeback open or lost has taken its amount back; an inquiry (warning_*) nothing.
+DISPUTE_WITHDRAWN = frozenset(
+    {"needs_response", "under_review", "lost", "appeal_needs_response", "appeal_under_review"}
+)
+DISPUTE_OVER = frozenset({"won", "lost", "warning_closed", "prevented", "charge_refunded"})
+
+
 @dataclass(frozen=True)
 class DisputeFact:
     id: str
@@ -167,6 +179,7 @@ class DisputeFact:
     amount: int
     reason: str
     created: int
+    refundable: bool = False
 
     @property
     def against_us(self) -> bool:
@@ -204,6 +217,7 @@ class Intent:
     dispute: DisputeFact | None = None
     amount_received: int = 0  # the most Stripe said it captured
     capture_before: int | None = None  # the latest deadline of an uncaptured authorization
+    released: int = 0  # the rest of a partial capture Stripe released as a refund (pre-basil)
 
     @property
     def canceled(self) -> bool:
@@ -225,7 +239,8 @@ class Intent:
     def amount_refunded(self) -> int:
         counted = sum(r.amount for r in self.refunds.values() if r.status in REFUND_COUNTS)
         by_charge = 0 if self.charge is None else max(self.charge[1] - self.stopped_since_charge, 0)
-        return max(by_charge, counted)
+        # Never more than was captured: a released hold is no money back.
+        return max(min(max(by_charge, counted - self.released), self.amount_received), 0)
 
     def refunded_in_full(self, order_amount: int) -> bool:
         if self.charge is not None and self.charge[2] and self.stopped_since_charge == 0:
@@ -303,8 +318,9 @@ def _authorization(event: Event) -> Authorization | None:
         held = obj.get("amount_received") or 0
     else:
         return None
+    key = _key(event, STEP[event["type"]])
     return Authorization(
-        _key(event, STEP[event["type"]]), obj["amount"], str(obj["currency"]).lower(), held
+        key, obj["amount"], str(obj["currency"]).lower(), held, status == "succeeded"
     )
 
 
@@ -342,6 +358,28 @@ def _authorizes(event: Event) -> bool:
     return session is not None and session.paid and session.total is not None
 
 
+def _before_basil(event: Event) -> bool:
+    """Stripe rendered it before API 2025-03-31.basil, when a partial capture's released
+    rest was a refund object, counted in the charge's amount_refunded."""
+    version = event.get("api_version")
+    return version is None or version < "2025-03-31"
+
+
+def _released(event: Event) -> int:
+    """What a pre-basil event says Stripe released of a partial capture, as a refund."""
+    if not _before_basil(event):
+        return 0
+    obj = _object(event)
+    if obj.get("object") == "payment_intent" and obj.get("status") == "succeeded":
+        amount, got = obj.get("amount") or 0, obj.get("amount_received") or 0
+        return amount - got if 0 < got < amount else 0
+    said = _captured_charge(event)
+    if said is None:
+        return 0
+    amount, got = obj.get("amount") or 0, obj.get("amount_captured") or 0
+    return amount - got if 0 < got < amount else 0
+
+
 def _captured_charge(event: Event) -> tuple[Key, int, bool, int] | None:
     """A captured charge's snapshot: (key, money refunded, refunded in full, captured)."""
     obj = _object(event)
@@ -354,7 +392,7 @@ def _captured_charge(event: Event) -> tuple[Key, int, bool, int] | None:
     ):
         return None
     amount, captured = obj.get("amount") or 0, obj.get("amount_captured") or 0
-    released = amount - captured if 0 < captured < amount else 0
+    released = amount - captured if 0 < captured < amount and _before_basil(event) else 0
     refunded = max((obj.get("amount_refunded") or 0) - released, 0)
     return (_key(event, CHARGE_STEP.get(kind, 3)), refunded, bool(obj.get("refunded")), captured)
 
@@ -370,6 +408,7 @@ def intent_facts(events: Iterable[Event]) -> Intent:  # noqa: C901 - one pass, o
     session: Session | None = None
     charge: tuple[Key, int, bool] | None = None
     received = 0
+    released = 0
     deadline: int | None = None
     refunds: dict[str, tuple[tuple[int, int, int, int], RefundFact]] = {}
     dispute_key: tuple[int, int, str] | None = None
@@ -377,6 +416,8 @@ def intent_facts(events: Iterable[Event]) -> Intent:  # noqa: C901 - one pass, o
     for event in unique.values():
         obj = _object(event)
         kind = obj.get("object")
+        if _status_of(event) is not None or _captured_charge(event) is not None:
+            released = max(released, _released(event))
         carried = _status_of(event)
         if carried is not None:
             key = (TIER[carried[0]], event["created"], STEP[event["type"]], event["id"])
@@ -388,7 +429,7 @@ def intent_facts(events: Iterable[Event]) -> Intent:  # noqa: C901 - one pass, o
                 if cart and (named is None or key[1:] > named[0]):
                     named = ((event["created"], STEP[event["type"]], event["id"]), cart)
         found = _authorization(event)
-        if found is not None and (auth is None or found.key > auth.key):
+        if found is not None and (auth is None or found.rank > auth.rank):
             auth = found
         if _authorizes(event):
             paid_at = event["created"] if paid_at is None else min(paid_at, event["created"])
@@ -425,6 +466,7 @@ def intent_facts(events: Iterable[Event]) -> Intent:  # noqa: C901 - one pass, o
                     obj.get("amount") or 0,
                     obj.get("reason", ""),
                     event["created"],
+                    bool(obj.get("is_charge_refundable")),
                 )
     return Intent(
         status=status[0] if status else None,
@@ -441,6 +483,7 @@ def intent_facts(events: Iterable[Event]) -> Intent:  # noqa: C901 - one pass, o
         dispute=dispute,
         amount_received=received,
         capture_before=deadline,
+        released=released,
     )
 
 
@@ -757,10 +800,10 @@ def money_owed(state: State) -> dict[str, str]:
             continue
         if intent.status == "requires_capture":
             owed[pid] = "cancel_payment_intent"
-        elif (
-            intent.status == "succeeded"
-            and intent.amount_received > intent.amount_refunded
-            and not intent.disputed
-        ):
-            owed[pid] = "refund_payment_intent"
+        elif intent.status == "succeeded":
+            d = intent.dispute
+            taken_back = d.amount if d is not None and d.status in DISPUTE_WITHDRAWN else 0
+            blocked = d is not None and d.status not in DISPUTE_OVER and not d.refundable
+            if intent.amount_received > intent.amount_refunded + taken_back and not blocked:
+                owed[pid] = "refund_payment_intent"
     return owed

@@ -11,6 +11,9 @@ ALTER TABLE payment_intents
     ADD COLUMN charge_created bigint,
     ADD COLUMN charge_step smallint,
     ADD COLUMN charge_event_id text,
+    -- The rest of a partial capture Stripe released as a refund object (before API
+    -- 2025-03-31.basil): among the refunds, and no money sent back.
+    ADD COLUMN released bigint NOT NULL DEFAULT 0,
     -- The latest authorization (or capture): an increment moves it.
     ADD COLUMN auth_created bigint,
     ADD COLUMN auth_step smallint,
@@ -18,6 +21,8 @@ ALTER TABLE payment_intents
     ADD COLUMN auth_amount bigint,
     ADD COLUMN auth_currency text,
     ADD COLUMN auth_held bigint,
+    -- From a capture (`succeeded`), not a hold: a hold outranks a capture.
+    ADD COLUMN auth_captured boolean,
     -- When the money was first held or received: orders are served first paid first.
     ADD COLUMN paid_at bigint,
     -- The cart the intent's metadata names (CART_METADATA_KEY), from its latest object
@@ -28,6 +33,8 @@ ALTER TABLE payment_intents
     ADD COLUMN named_event_id text,
     -- The Checkout Session, Radar's review and the early fraud warning, each at its
     -- latest snapshot: read whole by the consumer, as written (json, not jsonb).
+    -- The dispute's `is_charge_refundable`: an open dispute that allows a refund.
+    ADD COLUMN dispute_refundable boolean,
     ADD COLUMN checkout json,
     ADD COLUMN review json,
     ADD COLUMN fraud_warning json;
@@ -49,6 +56,7 @@ ALTER TABLE orders
     ADD COLUMN amount_shipping bigint NOT NULL DEFAULT 0,
     ADD COLUMN amount_discount bigint NOT NULL DEFAULT 0,
     ADD COLUMN amount_tax bigint NOT NULL DEFAULT 0,
+    ADD COLUMN dispute_refundable boolean,
     ADD COLUMN checkout_session_id text,
     ADD COLUMN review_id text,
     ADD COLUMN review_open boolean,
@@ -64,6 +72,7 @@ ALTER TABLE orders
 UPDATE payment_intents p
 SET auth_created = 0, auth_step = 0, auth_event_id = '', auth_amount = o.amount,
     auth_currency = o.currency, auth_held = coalesce(o.amount_authorized, o.amount),
+    auth_captured = false,
     named_cart_id = o.cart_id, named_created = 0, named_step = 0, named_event_id = '',
     paid_at = extract(epoch FROM o.created_at)::bigint
 FROM orders o

@@ -127,7 +127,7 @@ def intent_row(intent: model.Intent) -> IntentRow:
         (d.id, d.status, d.amount, d.reason, d.created) if d else None,
         intent.amount_received,
         intent.capture_before,
-        (a.key, a.amount, a.currency, a.held) if a else None,
+        (a.key, a.amount, a.currency, a.held, a.captured) if a else None,
         intent.paid_at,
         intent.named_cart,
         astuple(session) if session else None,
@@ -286,7 +286,9 @@ def stored_intent(r: asyncpg.Record) -> IntentRow:
         dispute,
         r["amount_received"],
         r["capture_before"],
-        None if auth is None else (auth, r["auth_amount"], r["auth_currency"], r["auth_held"]),
+        None
+        if auth is None
+        else (auth, r["auth_amount"], r["auth_currency"], r["auth_held"], r["auth_captured"]),
         r["paid_at"],
         None if named is None else (named, r["named_cart_id"]),
         session,

@@ -156,7 +156,7 @@ def test_an_older_status_changes_no_status() -> None:
     assert fold.outcomes == ((late_auth.id, Outcome.APPLIED),)
     assert (fold.state.facts.status, fold.state.facts.paid_at) == ("succeeded", T0)
     assert fold.decisions == ()
-    again = fold_intent(fold.state, [ev("requires_capture")])
+    again = fold_intent(fold.state, [ev("requires_capture", created=T0 - 1)])
     assert again.outcomes[0][1] is Outcome.STALE and not again.changed
 
 
@@ -304,7 +304,7 @@ def test_a_charge_that_tells_nothing_new_is_stale() -> None:
     # The first copy of a captured charge tells what was captured; a second one, nothing.
     assert captured.outcomes == ((charge.id, Outcome.APPLIED),)
     assert captured.state.facts.amount_received == 1000
-    again = charge_ev("charge.succeeded")
+    again = charge_ev("charge.succeeded", created=T0 - 1)  # an older word of the charge
     fold = fold_intent(captured.state, [again])
     assert fold.outcomes == ((again.id, Outcome.STALE),)
 

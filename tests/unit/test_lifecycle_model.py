@@ -137,8 +137,10 @@ def test_facts_do_not_depend_on_the_order_or_repetition_of_events() -> None:
 
 
 def test_refunds_count_pending_and_succeeded_but_not_failed_and_the_latest_charge_wins() -> None:
+    captured = ev("evt_0", "payment_intent.succeeded", 1, pi("succeeded"))
     facts = model.intent_facts(
         [
+            captured,
             ev("evt_1", "charge.refund.updated", 5, refund("re_1", 300, "pending")),
             ev("evt_2", "charge.refund.updated", 5, refund("re_2", 200, "pending")),
             ev("evt_3", "charge.refund.updated", 5, refund("re_2", 200, "failed")),
@@ -152,15 +154,25 @@ def test_refunds_count_pending_and_succeeded_but_not_failed_and_the_latest_charg
     }
     # The charge's latest word: a refund of 700 that failed since (a later update says 0).
     more = model.intent_facts(
-        [ev("evt_4", "charge.refunded", 4, charge(700)), ev("evt_5", "charge.updated", 6, charge())]
+        [
+            captured,
+            ev("evt_4", "charge.refunded", 4, charge(700)),
+            ev("evt_5", "charge.updated", 6, charge()),
+        ]
     )
     assert (more.amount_refunded, more.refunded_in_full(1000)) == (0, False)
     # A refund that failed after the charge last spoke, and was made before, stops
     # counting in what the charge said.
     failed = {**refund("re_3", 700, "failed"), "created": 3}
     stale = model.intent_facts(
-        [ev("evt_4", "charge.refunded", 4, charge(700)), ev("evt_6", "refund.failed", 8, failed)]
+        [
+            captured,
+            ev("evt_4", "charge.refunded", 4, charge(700)),
+            ev("evt_6", "refund.failed", 8, failed),
+        ]
     )
+    # Never more than was captured: without a capture, nothing was sent back.
+    assert model.intent_facts([ev("evt_4", "charge.refunded", 4, charge(700))]).amount_refunded == 0
     assert (stale.amount_refunded, stale.refunded_in_full(1000)) == (0, False)
 
 

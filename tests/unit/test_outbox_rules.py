@@ -40,9 +40,8 @@ def change(
     intent_status: str | None = "requires_capture",
     amount: int = 2500,
     allocation: Allocation | None = None,
-    captured: int = 0,
-    refunded: int = 0,
-    disputed: bool = False,
+    owed_back: int = 0,
+    refund_blocked: bool = False,
 ) -> OrderChange:
     if allocation is None:
         known = {a.value for a in Allocation}
@@ -55,9 +54,8 @@ def change(
         intent_status,
         amount,
         allocation,
-        captured=captured,
-        refunded=refunded,
-        disputed=disputed,
+        owed_back=owed_back,
+        refund_blocked=refund_blocked,
     )
 
 
@@ -96,8 +94,7 @@ def test_captured_money_of_an_order_that_cannot_be_filled_is_refunded(
             previous=previous,
             intent_status="succeeded",
             allocation=allocation,
-            captured=2500,
-            refunded=500,
+            owed_back=2000,
         ),
         NEVER,
     )
@@ -114,29 +111,35 @@ def test_captured_money_of_an_order_that_cannot_be_filled_is_refunded(
 
 
 def test_with_refunds_off_the_refund_is_written_owed() -> None:
-    unfillable = change(
-        OrderStatus.OUT_OF_STOCK, intent_status="succeeded", captured=2500, refunded=0
-    )
+    unfillable = change(OrderStatus.OUT_OF_STOCK, intent_status="succeeded", owed_back=2500)
     row = stripe_actions_for(unfillable, NO_REFUNDS)
     assert row is not None and (row.action, row.owed) == (Action.REFUND, True)
 
 
 @pytest.mark.parametrize(
-    ("captured", "refunded", "disputed"),
-    [(2500, 2500, False), (0, 0, False), (2500, 0, True)],
-    ids=["refunded in full", "nothing captured", "a dispute holds it"],
+    ("owed_back", "refund_blocked"),
+    [(0, False), (2500, True)],
+    ids=["nothing owed back", "an open dispute Stripe would refuse it for"],
 )
-def test_no_refund_when_nothing_is_owed_or_a_dispute_holds_the_money(
-    captured: int, refunded: int, disputed: bool
+def test_no_refund_when_nothing_is_owed_or_a_dispute_blocks_it(
+    owed_back: int, refund_blocked: bool
 ) -> None:
     unfillable = change(
         OrderStatus.OUT_OF_STOCK,
         intent_status="succeeded",
-        captured=captured,
-        refunded=refunded,
-        disputed=disputed,
+        owed_back=owed_back,
+        refund_blocked=refund_blocked,
     )
     assert stripe_actions_for(unfillable, NEVER) is None
+
+
+def test_a_refund_still_owed_after_one_stopped_is_asked_again_over_a_done_row() -> None:
+    """Ours may have failed: asked again (reopen); without a stopped refund, not."""
+    unfillable = change(OrderStatus.OUT_OF_STOCK, intent_status="succeeded", owed_back=10)
+    row = stripe_actions_for(unfillable._replace(refund_stopped=True), NEVER)
+    assert row is not None and row.reopen
+    row = stripe_actions_for(unfillable, NEVER)
+    assert row is not None and not row.reopen
 
 
 def test_a_new_placed_order_under_on_placed_captures_the_order_amount() -> None:
@@ -161,7 +164,7 @@ def test_no_action_while_the_intent_neither_holds_nor_has_taken_the_money(
 
 
 def test_a_placed_order_already_captured_asks_nothing() -> None:
-    placed = change(OrderStatus.PLACED, intent_status="succeeded", captured=2500)
+    placed = change(OrderStatus.PLACED, intent_status="succeeded")
     assert stripe_actions_for(placed, ON_PLACED) is None
 
 

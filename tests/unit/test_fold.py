@@ -156,7 +156,7 @@ def test_an_older_status_changes_no_status() -> None:
     assert fold.outcomes == ((late_auth.id, Outcome.APPLIED),)
     assert (fold.state.facts.status, fold.state.facts.paid_at) == ("succeeded", T0)
     assert fold.decisions == ()
-    again = fold_intent(fold.state, [ev("requires_capture", created=T0 - 1)])
+    again = fold_intent(fold.state, [late_auth])  # its copy (the inbox would drop it)
     assert again.outcomes[0][1] is Outcome.STALE and not again.changed
 
 

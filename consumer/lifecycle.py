@@ -190,10 +190,7 @@ def learn_intent(facts: Facts, event: StripeEvent, cart_key: str) -> Facts:
     intent = event.data.object
     if type(intent) is not PaymentIntent or intent.status not in STATUS_TIER:
         return facts
-    received = intent.amount_received or 0
-    facts = _captured(facts, received)
-    if intent.status == "succeeded" and 0 < received < intent.amount and _before_basil(event):
-        facts = _released(facts, intent.amount - received)
+    facts = _captured(facts, intent.amount_received or 0)
     key = _key(event, EVENT_STEP[event.type])
     cart_id = intent.cart(cart_key)
     if cart_id is not None and _newer(key, facts.named):

@@ -49,13 +49,15 @@ def intent_object(
     received: int = 0,
     cancellation_reason: str | None = None,
     failed: bool = False,
+    less: int = 0,
 ) -> dict[str, Any]:
+    """The intent in `status`; `less`: before an increment raised its amount by that."""
     obj = events.payment_intent(
         purchase.intent_id,
-        amount=purchase.amount,
+        amount=purchase.amount - less,
         currency=purchase.currency,
         status=status,
-        cart_id=purchase.cart_id,
+        cart_id=purchase.intent_cart_id,
         created=BASE_S,  # set to the intent's first event when the history is placed in time
     )
     obj.update(
@@ -81,7 +83,10 @@ def charge_object(
     amount_refunded: int = 0,
     refunded: bool = False,
     status: str = "succeeded",
+    amount_captured: int | None = None,
 ) -> dict[str, Any]:
+    """The intent's one charge. Before API basil (these events' version) a partial capture
+    counts its released rest in `amount_refunded`."""
     # An authorization's deadline: Stripe shows it on the charge while it is uncaptured
     # (payment_method_details.card.capture_before, about 7 days for most cards).
     card = {"capture_before": None if captured else BASE_S + 7 * 86_400}
@@ -89,7 +94,9 @@ def charge_object(
         "id": charge_id(purchase.intent_id),
         "object": "charge",
         "amount": purchase.authorized,
-        "amount_captured": purchase.authorized if captured else 0,
+        "amount_captured": (
+            (purchase.authorized if amount_captured is None else amount_captured) if captured else 0
+        ),
         "payment_method_details": {"type": "card", "card": card},
         "amount_refunded": amount_refunded,
         "captured": captured,
@@ -102,7 +109,15 @@ def charge_object(
     }
 
 
-def refund_object(purchase: Purchase, refund_id: str, amount: int, status: str) -> dict[str, Any]:
+def refund_object(
+    purchase: Purchase,
+    refund_id: str,
+    amount: int,
+    status: str,
+    *,
+    reason: str | None = "requested_by_customer",
+) -> dict[str, Any]:
+    """A refund; its own `created` (when it was made) is set when the history is placed."""
     return {
         "id": refund_id,
         "object": "refund",
@@ -110,8 +125,33 @@ def refund_object(purchase: Purchase, refund_id: str, amount: int, status: str) 
         "charge": charge_id(purchase.intent_id),
         "currency": purchase.currency,
         "payment_intent": purchase.intent_id,
-        "reason": "requested_by_customer",
+        "reason": reason,
         "status": status,
+        "created": BASE_S,
+    }
+
+
+def session_object(purchase: Purchase, payment_status: str) -> dict[str, Any]:
+    """The Checkout Session that made the intent: the cart on it, its amounts."""
+    cart_on_session = purchase.cart_id if purchase.via_checkout else None
+    by_reference = purchase.cart_by_reference
+    return {
+        "id": f"cs_{purchase.intent_id}",
+        "object": "checkout.session",
+        "mode": "payment",
+        "payment_intent": purchase.intent_id,
+        "client_reference_id": cart_on_session if by_reference else None,
+        "metadata": {} if by_reference or cart_on_session is None else {"cart_id": cart_on_session},
+        "amount_subtotal": purchase.subtotal,
+        "amount_total": purchase.amount,
+        "currency": purchase.currency,
+        "total_details": {
+            "amount_discount": purchase.discount,
+            "amount_shipping": purchase.shipping,
+            "amount_tax": purchase.tax,
+        },
+        "payment_status": payment_status,
+        "status": "complete",
         "created": BASE_S,
     }
 
@@ -152,6 +192,18 @@ class Terms:
     problem: str | None  # one of PROBLEMS, or None
     amount: int
     authorized: int
+    # Paid through Stripe Checkout: the cart rides on the session (its
+    # client_reference_id, or its metadata), and on the intent too when the shop copies
+    # it there; the cart is checked against the session's subtotal.
+    via_checkout: bool = False
+    cart_on_intent: bool = True
+    cart_by_reference: bool = True
+    subtotal: int = 0
+    shipping: int = 0
+    discount: int = 0
+    tax: int = 0
+    # The authorization was incremented by this after it was first made.
+    increment: int = 0
 
     @property
     def cart(self) -> model.Cart | None:
@@ -170,12 +222,37 @@ def terms(draw: st.DrawFn) -> Terms:
     # Two carts in three can take stock; the third needs review for one reason or another.
     problem = draw(st.one_of(st.none(), st.none(), st.sampled_from(PROBLEMS)))
     total = model.Cart("usd", lines).total
-    amount, authorized = total, total
+    # One purchase in three goes through Checkout: shipping and tax on top, a discount off.
+    via_checkout = draw(st.integers(0, 2)) == 0
+    shipping = tax = discount = 0
+    if via_checkout:
+        shipping = draw(st.sampled_from([0, 500]))
+        tax = draw(st.sampled_from([0, 19]))
+        discount = draw(st.sampled_from([0, total // 4]))
+    subtotal = total
     if problem == "amount_mismatch":
-        amount = authorized = total + draw(st.sampled_from([1, -50]))
-    elif problem == "authorization_short":
-        authorized = total - draw(st.sampled_from([1, total // 2]))
-    return Terms(lines, problem, amount, authorized)
+        subtotal = total + draw(st.sampled_from([1, -50]))
+    amount = subtotal + shipping + tax - discount
+    authorized = amount
+    if problem == "authorization_short":
+        authorized = amount - draw(st.sampled_from([1, amount // 2]))
+    increment = 0
+    if not via_checkout and draw(st.integers(0, 3)) == 0:
+        increment = draw(st.sampled_from([1, 100]))  # the first hold was for less
+    return Terms(
+        lines,
+        problem,
+        amount,
+        authorized,
+        via_checkout=via_checkout,
+        cart_on_intent=not via_checkout or draw(st.booleans()),
+        cart_by_reference=draw(st.booleans()),
+        subtotal=subtotal,
+        shipping=shipping,
+        discount=discount,
+        tax=tax,
+        increment=increment,
+    )
 
 
 @dataclass(frozen=True)
@@ -183,11 +260,23 @@ class Purchase:
     """One intent's ids and terms: what the builders of its events read."""
 
     intent_id: str
-    cart_id: str | None  # in the intent's metadata
+    cart_id: str | None  # the cart paid for (None: the intent names none, not the shop's)
     cart: model.Cart | None
     amount: int
     currency: str
     authorized: int
+    via_checkout: bool = False
+    cart_on_intent: bool = True
+    cart_by_reference: bool = True
+    subtotal: int = 0
+    shipping: int = 0
+    discount: int = 0
+    tax: int = 0
+
+    @property
+    def intent_cart_id(self) -> str | None:
+        """The cart in the intent's own metadata."""
+        return self.cart_id if self.cart_on_intent else None
 
 
 PATHS = (
@@ -199,6 +288,7 @@ PATHS = (
     "cancel_before_auth",
     "fail_only",
     "in_progress",  # waiting for 3-D Secure or the rest of a transfer, or still processing
+    "delayed",  # a delayed payment method through Checkout: paid (or failed) days later
 )
 # An event of a history: its second (from the history's start), type, and object.
 Step = tuple[int, str, Callable[[Purchase], dict[str, Any]]]
@@ -216,6 +306,9 @@ class History:
         self.t = 0
         self.steps: list[Step] = []
         self.authorized_at: int | None = None  # second of the first authorization
+        self.received = 0  # what was captured
+        self.opened: dict[int, int] = {}  # when each refund was made (history seconds)
+        self.released = 0  # the rest of a partial capture, released as a refund (pre-basil)
 
     def add(self, event_type: str, make: Callable[[Purchase], dict[str, Any]]) -> None:
         # Mostly the same second as the previous event: whole-second `created` ties.
@@ -228,11 +321,26 @@ class History:
     def charge(self, event_type: str, **fields: Any) -> None:
         self.add(event_type, lambda p: charge_object(p, **fields))
 
-    def refund(self, n: int, amount: int, status: str) -> None:
+    def refund(
+        self,
+        n: int,
+        amount: int,
+        status: str,
+        event_type: str = "charge.refund.updated",
+        reason: str | None = "requested_by_customer",
+    ) -> None:
+        opened = self.opened.setdefault(n, self.t)
         self.add(
-            "charge.refund.updated",
-            lambda p: refund_object(p, f"re_{p.intent_id}_{n}", amount, status),
+            event_type,
+            lambda p: {
+                **refund_object(p, f"re_{p.intent_id}_{n}", amount, status, reason=reason),
+                "created": opened,  # shifted with the history (`placed_in_time`)
+            },
         )
+
+    def session(self, payment_status: str, event_type: str) -> None:
+        if self.terms.via_checkout:
+            self.add(event_type, lambda p: session_object(p, payment_status))
 
     def disputed(self, event_type: str, status: str, reason: str) -> None:
         self.add(event_type, lambda p: dispute_object(p, status, reason))
@@ -252,21 +360,47 @@ class History:
                 ["payment_intent.amount_capturable_updated", "payment_intent.authorized"]
             )
         )
-        self.intent(kind, "requires_capture", capturable=self.terms.authorized)
+        inc = self.terms.increment
+        self.intent(kind, "requires_capture", capturable=self.terms.authorized - inc, less=inc)
         self._mark_authorized()
+        if inc:  # an incremental authorization, a while later
+            self.t += 1
+            self.intent(
+                "payment_intent.amount_capturable_updated",
+                "requires_capture",
+                capturable=self.terms.authorized,
+            )
+        self.session("unpaid", "checkout.session.completed")  # a hold: not paid yet
 
-    def capture(self) -> None:
-        self.intent("payment_intent.succeeded", "succeeded", received=self.terms.authorized)
+    def capture(self, *, held: bool = True) -> None:
+        """Captured: the whole hold, or (a shop shipping less) part of it."""
+        authorized = self.terms.authorized
+        partial = held and authorized > 1 and self.draw(st.integers(0, 3)) == 0
+        self.received = authorized * 3 // 5 if partial else authorized
+        self.intent("payment_intent.succeeded", "succeeded", received=self.received)
         self._mark_authorized()
-        if self.draw(st.booleans()):
+        if partial:
+            # Before basil the released rest is a refund object, counted by the charge.
+            self.released = authorized - self.received
+            self.charge(
+                "charge.captured",
+                captured=True,
+                amount_captured=self.received,
+                amount_refunded=self.released,
+            )
+            if self.draw(st.booleans()):
+                self.refund(99, self.released, "succeeded", reason=None)
+        elif self.draw(st.booleans()):
             self.charge("charge.captured", captured=True)
+        if not held:
+            self.session("paid", "checkout.session.completed")
 
     def _mark_authorized(self) -> None:
         if self.authorized_at is None:
             self.authorized_at = self.t
 
     def refunds(self) -> None:
-        amount = self.terms.authorized
+        amount = self.received or self.terms.authorized
         plan = self.draw(st.sampled_from([(), (amount,), (amount // 2,), (amount // 2, -1)]))
         refunded = 0
         for n, wanted in enumerate(plan):
@@ -276,15 +410,45 @@ class History:
                 self.refund(n, part, "pending")
             if outcome == "succeeded":
                 refunded += part
-                self.charge(
-                    "charge.refunded",
-                    captured=True,
-                    amount_refunded=refunded,
-                    refunded=refunded >= amount,
-                )
+                self._charge_refunded("charge.refunded", refunded, amount)
+                if self.draw(st.integers(0, 3)) == 0:
+                    # Days later the issuer returns it: the refund failed, and the charge
+                    # says less refunded.
+                    self.refund(n, part, "succeeded")
+                    self.t += 86_400
+                    self.refund(n, part, "failed", "refund.failed")
+                    refunded -= part
+                    self._charge_refunded("charge.updated", refunded, amount)
+                    continue
                 if not self.draw(st.booleans()):
                     continue
             self.refund(n, part, outcome)
+
+    def delayed(self) -> None:
+        """A delayed payment method through Checkout: the session completes unpaid, and
+        days later Stripe says it was paid (or failed)."""
+        if not self.terms.via_checkout:
+            return  # a delayed method is a Checkout story here
+        self.intent("payment_intent.processing", "processing")
+        self.session("unpaid", "checkout.session.completed")
+        self.t += 3 * 86_400
+        if self.draw(st.booleans()):
+            self.session("paid", "checkout.session.async_payment_succeeded")
+            self._mark_authorized()
+            self.capture(held=False)
+            self.refunds()
+        else:
+            self.session("unpaid", "checkout.session.async_payment_failed")
+            self.intent("payment_intent.payment_failed", "requires_payment_method", failed=True)
+
+    def _charge_refunded(self, event_type: str, refunded: int, amount: int) -> None:
+        self.charge(
+            event_type,
+            captured=True,
+            amount_captured=self.received or self.terms.authorized,
+            amount_refunded=refunded + self.released,
+            refunded=refunded >= amount,
+        )
 
     def dispute(self) -> None:
         if not self.draw(st.booleans()):
@@ -348,10 +512,13 @@ def histories(draw: st.DrawFn, paying: Terms | None = None) -> History:
     if path == "cancel_before_auth":
         h.cancel(draw(st.sampled_from(["requested_by_customer", "abandoned"])))
         return h
+    if path == "delayed":
+        h.delayed()
+        return h
     if path == "auto_capture":
         if draw(st.booleans()):
             h.charge("charge.succeeded", captured=True)
-        h.capture()
+        h.capture(held=False)
     else:
         h.authorize()
     if path == "capture":
@@ -378,7 +545,13 @@ def summary(evt: dict[str, Any]) -> str:
         why = f" reason={obj['cancellation_reason']}" if obj["cancellation_reason"] else ""
         what = f"{obj['status']}{held}{got}{why}"
     elif kind == "charge":
-        what = f"amount_refunded={obj['amount_refunded']} refunded={obj['refunded']}"
+        what = (
+            f"captured={obj['amount_captured']} amount_refunded={obj['amount_refunded']}"
+            f" refunded={obj['refunded']}"
+        )
+    elif kind == "checkout.session":
+        cart = obj["client_reference_id"] or obj["metadata"].get("cart_id")
+        what = f"{obj['payment_status']} cart={cart} subtotal={obj['amount_subtotal']}"
     else:
         what = f"{obj['id']} {obj['status']} amount={obj['amount']}"
     return f"{evt['created']} {evt['id']} {evt['type']} {what}"
@@ -399,9 +572,10 @@ class Scenario:
                 if p.cart is None
                 else p.cart.currency + " " + " ".join(f"{s}x{q}@{u}" for s, q, u in p.cart.lines)
             )
+            via = f" checkout(subtotal={p.subtotal})" if p.via_checkout else ""
             lines.append(
                 f"{p.intent_id} cart_id={p.cart_id} cart=[{cart}] "
-                f"amount={p.amount} authorized={p.authorized}"
+                f"amount={p.amount} authorized={p.authorized}{via}"
             )
             lines += [
                 "    " + summary(e)
@@ -441,6 +615,13 @@ def placed_in_time(
         amount=t.amount,
         currency="usd",
         authorized=t.authorized,
+        via_checkout=t.via_checkout,
+        cart_on_intent=t.cart_on_intent,
+        cart_by_reference=t.cart_by_reference,
+        subtotal=t.subtotal,
+        shipping=t.shipping,
+        discount=t.discount,
+        tax=t.tax,
     )
     anchor = history.authorized_at if history.authorized_at is not None else 0
     shift = BASE_S + slot * SPACING_S - anchor
@@ -449,9 +630,15 @@ def placed_in_time(
     for second, event_type, make in history.steps:
         evt = events.event(make(purchase), event_type, event_id="evt_unnumbered")
         evt["created"] = second + shift
-        # A payment intent's own `created` is its first event's; other objects', their event's.
+        # A payment intent's own `created` is its first event's; a refund's, when it was
+        # made (its history second); other objects', their event's.
         obj = evt["data"]["object"]
-        obj["created"] = opened if obj["object"] == "payment_intent" else evt["created"]
+        if obj["object"] == "payment_intent":
+            obj["created"] = opened
+        elif obj["object"] == "refund":
+            obj["created"] += shift
+        else:
+            obj["created"] = evt["created"]
         built.append(evt)
     return purchase, built
 

@@ -366,16 +366,11 @@ def _before_basil(event: Event) -> bool:
 
 
 def _released(event: Event) -> int:
-    """What a pre-basil event says Stripe released of a partial capture, as a refund."""
-    if not _before_basil(event):
+    """What a pre-basil captured charge says Stripe released of a partial capture (the
+    charge's amount is what was held), as a refund."""
+    if not _before_basil(event) or _captured_charge(event) is None:
         return 0
     obj = _object(event)
-    if obj.get("object") == "payment_intent" and obj.get("status") == "succeeded":
-        amount, got = obj.get("amount") or 0, obj.get("amount_received") or 0
-        return amount - got if 0 < got < amount else 0
-    said = _captured_charge(event)
-    if said is None:
-        return 0
     amount, got = obj.get("amount") or 0, obj.get("amount_captured") or 0
     return amount - got if 0 < got < amount else 0
 
@@ -416,8 +411,7 @@ def intent_facts(events: Iterable[Event]) -> Intent:  # noqa: C901 - one pass, o
     for event in unique.values():
         obj = _object(event)
         kind = obj.get("object")
-        if _status_of(event) is not None or _captured_charge(event) is not None:
-            released = max(released, _released(event))
+        released = max(released, _released(event))
         carried = _status_of(event)
         if carried is not None:
             key = (TIER[carried[0]], event["created"], STEP[event["type"]], event["id"])

@@ -418,6 +418,11 @@ def tally(seen: Seen) -> None:
     for _, action in seen.actions:
         event(f"asked {action}")
     for i in seen.intents.values():
+        if i.session is not None:
+            event("paid through Checkout" if i.session[-1] else "a Checkout session, unpaid")
+        if i.authorization is not None and i.authorization[2] and i.charge is not None:
+            event("a captured charge")
+    for i in seen.intents.values():
         event(f"intent {i.status} {i.cancellation_reason or ''}".rstrip())
 
 

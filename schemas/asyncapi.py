@@ -100,9 +100,11 @@ def document() -> dict[str, Any]:
     )
     intent_key = {
         "type": "string",
-        "description": "The payment intent id (pi_…), UTF-8; for a charge, dispute or refund "
-        "that names no payment intent, the charge id (ch_…). Kafka's default partitioner "
-        "(murmur2) places it, so every event of one intent is on one partition, in order.",
+        "description": "The payment intent id (pi_…), UTF-8; for a charge, dispute, refund, "
+        "review or early fraud warning that names no payment intent, the charge id (ch_…); "
+        "for a Checkout Session that names none (one that expired unpaid), the session id "
+        "(cs_…). Kafka's default partitioner (murmur2) places it, so every event of one "
+        "intent is on one partition, in order.",
     }
     return {
         "asyncapi": "3.0.0",

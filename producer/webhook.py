@@ -1,18 +1,20 @@
 """`POST /webhooks/stripe`: one Stripe delivery, from raw bytes to a broker acknowledgement.
 
-The promise: a 2xx means the event is in Kafka. The steps, in order, the first
+The promise: a 2xx means the event is in Kafka, or is one the bridge never
+publishes (`ignored`, `other_mode`). The steps, in order, the first
 two before any of the body is read: refuse a request without a well-formed
 Stripe-Signature header (400) or that declares an oversized body (413); read the
 body (413 once it grows past the limit); verify the signature over the raw bytes
 (400); refuse a thin event (400: it carries no object, the endpoint must send
-snapshot payloads); check the body is a Stripe event (400); pick the key
-(`schemas.route`: the payment intent; for an object of a charge made without
-one, the charge id; for a Checkout Session that names none, the session id; an
-event about no payment, or a session of another mode than `payment`: 200
-`ignored`, not published); publish the raw bytes unchanged
-and wait for the ack (200), or answer 503 so Stripe retries (the broker away or
-slow), or 500 when the broker refuses the event for good (Stripe retries too,
-while an operator fixes it).
+snapshot payloads); check the body is a Stripe event (400); answer an event of
+the mode STRIPE_LIVEMODE does not serve 200 `other_mode`, unpublished; pick the
+key (`schemas.route`: the payment intent; for an object of a charge made
+without one, the charge id; for a Checkout Session that names none, the session
+id; an event about no payment, or a session of another mode than `payment`: 200
+`ignored`, unpublished); publish the raw bytes unchanged and wait for the ack
+(200), or answer 503 so Stripe retries (the broker away or slow), or 500 when
+the broker refuses the event for good (Stripe retries too, while an operator
+fixes it).
 
 An answer given before the body was read keeps the connection open only when
 the rest is a declared length within the limit: uvicorn then reads and drops it
@@ -65,6 +67,7 @@ OUTCOMES = (
     "published",
     "published_without_intent",
     "ignored",
+    "other_mode",
     "verified",
     "unavailable",
     "rejected_by_broker",
@@ -147,11 +150,14 @@ def is_thin_event(event: dict[str, Any]) -> bool:
 
 
 def is_snapshot_event(event: dict[str, Any]) -> bool:
-    """Whether it looks like a Stripe event with its object (`id`, `type`, `data.object`)."""
+    """Whether it looks like a Stripe event with its object (`id`, `type`, `livemode`,
+    `data.object`). Stripe sets `livemode` on every event, true or false
+    (https://docs.stripe.com/api/events/object): without it, neither mode's."""
     data = event.get("data")
     return (
         isinstance(event.get("id"), str)
         and isinstance(event.get("type"), str)
+        and isinstance(event.get("livemode"), bool)
         and isinstance(data, dict)
         and isinstance(data.get("object"), dict)
     )
@@ -175,8 +181,11 @@ class WebhookEndpoint:
         metrics: BridgeMetrics,
         max_body_bytes: int,
         log: EventLog,
+        livemode: bool,
     ) -> None:
         self._verifier = verifier
+        # STRIPE_LIVEMODE: the one mode whose events this bridge publishes.
+        self._livemode = livemode
         # None only in the bench's baseline: verify and answer, publish nothing.
         self._publisher = publisher
         self._metrics = metrics
@@ -248,6 +257,8 @@ class WebhookEndpoint:
             return 400, {"outcome": "bad_body", "reason": "not a Stripe event"}, False
         event_id: str = event["id"]
         event_type: str = event["type"]
+        if event["livemode"] is not self._livemode:
+            return self._other_mode(event, event_id, event_type)
 
         where = route(event)
         if where is None:
@@ -261,6 +272,25 @@ class WebhookEndpoint:
         return await self._publish(
             self._publisher, body, where, event_id, event_type, received_at_ms
         )
+
+    def _other_mode(self, event: dict[str, Any], event_id: str, event_type: str) -> Answer:
+        """A 2xx, so Stripe stops sending it, and nothing published: a live bridge must not
+        take a test payment into stock, nor a test bridge a real one. Legitimate on a live
+        Connect endpoint, which Stripe also sends the test events of accounts connected in
+        live mode (https://support.stripe.com/questions/connect-account-webhook-configurations);
+        otherwise a test endpoint's secret is listed beside the live one's, or the other way
+        round. A warning either way: the line says which account and which modes."""
+        self._count("other_mode")
+        self._log.warning(
+            "webhook",
+            outcome="other_mode",
+            event_id=event_id,
+            event_type=event_type,
+            livemode=event["livemode"],
+            stripe_livemode=self._livemode,
+            account=event.get("account"),
+        )
+        return 200, {"outcome": "other_mode"}, False
 
     async def _publish(
         self,

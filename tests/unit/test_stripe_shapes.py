@@ -5,7 +5,8 @@ vendored whole under tests/fixtures/) with ids, amounts, statuses and links set 
 and a field no model knows, to prove those are ignored. Each goes through the three
 readers of a delivery: the bridge's key (`schemas.route`), the consumer's decoding
 (`StripeEvent`, `consumer.decode.decode`), and the bridge's endpoint itself; for every
-object kind the key the bridge publishes is the one the consumer checks.
+object kind the key the bridge publishes is the one the consumer checks. An event of the
+other mode than the bridge's (STRIPE_LIVEMODE) is acknowledged and never published.
 """
 
 from __future__ import annotations
@@ -443,8 +444,9 @@ class Bridge:
         return status, fields
 
 
-def new_bridge() -> Bridge:
-    """The endpoint with a fake publisher; built in the test, so its log finds the test's stderr."""
+def new_bridge(livemode: bool = False) -> Bridge:
+    """The endpoint with a fake publisher, serving test mode (Stripe's examples are test-mode
+    objects) unless told; built in the test, so its log finds the test's stderr."""
     publisher, metrics = FakePublisher(), BridgeMetrics()
     endpoint = WebhookEndpoint(
         SignatureVerifier([SECRET], tolerance_s=300),
@@ -452,6 +454,7 @@ def new_bridge() -> Bridge:
         metrics,
         max_body_bytes=512 * 1024,
         log=EventLog("bridge"),
+        livemode=livemode,
     )
     return Bridge(endpoint, publisher, metrics)
 
@@ -583,6 +586,73 @@ async def test_the_bridge_acknowledges_a_session_of_another_mode_unpublished(mod
 
     assert (status, answer["outcome"]) == (200, "ignored")
     assert bridge.publisher.sent == []
+
+
+# --- live and test kept apart ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bridge_livemode", "event_livemode"), [(True, False), (False, True)], ids=["live", "test"]
+)
+async def test_an_event_of_the_other_mode_is_acknowledged_counted_and_never_published(
+    capfd: pytest.CaptureFixture[str], bridge_livemode: bool, event_livemode: bool
+) -> None:
+    """A live bridge never takes a test payment into stock, nor a test bridge a real one;
+    the 200 stops Stripe's retries, the warning names the event and both modes."""
+    bridge = new_bridge(livemode=bridge_livemode)
+    payload = event(
+        payment_intent(livemode=event_livemode),
+        "payment_intent.amount_capturable_updated",
+        livemode=event_livemode,
+        account="acct_1PgafTB7WZ01zgkW",
+    )
+    status, answer = await bridge.post(orjson.dumps(payload))
+
+    assert (status, answer) == (200, {"outcome": "other_mode"})
+    assert bridge.publisher.sent == []
+    assert (bridge.count("other_mode"), bridge.count("published")) == (1.0, 0.0)
+    [line] = [orjson.loads(text) for text in capfd.readouterr().err.splitlines()]
+    assert line["level"] == "warning"
+    assert (line["outcome"], line["event_id"], line["event_type"]) == (
+        "other_mode",
+        payload["id"],
+        "payment_intent.amount_capturable_updated",
+    )
+    assert (line["livemode"], line["stripe_livemode"]) == (event_livemode, bridge_livemode)
+    assert line["account"] == "acct_1PgafTB7WZ01zgkW"
+
+
+async def test_an_event_of_the_other_mode_about_no_payment_is_other_mode_too() -> None:
+    """The mode is checked first: every event of the wrong mode shows on the one counter."""
+    bridge = new_bridge(livemode=True)
+    payload = event(fixtures.resource("customer"), "customer.created")
+    assert (await bridge.post(orjson.dumps(payload)))[1]["outcome"] == "other_mode"
+
+
+@pytest.mark.parametrize("livemode", [None, "false", 0], ids=["absent", "text", "number"])
+async def test_an_event_without_a_boolean_livemode_is_not_a_stripe_event(
+    livemode: object,
+) -> None:
+    """Stripe sets `livemode` on every event: one without it belongs to neither mode."""
+    bridge = new_bridge()
+    payload = event(payment_intent(), "payment_intent.succeeded")
+    if livemode is None:
+        del payload["livemode"]
+    else:
+        payload["livemode"] = livemode
+    status, answer = await bridge.post(orjson.dumps(payload))
+
+    assert (status, answer["outcome"]) == (400, "bad_body")
+    assert bridge.publisher.sent == []
+
+
+async def test_a_live_bridge_publishes_live_events() -> None:
+    bridge = new_bridge(livemode=True)
+    obj = payment_intent(livemode=True)
+    body = orjson.dumps(event(obj, "payment_intent.succeeded", livemode=True))
+    status, answer = await bridge.post(body)
+    assert (status, answer["outcome"]) == (200, "published")
+    assert bridge.publisher.sent == [(INTENT.encode(), body)]
 
 
 # --- the bridge's key is the consumer's key -----------------------------------------

@@ -118,8 +118,9 @@ def document() -> dict[str, Any]:
         "channels": {
             "events": {
                 "address": events_topic,
-                "description": "Every verified Stripe webhook, published by stripe-bridge "
-                "before it answers 2xx. Topic name: KAFKA_TOPIC.",
+                "description": "Every verified Stripe webhook about a payment, of the mode "
+                "the bridge serves (STRIPE_LIVEMODE), published by stripe-bridge before it "
+                "answers 2xx. Topic name: KAFKA_TOPIC.",
                 "messages": {"stripeEvent": {"$ref": "#/components/messages/stripeEvent"}},
             },
             "deadLetters": {

@@ -172,8 +172,13 @@ class DevStack:
         return env
 
     def _bridge_env(self) -> dict[str, str]:
+        # `stripe listen` forwards test-mode events unless given --live.
         return self._env(
-            {"STRIPE_WEBHOOK_SECRET": self.secret, "BRIDGE_PORT": str(self.bridge_port)}
+            {
+                "STRIPE_WEBHOOK_SECRET": self.secret,
+                "STRIPE_LIVEMODE": "false",
+                "BRIDGE_PORT": str(self.bridge_port),
+            }
         )
 
     def _consumer_env(self) -> dict[str, str]:

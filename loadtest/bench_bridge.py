@@ -96,6 +96,7 @@ def start_bridge(
     env = {
         **os.environ,
         "STRIPE_WEBHOOK_SECRET": SECRET,
+        "STRIPE_LIVEMODE": "false",  # stripekit's events are test-mode events
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA_TOPIC": topic,
         "KAFKA_ENABLE_IDEMPOTENCE": "false",

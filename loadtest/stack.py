@@ -203,6 +203,8 @@ class Stack:
         env = self._env(
             {
                 "STRIPE_WEBHOOK_SECRET": self.options.secret,
+                # stripekit's events are test-mode events, as Stripe's test endpoints send.
+                "STRIPE_LIVEMODE": "false",
                 "BRIDGE_PORT": str(self.bridge_port),
                 "KAFKA_CLIENT_ID": BRIDGE_CLIENT_ID,
                 "KAFKA_PUBLISH_TIMEOUT_S": str(PUBLISH_TIMEOUT_S),

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="stripe-bridge",
         description="Serve POST /webhooks/stripe: verified Stripe events into Kafka.",
         epilog="Configured by environment variables (README, 'Bridge configuration'); "
-        "STRIPE_WEBHOOK_SECRET is required.",
+        "STRIPE_WEBHOOK_SECRET and STRIPE_LIVEMODE (true or false) are required.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser

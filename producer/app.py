@@ -62,7 +62,9 @@ def create_app(settings: BridgeSettings) -> BridgeApp:
     verifier = SignatureVerifier(settings.secrets(), settings.stripe_webhook_tolerance_s)
     publisher = Publisher(settings) if settings.bridge_publish else None
     event_log = EventLog("bridge", settings.log_level, settings.log_format)
-    endpoint = WebhookEndpoint(verifier, publisher, metrics, settings.max_body_bytes, event_log)
+    endpoint = WebhookEndpoint(
+        verifier, publisher, metrics, settings.max_body_bytes, event_log, settings.stripe_livemode
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -74,6 +76,7 @@ def create_app(settings: BridgeSettings) -> BridgeApp:
             topic=settings.kafka_topic,
             publish=settings.bridge_publish,
             secrets=len(settings.stripe_webhook_secret),
+            stripe_livemode=settings.stripe_livemode,
         )
         try:
             yield

@@ -18,6 +18,11 @@ from intentflow.schemas.kafka import KafkaConnection
 
 # Every webhook signing secret Stripe issues (dashboard or `stripe listen`) starts so.
 SECRET_PREFIX = "whsec_"
+# What STRIPE_LIVEMODE's refusal says: which to choose.
+LIVEMODE_CHOICE = (
+    "set true for a live-mode endpoint (real payments) or false for a test-mode one "
+    "(a sandbox, staging, `stripe listen`)"
+)
 
 
 class BridgeSettings(KafkaConnection, BaseSettings):
@@ -27,6 +32,13 @@ class BridgeSettings(KafkaConnection, BaseSettings):
     # SecretStr keeps them out of reprs and logs.
     stripe_webhook_secret: Annotated[tuple[SecretStr, ...], NoDecode] = Field(min_length=1)
     stripe_webhook_tolerance_s: int = Field(default=300, ge=1)
+    # Which of Stripe's modes this bridge serves: true, live (real payments); false, test
+    # (a sandbox, staging). Required: a default would either take test events into live
+    # stock or ignore every event of a staging shop. Every event says its mode (`livemode`)
+    # and one of the other mode is acknowledged, never published: a live Connect endpoint
+    # also receives the test events of accounts connected in live mode, and a test
+    # endpoint's secret listed beside the live one would let its events in.
+    stripe_livemode: bool = Field(default=None, validate_default=True)
 
     # KAFKA_BOOTSTRAP_SERVERS, TLS and SASL: schemas/kafka.py, shared with the consumer.
     kafka_topic: str = Field(default=DEFAULT_TOPIC, min_length=1)
@@ -84,6 +96,20 @@ class BridgeSettings(KafkaConnection, BaseSettings):
         if not all(s.get_secret_value().startswith(SECRET_PREFIX) for s in value):
             raise ValueError(f"every secret must be an endpoint signing secret ({SECRET_PREFIX}…)")
         return value
+
+    @field_validator("stripe_livemode", mode="before")
+    @classmethod
+    def _mode_chosen(cls, value: object) -> object:
+        if value is None:
+            raise ValueError(f"required: {LIVEMODE_CHOICE}")
+        if isinstance(value, bool):
+            return value
+        # Only the two words: pydantic would also take 1, yes, on, t, and the value
+        # decides whose money counts.
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word not in ("true", "false"):
+            raise ValueError(f"must be true or false: {LIVEMODE_CHOICE}")
+        return word == "true"
 
     @field_validator("log_level")
     @classmethod

@@ -100,9 +100,11 @@ def document() -> dict[str, Any]:
     )
     intent_key = {
         "type": "string",
-        "description": "The payment intent id (pi_…), UTF-8; for a charge, dispute or refund "
-        "that names no payment intent, the charge id (ch_…). Kafka's default partitioner "
-        "(murmur2) places it, so every event of one intent is on one partition, in order.",
+        "description": "The payment intent id (pi_…), UTF-8; for a charge, dispute, refund, "
+        "review or early fraud warning that names no payment intent, the charge id (ch_…); "
+        "for a Checkout Session that names none (one that expired unpaid), the session id "
+        "(cs_…). Kafka's default partitioner (murmur2) places it, so every event of one "
+        "intent is on one partition, in order.",
     }
     return {
         "asyncapi": "3.0.0",
@@ -116,8 +118,9 @@ def document() -> dict[str, Any]:
         "channels": {
             "events": {
                 "address": events_topic,
-                "description": "Every verified Stripe webhook, published by stripe-bridge "
-                "before it answers 2xx. Topic name: KAFKA_TOPIC.",
+                "description": "Every verified Stripe webhook about a payment, of the mode "
+                "the bridge serves (STRIPE_LIVEMODE), published by stripe-bridge before it "
+                "answers 2xx. Topic name: KAFKA_TOPIC.",
                 "messages": {"stripeEvent": {"$ref": "#/components/messages/stripeEvent"}},
             },
             "deadLetters": {

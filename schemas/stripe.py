@@ -127,6 +127,13 @@ class TotalDetails(_StripeModel):
     amount_shipping: Amount = 0
     amount_tax: Amount = 0
 
+    @field_validator("amount_shipping", mode="before")
+    @classmethod
+    def _no_shipping_is_zero(cls, value: Any) -> Any:
+        # Nullable at Stripe (stripe-python types it Optional[int]; Stripe's own example
+        # session has it null): a session that ships nothing, not poison.
+        return 0 if value is None else value
+
 
 class CurrencyConversion(_StripeModel):
     """Adaptive Pricing: the session's amounts are in the buyer's currency; these are in

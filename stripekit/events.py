@@ -1,8 +1,10 @@
 """Realistic Stripe event payloads for tests, the demo and benchmarks.
 
-Shaped like what Stripe sends (API version 2024-06-20): whole PaymentIntent and
-Charge objects with the many fields intentflow never reads, so decoding is
-measured on the real size and shape.
+Shaped like what Stripe sends: whole PaymentIntent and Charge objects with the
+many fields intentflow never reads, so decoding is measured on the real size and
+shape. Every field sent is a field of Stripe's object with Stripe's type
+(tests/unit/test_stripekit_shapes.py checks them against Stripe's own examples
+and stripe-python's types).
 """
 
 from __future__ import annotations
@@ -61,7 +63,6 @@ def payment_intent(
         "currency": currency,
         "customer": "cus_" + secrets.token_hex(7),
         "description": "Order from the storefront",
-        "invoice": None,
         "last_payment_error": None,
         "latest_charge": "ch_" + secrets.token_hex(12),
         "livemode": False,

@@ -1,8 +1,8 @@
 """Publish Stripe events straight to Kafka, as the webhook bridge would.
 
-Value = the event's JSON bytes, key = its payment intent id (or its charge id
-when it names no intent), the contract headers, acks=all. For tests, the demo
-and benchmarks that skip the bridge.
+Value = the event's JSON bytes, key = the one the bridge gives it (`schemas.route`:
+its payment intent id, else its charge's or its Checkout Session's id), the contract
+headers, acks=all. For tests, the demo and benchmarks that skip the bridge.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from intentflow.schemas import charge_key, contract_headers, encode_key, payment_intent_key
+from intentflow.schemas import contract_headers, encode_key, route
 from intentflow.stripekit import events
 
 
@@ -49,8 +49,8 @@ async def publish(
             else:
                 value = events.encode(payload)
                 headers = contract_headers(payload["id"], payload["type"], received_at_ms)
-                found = payment_intent_key(payload) or charge_key(payload)
-                msg_key = key if key is not None else (encode_key(found) if found else None)
+                found = route(payload)
+                msg_key = key if key is not None else (encode_key(found[0]) if found else None)
             futures.append(
                 await producer.send(topic, value, key=msg_key, headers=headers, partition=partition)
             )

@@ -7,8 +7,8 @@ against it. `FakeStripe` is an aiohttp server on 127.0.0.1 serving the requests 
 relay makes: `GET /v1/payment_intents/{id}`, `POST /v1/payment_intents/{id}/cancel`
 and `/capture`, `POST /v1/refunds`, and `GET /v1/refunds` (Stripe's list shape,
 newest first, `limit` and `starting_after`). Its objects are Stripe's own example
-objects (tests/stripe_fixtures/, vendored from stripe/openapi) with ids, amounts,
-statuses and links set per test (`add_intent`, `add_refund`).
+objects (tests/fixtures/stripe.py, from stripe/openapi's fixtures3.json) with ids,
+amounts, statuses and links set per test (`add_intent`, `add_refund`).
 
 As Stripe does (https://docs.stripe.com/api/idempotent_requests,
 https://docs.stripe.com/error-low-level):
@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl
@@ -44,8 +42,8 @@ import pytest
 from aiohttp import web
 
 from intentflow.devservices.embedded import free_port
+from tests.fixtures import stripe as fixtures
 
-FIXTURES = Path(__file__).resolve().parent / "stripe_fixtures"
 CANCELABLE = (
     "requires_payment_method",
     "requires_capture",
@@ -56,12 +54,6 @@ CANCELABLE = (
 CANCELLATION_REASONS = ("duplicate", "fraudulent", "requested_by_customer", "abandoned")
 REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer")
 REFUND_COUNTS = ("pending", "requires_action", "succeeded")
-
-
-def fixture(name: str) -> dict[str, Any]:
-    """A fresh copy of one of Stripe's example objects."""
-    loaded: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_text())
-    return loaded
 
 
 @dataclass
@@ -144,31 +136,31 @@ class FakeStripe:
         """An intent with its one charge; `succeeded` captures `captured` (all by default)."""
         pid = f"pi_{secrets.token_hex(8)}"
         received = (amount if captured is None else captured) if status == "succeeded" else 0
-        charge = fixture("charge") | {
-            "id": f"ch_{secrets.token_hex(8)}",
-            "amount": amount,
-            "amount_captured": received,
-            "captured": status == "succeeded",
-            "payment_intent": pid,
-            "metadata": {},
-        }
+        charge = fixtures.charge(
+            id=f"ch_{secrets.token_hex(8)}",
+            amount=amount,
+            amount_captured=received,
+            captured=status == "succeeded",
+            payment_intent=pid,
+            metadata={},
+        )
         charge["refunds"] = {**charge["refunds"], "url": f"/v1/charges/{charge['id']}/refunds"}
-        intent = fixture("payment_intent") | {
-            "id": pid,
-            "amount": amount,
-            "amount_capturable": amount if status == "requires_capture" else 0,
-            "amount_received": received,
-            "canceled_at": None,
-            "capture_method": "manual",
-            "client_secret": f"{pid}_secret_{secrets.token_hex(8)}",
-            "last_payment_error": None,
-            "latest_charge": charge["id"],
-            "metadata": {"cart_id": f"cart-{pid}"},
-            "next_action": None,
-            "processing": None,
-            "status": status,
-            "transfer_data": None,
-        }
+        intent = fixtures.payment_intent(
+            id=pid,
+            amount=amount,
+            amount_capturable=amount if status == "requires_capture" else 0,
+            amount_received=received,
+            canceled_at=None,
+            capture_method="manual",
+            client_secret=f"{pid}_secret_{secrets.token_hex(8)}",
+            last_payment_error=None,
+            latest_charge=charge["id"],
+            metadata={"cart_id": f"cart-{pid}"},
+            next_action=None,
+            processing=None,
+            status=status,
+            transfer_data=None,
+        )
         self._intents[account, pid] = intent
         self._charges[account, charge["id"]] = charge
         return pid
@@ -468,16 +460,16 @@ class FakeStripe:
         metadata: dict[str, str],
         reason: str | None = None,
     ) -> dict[str, Any]:
-        refund = fixture("refund") | {
-            "id": f"re_{secrets.token_hex(8)}",
-            "amount": amount,
-            "charge": intent["latest_charge"],
-            "currency": intent["currency"],
-            "metadata": metadata,
-            "payment_intent": intent["id"],
-            "reason": reason,
-            "status": status,
-        }
+        refund = fixtures.refund(
+            id=f"re_{secrets.token_hex(8)}",
+            amount=amount,
+            charge=intent["latest_charge"],
+            currency=intent["currency"],
+            metadata=metadata,
+            payment_intent=intent["id"],
+            reason=reason,
+            status=status,
+        )
         self._refunds.setdefault(account, []).append(refund)
         charge = self._charges[account, intent["latest_charge"]]
         refunded = self._refunded(account, intent["id"])

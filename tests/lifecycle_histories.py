@@ -424,6 +424,13 @@ class History:
                     continue
             self.refund(n, part, outcome)
 
+    def waiting(self) -> None:
+        """Waiting for 3-D Secure, for the rest of a transfer, or still processing."""
+        waiting = self.draw(st.sampled_from(["requires_action", "processing", "partially_funded"]))
+        # A bank transfer that is partially funded waits for the rest in requires_action.
+        status = "requires_action" if waiting == "partially_funded" else waiting
+        self.intent(f"payment_intent.{waiting}", status)
+
     def delayed(self) -> None:
         """A delayed payment method through Checkout: the session completes unpaid, and
         days later Stripe says it was paid (or failed)."""
@@ -501,10 +508,7 @@ def histories(draw: st.DrawFn, paying: Terms | None = None) -> History:
     if path == "fail_only":
         return h
     if path == "in_progress":
-        waiting = draw(st.sampled_from(["requires_action", "processing", "partially_funded"]))
-        # A bank transfer that is partially funded waits for the rest in requires_action.
-        status = "requires_action" if waiting == "partially_funded" else waiting
-        h.intent(f"payment_intent.{waiting}", status)
+        h.waiting()
         return h
     before = draw(st.sampled_from([None, "requires_action", "processing"]))
     if before is not None:

@@ -82,6 +82,12 @@ async def test_the_bridge_process_publishes_a_signed_webhook_and_stops_cleanly(
         ({"STRIPE_WEBHOOK_SECRET": None}, "STRIPE_WEBHOOK_SECRET: Field required"),
         ({"STRIPE_WEBHOOK_SECRET": " , "}, "STRIPE_WEBHOOK_SECRET: is empty"),
         ({"STRIPE_WEBHOOK_SECRET": f"whsec_ok,{API_KEY}"}, "STRIPE_WEBHOOK_SECRET: every secret"),
+        (
+            {"STRIPE_LIVEMODE": None},
+            "STRIPE_LIVEMODE: required: set true for a live-mode endpoint (real payments) "
+            "or false for a test-mode one",
+        ),
+        ({"STRIPE_LIVEMODE": "yes"}, "STRIPE_LIVEMODE: must be true or false: set true"),
         ({"BRIDGE_PORT": "80000"}, "BRIDGE_PORT: Input should be less than or equal to 65535"),
         ({"BRIDGE_PORT": "http"}, "BRIDGE_PORT: Input should be a valid integer"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL: must be one of DEBUG, INFO, WARNING"),
@@ -92,6 +98,8 @@ async def test_the_bridge_process_publishes_a_signed_webhook_and_stops_cleanly(
         "no-secret",
         "empty-secret",
         "api-key",
+        "no-mode",
+        "mode-not-a-word",
         "port-range",
         "port-text",
         "level",
@@ -102,7 +110,7 @@ async def test_the_bridge_process_publishes_a_signed_webhook_and_stops_cleanly(
 def test_a_setting_that_cannot_work_is_one_line_naming_it_and_exit_2(
     overrides: dict[str, str | None], named: str
 ) -> None:
-    env = {**os.environ, "STRIPE_WEBHOOK_SECRET": SECRET}
+    env = {**os.environ, "STRIPE_WEBHOOK_SECRET": SECRET, "STRIPE_LIVEMODE": "false"}
     for name, value in overrides.items():
         if value is None:
             env.pop(name, None)
@@ -121,6 +129,7 @@ def test_help_and_version_need_no_environment() -> None:
     bare = {"PATH": os.environ.get("PATH", "")}
     helped = run_bridge(bare, "--help")
     assert helped.returncode == 0 and "STRIPE_WEBHOOK_SECRET" in helped.stdout
+    assert "STRIPE_LIVEMODE" in helped.stdout
     versioned = run_bridge(bare, "--version")
     assert (versioned.returncode, versioned.stdout.strip()) == (0, "stripe-bridge 0.1.0")
 

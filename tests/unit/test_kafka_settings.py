@@ -96,7 +96,7 @@ def test_plaintext_is_the_default_and_names_the_client() -> None:
         "client_id": "order-consumer",
         "security_protocol": "PLAINTEXT",
     }
-    bridge = BridgeSettings(stripe_webhook_secret=WEBHOOK_SECRET)
+    bridge = BridgeSettings(stripe_webhook_secret=WEBHOOK_SECRET, stripe_livemode=False)
     assert client_kwargs(bridge)["client_id"] == "stripe-bridge"
 
 
@@ -267,7 +267,7 @@ async def test_every_client_the_services_build_is_secured(
     monkeypatch.setattr(prune, "check_topics", nothing)
     values = sasl("SASL_SSL", "SCRAM-SHA-512", kafka_ssl_cafile=pki["ca"])
     settings: Any = (
-        BridgeSettings(stripe_webhook_secret=WEBHOOK_SECRET, **values)
+        BridgeSettings(stripe_webhook_secret=WEBHOOK_SECRET, stripe_livemode=False, **values)
         if site == "bridge"
         else consumer(**values)
     )
@@ -363,6 +363,7 @@ def test_a_combination_that_cannot_work_is_refused_naming_the_variable(
     named: str,
 ) -> None:
     monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    monkeypatch.setenv("STRIPE_LIVEMODE", "false")
     for name, value in environment.items():
         monkeypatch.setenv(name, filled(value, pki))
     with pytest.raises(ValidationError) as refused:
@@ -404,7 +405,7 @@ def test_secrets_never_appear_in_the_settings_repr(pki: dict[str, Path]) -> None
             kafka_ssl_keyfile=pki["client-locked.key"],
             kafka_ssl_key_password=KEY_PASSWORD,
         ),
-        BridgeSettings(stripe_webhook_secret=WEBHOOK_SECRET, **sasl()),
+        BridgeSettings(stripe_webhook_secret=WEBHOOK_SECRET, stripe_livemode=False, **sasl()),
     ):
         for shown in (repr(settings), str(settings), settings.model_dump_json()):
             assert SASL_PASSWORD not in shown and KEY_PASSWORD not in shown

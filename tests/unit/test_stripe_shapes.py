@@ -1,11 +1,12 @@
 """The shapes Stripe really sends: each decodes, and each gets the key its intent needs.
 
-The payloads are subsets of Stripe's own example objects (stripe/openapi,
-`openapi/fixtures3.json`: charge, dispute, refund, payment_intent) with the
-fields intentflow reads, a few it does not, and some no model knows, to prove
-those are ignored. Each goes through the three readers of a delivery: the
-bridge's key (`payment_intent_key`, then `charge_key`), the consumer's decoding
-(`StripeEvent`, `consumer.decode.decode`), and the bridge's endpoint itself.
+The payloads are Stripe's own example objects (stripe/openapi `openapi/fixtures3.json`,
+vendored whole under tests/fixtures/) with ids, amounts, statuses and links set per test,
+and a field no model knows, to prove those are ignored. Each goes through the three
+readers of a delivery: the bridge's key (`schemas.route`), the consumer's decoding
+(`StripeEvent`, `consumer.decode.decode`), and the bridge's endpoint itself; for every
+object kind the key the bridge publishes is the one the consumer checks. An event of the
+other mode than the bridge's (STRIPE_LIVEMODE) is acknowledged and never published.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from intentflow.producer.publisher import Published, Publisher
 from intentflow.producer.signature import SignatureVerifier
 from intentflow.producer.webhook import THIN_EVENT_REASON, WebhookEndpoint
 from intentflow.schemas import (
+    KEY_CHARGE,
+    KEY_CHECKOUT_SESSION,
+    KEY_PAYMENT_INTENT,
     Charge,
     Dispute,
     PaymentIntent,
@@ -30,13 +34,25 @@ from intentflow.schemas import (
     StripeEvent,
     charge_key,
     payment_intent_key,
+    route,
+)
+from intentflow.schemas.stripe import (
+    MODELLED_OBJECTS,
+    CheckoutSession,
+    EarlyFraudWarning,
+    Review,
 )
 from intentflow.stripekit.signing import stripe_signature
+from tests.fixtures import stripe as fixtures
 
-INTENT = "pi_1PgafyB7WZ01zgkWSjxsAJo3"
-CHARGE = "ch_1PgafuB7WZ01zgkWXYmPNZs8"
-DISPUTE = "dp_1Pgc71B7WZ01zgkWMevJiAUx"
-REFUND = "re_1Pgc72B7WZ01zgkWqPvrRrPE"
+# Stripe's examples link to each other by these ids.
+INTENT = fixtures.INTENT_ID
+CHARGE = fixtures.CHARGE_ID
+SESSION = fixtures.SESSION_ID
+DISPUTE = fixtures.dispute()["id"]
+REFUND = fixtures.refund()["id"]
+REVIEW = fixtures.review()["id"]
+WARNING = fixtures.early_fraud_warning()["id"]
 CREATED = 1721948530
 SECRET = "whsec_shapes"
 
@@ -49,96 +65,48 @@ def event(
     previous_attributes: dict[str, Any] | None = None,
     **top: Any,
 ) -> dict[str, Any]:
-    """A v1 snapshot event around `obj`, as a webhook endpoint receives it."""
-    data: dict[str, Any] = {"object": obj}
+    """Stripe's example event around `obj`, as a webhook endpoint receives it."""
+    evt = fixtures.event(
+        obj, event_type, api_version=api_version, created=CREATED, pending_webhooks=1, **top
+    )
     if previous_attributes is not None:
-        data["previous_attributes"] = previous_attributes
-    return {
-        "id": "evt_1Pgc76B7WZ01zgkWwyRHS12y",
-        "object": "event",
-        "api_version": api_version,
-        "created": CREATED,
-        "data": data,
-        "livemode": False,
-        "pending_webhooks": 1,
-        "request": {"id": None, "idempotency_key": None},
-        "type": event_type,
-        **top,
-    }
+        evt["data"]["previous_attributes"] = previous_attributes
+    return evt
 
 
 def charge(payment_intent: str | None = INTENT, **changes: Any) -> dict[str, Any]:
-    return {
-        "id": CHARGE,
-        "object": "charge",
+    """Stripe's example charge, captured, of `payment_intent`."""
+    values: dict[str, Any] = {
         "amount": 1099,
         "amount_captured": 1099,
-        "amount_refunded": 0,
-        "balance_transaction": "txn_1PgaxNB7WZ01zgkWEV3TLf40",
         "captured": True,
-        "created": CREATED,
-        "currency": "usd",
-        "disputed": False,
-        "metadata": {},
-        "outcome": {"network_status": "approved_by_network", "type": "authorized"},
-        "paid": True,
         "payment_intent": payment_intent,
-        "payment_method_details": {"card": {"brand": "visa", "last4": "4242"}, "type": "card"},
-        "refunded": False,
-        "refunds": {"object": "list", "data": [], "has_more": False, "url": "/v1/refunds"},
-        "status": "succeeded",
         "a_field_stripe_adds_next_year": {"nested": [1, 2]},
-        **changes,
     }
+    return fixtures.charge(**(values | changes))
 
 
 def payment_intent(**changes: Any) -> dict[str, Any]:
-    return {
-        "id": INTENT,
-        "object": "payment_intent",
+    """Stripe's example intent, authorized for manual capture, naming cart_42."""
+    values: dict[str, Any] = {
         "amount": 1099,
         "amount_capturable": 1099,
-        "amount_details": {"tip": {}},
-        "amount_received": 0,
-        "automatic_payment_methods": {"enabled": True},
         "canceled_at": None,
-        "cancellation_reason": None,
         "capture_method": "manual",
-        "client_secret": f"{INTENT}_secret_Dm43xiq1k0ywrRRjDoi8y1gkM",
-        "created": CREATED,
-        "currency": "usd",
+        "last_payment_error": None,
         "latest_charge": CHARGE,
-        "livemode": False,
         "metadata": {"cart_id": "cart_42"},
         "next_action": None,
-        "payment_method_types": ["card"],
+        "processing": None,
         "status": "requires_capture",
-        "transfer_data": {"destination": {"id": "obj_123", "object": "account"}},
-        "managed_payments": {"enabled": True},
-        **changes,
     }
+    return fixtures.payment_intent(**(values | changes))
 
 
 def dispute(status: str, payment_intent: str | None = INTENT) -> dict[str, Any]:
-    return {
-        "id": DISPUTE,
-        "object": "dispute",
-        "amount": 1099,
-        "balance_transactions": [],
-        "charge": CHARGE,
-        "created": CREATED,
-        "currency": "usd",
-        "evidence": {"customer_name": None, "uncategorized_text": None},
-        "evidence_details": {"due_by": 1723679999, "has_evidence": False, "past_due": False},
-        "is_charge_refundable": False,
-        "livemode": False,
-        "metadata": {},
-        "payment_intent": payment_intent,
-        "payment_method_details": {"card": {"brand": "visa", "case_type": "chargeback"}},
-        "reason": "fraudulent",
-        "status": status,
-        "enhanced_eligibility_types": ["visa_compelling_evidence_3"],
-    }
+    return fixtures.dispute(
+        amount=1099, payment_intent=payment_intent, reason="fraudulent", status=status
+    )
 
 
 def refund(
@@ -146,21 +114,14 @@ def refund(
     payment_intent: str | None = INTENT,
     charge_id: str | None = CHARGE,
 ) -> dict[str, Any]:
-    return {
-        "id": REFUND,
-        "object": "refund",
-        "amount": 400,
-        "balance_transaction": "txn_1PgaxNB7WZ01zgkWEV3TLf41",
-        "charge": charge_id,
-        "created": CREATED,
-        "currency": "usd",
-        "destination_details": {"card": {"type": "reversal"}, "type": "card"},
-        "metadata": {},
-        "payment_intent": payment_intent,
-        "reason": "requested_by_customer",
-        "receipt_number": None,
-        "status": status,
-    }
+    return fixtures.refund(
+        amount=400, charge=charge_id, payment_intent=payment_intent, status=status
+    )
+
+
+def session(**changes: Any) -> dict[str, Any]:
+    """Stripe's example Checkout Session (payment mode, naming its intent)."""
+    return fixtures.checkout_session(**changes)
 
 
 @dataclass
@@ -297,9 +258,13 @@ def test_a_refund_naming_neither_intent_nor_charge_has_no_key() -> None:
     assert charge_key(payload) is None
 
 
-def test_objects_of_other_kinds_have_no_charge_key_even_with_a_charge_field() -> None:
-    review = {"id": "prv_1", "object": "review", "charge": CHARGE, "payment_intent": None}
-    assert charge_key(event(review, "review.opened")) is None
+@pytest.mark.parametrize("kind", ["application_fee", "confirmation_token", "tax.association"])
+def test_objects_of_other_kinds_have_no_key_even_naming_a_charge_or_an_intent(kind: str) -> None:
+    """Stripe's application fee names the charge it came from, a confirmation token and a
+    tax association name an intent: none is an event of the payment's own."""
+    payload = event(fixtures.resource(kind), f"{kind}.created")
+    assert (payment_intent_key(payload), charge_key(payload), route(payload)) == (None,) * 3
+    assert decoded(payload, "any").intent_id is None
 
 
 # --- disputes and refunds -------------------------------------------------------
@@ -350,6 +315,91 @@ def test_a_dispute_delivered_under_another_key_is_poison() -> None:
     assert isinstance(result, Poison) and result.error == "key_mismatch"
 
 
+# --- Checkout Sessions ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "event_type",
+    [
+        "checkout.session.completed",
+        "checkout.session.async_payment_succeeded",
+        "checkout.session.async_payment_failed",
+        "checkout.session.expired",
+    ],
+)
+def test_a_payment_session_is_keyed_by_the_intent_it_names(event_type: str) -> None:
+    payload = event(session(client_reference_id="cart_42", payment_status="paid"), event_type)
+
+    assert route(payload) == (INTENT, KEY_PAYMENT_INTENT)
+    envelope = decoded(payload, INTENT)
+    assert envelope.intent_id == INTENT
+    obj = envelope.event.data.object
+    assert type(obj) is CheckoutSession
+    assert (obj.id, obj.mode, obj.cart("cart_id")) == (SESSION, "payment", "cart_42")
+
+
+def test_a_session_that_expired_unpaid_is_keyed_by_its_own_id_and_concerns_no_intent() -> None:
+    """Since API 2022-08-01 a session's intent is made only when it is confirmed: one that
+    expired unpaid names none."""
+    payload = event(session(payment_intent=None, status="expired"), "checkout.session.expired")
+
+    assert payment_intent_key(payload) is None
+    assert route(payload) == (SESSION, KEY_CHECKOUT_SESSION)
+    assert decoded(payload, SESSION).intent_id is None
+
+
+@pytest.mark.parametrize("mode", ["setup", "subscription"])
+def test_a_session_of_another_mode_is_not_routed(mode: str) -> None:
+    # Stripe's setup and subscription sessions name no intent of their own.
+    payload = event(session(mode=mode, payment_intent=None), "checkout.session.completed")
+    assert route(payload) is None
+    assert decoded(payload, SESSION).intent_id is None
+
+
+# --- Radar: reviews and early fraud warnings ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("obj", "event_type"),
+    [
+        (fixtures.review(payment_intent=INTENT), "review.opened"),
+        (
+            fixtures.review(payment_intent=INTENT, open=False, closed_reason="approved"),
+            "review.closed",
+        ),
+        (fixtures.early_fraud_warning(payment_intent=INTENT), "radar.early_fraud_warning.created"),
+        (fixtures.early_fraud_warning(payment_intent=INTENT), "radar.early_fraud_warning.updated"),
+    ],
+    ids=["review-opened", "review-closed", "warning-created", "warning-updated"],
+)
+def test_a_fraud_signal_is_keyed_by_the_intent_it_names(
+    obj: dict[str, Any], event_type: str
+) -> None:
+    payload = event(obj, event_type)
+
+    assert route(payload) == (INTENT, KEY_PAYMENT_INTENT)
+    envelope = decoded(payload, INTENT)
+    assert envelope.intent_id == INTENT
+    assert type(envelope.event.data.object) in (Review, EarlyFraudWarning)
+
+
+@pytest.mark.parametrize(
+    ("obj", "event_type", "charge_id"),
+    [
+        (fixtures.review(), "review.opened", CHARGE),
+        (fixtures.early_fraud_warning(), "radar.early_fraud_warning.created", "ch_1234"),
+    ],
+    ids=["review", "warning"],
+)
+def test_a_fraud_signal_naming_no_intent_is_keyed_by_its_charge(
+    obj: dict[str, Any], event_type: str, charge_id: str
+) -> None:
+    """Stripe's own examples of both name only a charge (a charge made without an intent)."""
+    payload = event(obj, event_type)
+    assert route(payload) == (charge_id, KEY_CHARGE)
+    assert decoded(payload, charge_id).intent_id is None
+
+
 # --- through the bridge's endpoint ----------------------------------------------
 
 
@@ -394,8 +444,9 @@ class Bridge:
         return status, fields
 
 
-def new_bridge() -> Bridge:
-    """The endpoint with a fake publisher; built in the test, so its log finds the test's stderr."""
+def new_bridge(livemode: bool = False) -> Bridge:
+    """The endpoint with a fake publisher, serving test mode (Stripe's examples are test-mode
+    objects) unless told; built in the test, so its log finds the test's stderr."""
     publisher, metrics = FakePublisher(), BridgeMetrics()
     endpoint = WebhookEndpoint(
         SignatureVerifier([SECRET], tolerance_s=300),
@@ -403,6 +454,7 @@ def new_bridge() -> Bridge:
         metrics,
         max_body_bytes=512 * 1024,
         log=EventLog("bridge"),
+        livemode=livemode,
     )
     return Bridge(endpoint, publisher, metrics)
 
@@ -450,6 +502,22 @@ async def test_the_bridge_refuses_a_thin_event_saying_to_send_snapshot_payloads(
             CHARGE,
             "published_without_intent",
         ),
+        (event(session(), "checkout.session.completed"), INTENT, "published"),
+        (
+            event(session(payment_intent=None), "checkout.session.expired"),
+            SESSION,
+            "published_without_intent",
+        ),
+        (event(fixtures.review(payment_intent=INTENT), "review.opened"), INTENT, "published"),
+        (event(fixtures.review(), "review.closed"), CHARGE, "published_without_intent"),
+        (
+            event(
+                fixtures.early_fraud_warning(payment_intent=INTENT),
+                "radar.early_fraud_warning.created",
+            ),
+            INTENT,
+            "published",
+        ),
     ],
     ids=[
         "intent",
@@ -458,6 +526,11 @@ async def test_the_bridge_refuses_a_thin_event_saying_to_send_snapshot_payloads(
         "refund-updated",
         "charge-no-intent",
         "dispute-no-intent",
+        "session-completed",
+        "session-expired-unpaid",
+        "review-opened",
+        "review-no-intent",
+        "early-fraud-warning",
     ],
 )
 async def test_the_bridge_publishes_every_payment_event_under_its_key(
@@ -493,3 +566,153 @@ async def test_the_bridge_acknowledges_an_event_naming_no_intent_and_no_charge_u
 
     assert (status, answer["outcome"]) == (200, "ignored")
     assert bridge.publisher.sent == []
+
+
+async def test_the_bridge_logs_a_session_without_intent_with_its_session_id(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    bridge = new_bridge()
+    await bridge.post(orjson.dumps(event(session(payment_intent=None), "checkout.session.expired")))
+
+    [line] = [orjson.loads(text) for text in capfd.readouterr().err.splitlines()]
+    assert (line["outcome"], line["checkout_session_id"]) == ("published_without_intent", SESSION)
+
+
+@pytest.mark.parametrize("mode", ["setup", "subscription"])
+async def test_the_bridge_acknowledges_a_session_of_another_mode_unpublished(mode: str) -> None:
+    bridge = new_bridge()
+    payload = event(session(mode=mode, payment_intent=None), "checkout.session.completed")
+    status, answer = await bridge.post(orjson.dumps(payload))
+
+    assert (status, answer["outcome"]) == (200, "ignored")
+    assert bridge.publisher.sent == []
+
+
+# --- live and test kept apart ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bridge_livemode", "event_livemode"), [(True, False), (False, True)], ids=["live", "test"]
+)
+async def test_an_event_of_the_other_mode_is_acknowledged_counted_and_never_published(
+    capfd: pytest.CaptureFixture[str], bridge_livemode: bool, event_livemode: bool
+) -> None:
+    """A live bridge never takes a test payment into stock, nor a test bridge a real one;
+    the 200 stops Stripe's retries, the warning names the event and both modes."""
+    bridge = new_bridge(livemode=bridge_livemode)
+    payload = event(
+        payment_intent(livemode=event_livemode),
+        "payment_intent.amount_capturable_updated",
+        livemode=event_livemode,
+        account="acct_1PgafTB7WZ01zgkW",
+    )
+    status, answer = await bridge.post(orjson.dumps(payload))
+
+    assert (status, answer) == (200, {"outcome": "other_mode"})
+    assert bridge.publisher.sent == []
+    assert (bridge.count("other_mode"), bridge.count("published")) == (1.0, 0.0)
+    [line] = [orjson.loads(text) for text in capfd.readouterr().err.splitlines()]
+    assert line["level"] == "warning"
+    assert (line["outcome"], line["event_id"], line["event_type"]) == (
+        "other_mode",
+        payload["id"],
+        "payment_intent.amount_capturable_updated",
+    )
+    assert (line["livemode"], line["stripe_livemode"]) == (event_livemode, bridge_livemode)
+    assert line["account"] == "acct_1PgafTB7WZ01zgkW"
+
+
+async def test_an_event_of_the_other_mode_about_no_payment_is_other_mode_too() -> None:
+    """The mode is checked first: every event of the wrong mode shows on the one counter."""
+    bridge = new_bridge(livemode=True)
+    payload = event(fixtures.resource("customer"), "customer.created")
+    assert (await bridge.post(orjson.dumps(payload)))[1]["outcome"] == "other_mode"
+
+
+@pytest.mark.parametrize("livemode", [None, "false", 0], ids=["absent", "text", "number"])
+async def test_an_event_without_a_boolean_livemode_is_not_a_stripe_event(
+    livemode: object,
+) -> None:
+    """Stripe sets `livemode` on every event: one without it belongs to neither mode."""
+    bridge = new_bridge()
+    payload = event(payment_intent(), "payment_intent.succeeded")
+    if livemode is None:
+        del payload["livemode"]
+    else:
+        payload["livemode"] = livemode
+    status, answer = await bridge.post(orjson.dumps(payload))
+
+    assert (status, answer["outcome"]) == (400, "bad_body")
+    assert bridge.publisher.sent == []
+
+
+async def test_a_live_bridge_publishes_live_events() -> None:
+    bridge = new_bridge(livemode=True)
+    obj = payment_intent(livemode=True)
+    body = orjson.dumps(event(obj, "payment_intent.succeeded", livemode=True))
+    status, answer = await bridge.post(body)
+    assert (status, answer["outcome"]) == (200, "published")
+    assert bridge.publisher.sent == [(INTENT.encode(), body)]
+
+
+# --- the bridge's key is the consumer's key -----------------------------------------
+
+
+def every_kind() -> list[tuple[str, dict[str, Any]]]:
+    """An event of each object kind the consumer models, naming its intent, naming only a
+    charge, or naming neither (Stripe's examples as they are, or with the links changed),
+    and one of a kind it does not model."""
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("payment_intent", event(payment_intent(), "payment_intent.succeeded")),
+        ("charge", event(charge(), "charge.succeeded")),
+        ("charge-no-intent", event(charge(None), "charge.refunded")),
+        ("customer", event(fixtures.resource("customer"), "customer.created")),
+    ]
+    naming = {
+        "dispute": "charge.dispute.created",
+        "refund": "charge.refund.updated",
+        "review": "review.opened",
+        "radar.early_fraud_warning": "radar.early_fraud_warning.created",
+    }
+    for kind, event_type in naming.items():
+        cases.append((kind, event(fixtures.resource(kind, payment_intent=INTENT), event_type)))
+        cases.append((f"{kind}-no-intent", event(fixtures.resource(kind), event_type)))
+        orphan = fixtures.resource(kind, payment_intent=None, charge=None)
+        cases.append((f"{kind}-neither", event(orphan, event_type)))
+    cases.append(("session", event(session(), "checkout.session.completed")))
+    unpaid = session(payment_intent=None, status="expired")
+    cases.append(("session-expired-unpaid", event(unpaid, "checkout.session.expired")))
+    for mode in ("setup", "subscription"):
+        other = session(mode=mode, payment_intent=None)
+        cases.append((f"session-{mode}", event(other, "checkout.session.completed")))
+    return cases
+
+
+async def test_for_every_kind_the_bridge_publishes_under_the_key_the_consumer_checks() -> None:
+    """What the bridge publishes decodes under the key it was published with (never
+    `key_mismatch` poison): an intent's key is the intent the consumer reads from the same
+    event, any other key (a charge's, a session's) goes with an event that concerns no
+    intent; and what the bridge does not publish, the consumer would tie to no intent."""
+    cases = every_kind()
+    kinds = {payload["data"]["object"]["object"] for _, payload in cases}
+    assert kinds >= MODELLED_OBJECTS  # a kind modelled later needs its case here
+    bridge = new_bridge()
+    for name, payload in cases:
+        body = orjson.dumps(payload)
+        status, answer = await bridge.post(body)
+        consumer_reads = StripeEvent.model_validate_json(body).payment_intent_id
+        if answer["outcome"] == "ignored":
+            assert consumer_reads is None, name
+            continue
+        assert (status, answer["outcome"]) in (
+            (200, "published"),
+            (200, "published_without_intent"),
+        ), name
+        key, value = bridge.publisher.sent[-1]
+        assert value == body, name
+        read = decode(Record(value, key))
+        assert isinstance(read, Envelope), (name, read)
+        if answer["outcome"] == "published":
+            assert read.intent_id == key.decode() == consumer_reads, name
+        else:
+            assert read.intent_id is None, name

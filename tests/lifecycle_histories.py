@@ -424,6 +424,23 @@ class History:
                     continue
             self.refund(n, part, outcome)
 
+    def then(self, path: str) -> None:
+        """What follows the payment on `path`."""
+        if path == "capture":
+            self.capture()
+        if path in ("capture", "auto_capture"):
+            self.refunds()
+            self.dispute()
+        elif path == "cancel_after_auth":
+            reason = self.draw(
+                st.sampled_from(["requested_by_customer", "abandoned", "fraudulent"])
+            )
+            self.cancel(reason)
+            if self.draw(st.booleans()):
+                self.release("charge.refunded")
+        elif path == "expire":
+            self.expire()
+
     def waiting(self) -> None:
         """Waiting for 3-D Secure, for the rest of a transfer, or still processing."""
         waiting = self.draw(st.sampled_from(["requires_action", "processing", "partially_funded"]))
@@ -525,17 +542,7 @@ def histories(draw: st.DrawFn, paying: Terms | None = None) -> History:
         h.capture(held=False)
     else:
         h.authorize()
-    if path == "capture":
-        h.capture()
-    if path in ("capture", "auto_capture"):
-        h.refunds()
-        h.dispute()
-    elif path == "cancel_after_auth":
-        h.cancel(draw(st.sampled_from(["requested_by_customer", "abandoned", "fraudulent"])))
-        if draw(st.booleans()):
-            h.release("charge.refunded")
-    elif path == "expire":
-        h.expire()
+    h.then(path)
     return h
 
 

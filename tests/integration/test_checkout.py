@@ -56,7 +56,12 @@ ORDER_FIELDS = (
 
 
 def at(obj: dict[str, Any], event_type: str, second: int) -> dict[str, Any]:
-    return events.stamped(obj, event_type, T0 + second)
+    """The event Stripe sends at T0 + `second`; a refund keeps its own `created` (when it
+    was made), other objects show the event's."""
+    evt = events.stamped(obj, event_type, T0 + second)
+    if obj.get("object") == "refund":
+        evt["data"]["object"]["created"] = obj["created"]
+    return evt
 
 
 def intent(pid: str, status: str, amount: int, **fields: Any) -> dict[str, Any]:

@@ -263,7 +263,15 @@ class Facts(NamedTuple):
     @property
     def refund_stopped(self) -> bool:
         """A refund of the intent failed or was canceled."""
-        return any(r.status in REFUND_STOPPED for r in self.refunds.values())
+        return self.refund_stopped_at is not None
+
+    @property
+    def refund_stopped_at(self) -> int | None:
+        """When the latest refund of the intent to fail or be canceled did (its event's
+        `created`), or None."""
+        return max(
+            (r.created for r in self.refunds.values() if r.status in REFUND_STOPPED), default=None
+        )
 
     @property
     def refund_blocked(self) -> bool:

@@ -171,7 +171,7 @@ def _change(
         allocation,
         owed_back=facts.owed_back,
         refund_blocked=facts.refund_blocked,
-        refund_stopped=facts.refund_stopped,
+        refund_stopped_at=facts.refund_stopped_at,
         capture_held=facts.capture_held,
         snapshot=snapshot,
     )

@@ -57,14 +57,31 @@ _REFUND_REASON = {Allocation.DUPLICATE: "duplicate"}
 HELD = "requires_capture"
 CAPTURED = "succeeded"
 
-# A refund that REFUND_UNFILLABLE=false keeps intentflow from making: its row is
-# written failed with this outcome, for `order-consumer outbox --failed`, the
-# owed-refunds gauge and `reconcile`.
+# A refund intentflow does not make by itself: its row is written failed with the
+# outcome `owed` and one of these reasons, for `order-consumer outbox --failed`, the
+# owed-refunds gauge and `reconcile`; `order-consumer outbox retry ID` asks for it.
 OWED = "owed"
-OWED_CODE = "refund_unfillable_off"
-OWED_MESSAGE = (
+
+
+class Owed(NamedTuple):
+    code: str
+    message: str
+
+
+# REFUND_UNFILLABLE=false keeps intentflow from refunding.
+REFUND_OFF = Owed(
+    "refund_unfillable_off",
     "REFUND_UNFILLABLE=false: refund the customer at Stripe, or set it to true and "
-    "`order-consumer outbox retry ID`"
+    "`order-consumer outbox retry ID`",
+)
+# A refund of the payment failed or was canceled at Stripe: the money is back in the
+# shop's balance. Refunding the same card or account again mostly fails again (closed,
+# lost or stolen), so a person decides (https://docs.stripe.com/refunds#failed-refunds).
+REFUND_FAILED = Owed(
+    "refund_failed",
+    "a refund of this payment failed or was canceled at Stripe (the refund's "
+    "failure_reason says why): return the money another way, or "
+    "`order-consumer outbox retry ID` to refund the payment method again",
 )
 
 
@@ -82,8 +99,9 @@ class OrderChange(NamedTuple):
     # whether an open dispute keeps Stripe from refunding it (consumer/facts.py).
     owed_back: int = 0
     refund_blocked: bool = False
-    # A refund of the intent failed or was canceled: ours may be among them.
-    refund_stopped: bool = False
+    # When the latest refund of the intent to fail or be canceled did (Unix seconds, its
+    # event's `created`), or None: ours may be among them.
+    refund_stopped_at: int | None = None
     # Radar's review is open or the issuer warned of fraud: no capture until it is settled.
     capture_held: bool = False
     # A new order's snapshot as its writer built it, without the two timestamps
@@ -102,12 +120,12 @@ class ActionRow(NamedTuple):
     payment_intent_id: str
     order_id: int
     params: dict[str, Any]
-    # Written failed as `owed` instead of pending (a refund REFUND_UNFILLABLE=false forbids).
-    owed: bool = False
-    # A refund is asked again over a finished row (`_REOPEN`): one refused for a dispute
-    # that has closed since, or owed and asked now under REFUND_UNFILLABLE=true; a done
-    # one too when `reopen` (a refund stopped counting since: ours may have failed).
-    reopen: bool = False
+    # Written failed as `owed`, for this reason, instead of pending: a refund
+    # REFUND_UNFILLABLE=false forbids, or one asked after a refund failed.
+    owed: Owed | None = None
+    # A refund of the intent failed or was canceled at this time (Unix seconds): the row
+    # is `owed` as REFUND_FAILED, finished then, and reopens a done row finished before.
+    stopped_at: int | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -140,7 +158,7 @@ def stripe_actions_for(change: OrderChange, policy: ShopPolicy) -> ActionRow | N
             if change.refund_blocked:
                 return None  # an open dispute Stripe would refuse it for: asked once it closes
             return refund_row(
-                pid, order_id, change.allocation, policy, reopen=change.refund_stopped
+                pid, order_id, change.allocation, policy, stopped_at=change.refund_stopped_at
             )
         return None
     if (
@@ -160,7 +178,7 @@ def refund_row(
     allocation: Allocation,
     policy: ShopPolicy,
     *,
-    reopen: bool = False,
+    stopped_at: int | None = None,
 ) -> ActionRow:
     """The refund of an order that cannot be filled. The relay reads what Stripe captured
     and what is refunded already, refunds the rest, and adds its outbox id to the metadata."""
@@ -169,14 +187,11 @@ def refund_row(
     }
     if allocation in _REFUND_REASON:
         params["reason"] = _REFUND_REASON[allocation]
-    return ActionRow(
-        Action.REFUND,
-        payment_intent_id,
-        order_id,
-        params,
-        owed=not policy.refund_unfillable,
-        reopen=reopen,
-    )
+    if stopped_at is not None:
+        owed: Owed | None = REFUND_FAILED
+    else:
+        owed = None if policy.refund_unfillable else REFUND_OFF
+    return ActionRow(Action.REFUND, payment_intent_id, order_id, params, owed, stopped_at)
 
 
 async def ask_refunds(conn: Connection, order_ids: Sequence[int], policy: ShopPolicy) -> int:
@@ -293,7 +308,7 @@ async def _enqueue_read_back(conn: Connection, changes: Sequence[OrderChange]) -
 async def insert_actions(conn: Connection, rows: Sequence[ActionRow]) -> int:
     """Add Stripe actions (pending, or failed as `owed`); return how many were added or
     asked again. One row per intent and action: one already there is kept as it is,
-    unless the new one `reopen`s it (`_REOPEN`)."""
+    unless the new one reopens it (`_REOPEN`)."""
     added = 0
     for refunds in (False, True):
         batch = [r for r in rows if (r.action is Action.REFUND) is refunds]
@@ -304,17 +319,23 @@ async def insert_actions(conn: Connection, rows: Sequence[ActionRow]) -> int:
 
 # What a refund asked again does to the row already there for its intent: a refund
 # refused for a dispute that has closed since, or owed under REFUND_UNFILLABLE=false
-# and asked now by a member with true, is asked again; so is one done, when the new
-# row says a refund stopped counting since (`verify_first`, from `reopen`: ours may
-# have failed). Safe: the relay reads the intent's refunds before it refunds
-# anything, so a refund that stands is found and nothing is refunded twice.
-_REOPEN = """
+# and asked now by a member with true, is asked again. A done one is reported owed
+# (REFUND_FAILED) when a refund failed after the row was done: ours, mostly, and the
+# money is back in the shop's balance; a failure older than the row (an operator's
+# retry after it) reopens nothing. The failure's time is Stripe's clock and done_at
+# ours: a failure up to CLOCK_SKEW before the row counts as after it (at worst a
+# refund on its way is listed owed, and the relay's read finds it). Safe: the relay
+# reads the intent's refunds before it refunds anything, so a refund that stands is
+# found and nothing is refunded twice.
+CLOCK_SKEW = "5 minutes"
+_REOPEN = f"""
     DO UPDATE SET state = excluded.state, outcome = excluded.outcome,
         error_code = excluded.error_code, last_error = excluded.last_error,
         done_at = excluded.done_at, due_at = clock_timestamp(), verify_first = true
-    WHERE (outbox.state = 'done' AND excluded.verify_first)
+    WHERE (outbox.state = 'done' AND excluded.error_code = '{REFUND_FAILED.code}'
+           AND outbox.done_at < excluded.done_at + interval '{CLOCK_SKEW}')
        OR (outbox.state = 'failed' AND outbox.error_code = 'charge_disputed')
-       OR (outbox.outcome = 'owed' AND excluded.state = 'pending')
+       OR (outbox.outcome = '{OWED}' AND excluded.state = 'pending')
 """
 
 
@@ -324,13 +345,14 @@ async def _insert(conn: Connection, rows: Sequence[ActionRow], on_conflict: str)
         INSERT INTO outbox (kind, name, payment_intent_id, order_id, payload, idempotency_key,
                             state, outcome, error_code, last_error, done_at, verify_first)
         SELECT 'stripe_action', v.name, v.pid, v.order_id, v.payload, v.key,
-               CASE WHEN v.owed THEN 'failed' ELSE 'pending' END,
-               CASE WHEN v.owed THEN $7 END, CASE WHEN v.owed THEN $8 END,
-               CASE WHEN v.owed THEN $9 END, CASE WHEN v.owed THEN clock_timestamp() END,
-               v.reopen
-        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::json[], $5::text[], $6::bool[],
-                    $10::bool[])
-            AS v(name, pid, order_id, payload, key, owed, reopen)
+               CASE WHEN v.code IS NULL THEN 'pending' ELSE 'failed' END,
+               CASE WHEN v.code IS NOT NULL THEN $6 END, v.code, v.message,
+               CASE WHEN v.stopped_at IS NOT NULL THEN to_timestamp(v.stopped_at)
+                    WHEN v.code IS NOT NULL THEN clock_timestamp() END,
+               false
+        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::json[], $5::text[], $7::text[],
+                    $8::text[], $9::bigint[])
+            AS v(name, pid, order_id, payload, key, code, message, stopped_at)
         ON CONFLICT (payment_intent_id, name) WHERE kind = 'stripe_action' {on_conflict}
         """,
         [str(r.action) for r in rows],
@@ -338,11 +360,10 @@ async def _insert(conn: Connection, rows: Sequence[ActionRow], on_conflict: str)
         [r.order_id for r in rows],
         [json.dumps(r.params) for r in rows],
         [r.idempotency_key for r in rows],
-        [r.owed for r in rows],
         OWED,
-        OWED_CODE,
-        OWED_MESSAGE,
-        [r.reopen for r in rows],
+        [r.owed and r.owed.code for r in rows],
+        [r.owed and r.owed.message for r in rows],
+        [r.stopped_at for r in rows],
     )
     return int(result.rsplit(" ", 1)[1])
 

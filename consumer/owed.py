@@ -23,9 +23,13 @@ def sql_list(values: frozenset[str]) -> str:
 
 # Orders that cannot be filled whose captured money is neither refunded, nor taken
 # back by a dispute, nor on its way back: no refund asked, or its row refused or owed
-# (REFUND_UNFILLABLE=false). An open dispute that Stripe says keeps the payment from
-# being refunded is waited out: the order shows `disputed`, and the refund of what is
-# left is asked once it closes (consumer/facts.py, `owed_back`, `refund_blocked`).
+# (REFUND_UNFILLABLE=false, or a refund that failed), or done for over ON_ITS_WAY and
+# still no event of Stripe's says the money went back (the refund events not enabled
+# at the endpoint, or a failure the outbox could not place). An open dispute that
+# Stripe says keeps the payment from being refunded is waited out: the order shows
+# `disputed`, and the refund of what is left is asked once it closes
+# (consumer/facts.py, `owed_back`, `refund_blocked`).
+ON_ITS_WAY = "1 hour"
 CAPTURED_NOT_RETURNED = f"""
     SELECT o.id AS order_id, o.payment_intent_id, o.allocation, o.amount_captured,
            o.amount_refunded, o.dispute_amount,
@@ -40,7 +44,8 @@ CAPTURED_NOT_RETURNED = f"""
       AND NOT (o.dispute_status IS NOT NULL
                AND o.dispute_status NOT IN ({sql_list(DISPUTE_CLOSED)})
                AND NOT coalesce(o.dispute_refundable, false))
-      AND (x.id IS NULL OR x.state = 'failed')
+      AND (x.id IS NULL OR x.state = 'failed'
+           OR (x.state = 'done' AND x.done_at < now() - interval '{ON_ITS_WAY}'))
     ORDER BY o.id
 """
 

@@ -41,7 +41,7 @@ import stripe
 from intentflow.consumer.claims import generation_key
 from intentflow.consumer.facts import REFUND_COUNTS
 from intentflow.consumer.lifecycle import RELEASE
-from intentflow.consumer.outbox import CAPTURED, OWED_CODE, OWED_MESSAGE, Action
+from intentflow.consumer.outbox import CAPTURED, REFUND_OFF, Action
 from intentflow.consumer.policy import CapturePolicy, ShopPolicy
 from intentflow.consumer.stripe_answers import Answer, Outcome, classify
 
@@ -200,7 +200,7 @@ ACTIONS: dict[Action, ActionSpec] = {
         leads_to="refunded",
         settled=_refund_settled,
         allowed=lambda policy: policy.refund_unfillable,
-        instead=Answer(Outcome.OWED, OWED_CODE, OWED_MESSAGE),
+        instead=Answer(Outcome.OWED, *REFUND_OFF),
         reads_first=True,
     ),
 }

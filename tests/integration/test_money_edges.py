@@ -24,7 +24,8 @@ from intentflow.consumer.reconcile import check
 from intentflow.devservices import Services
 from intentflow.stripekit import events
 from tests.fake_stripe import fake_stripe
-from tests.integration.stripe_support import SKU, apply
+from tests.fixtures import stripe as fixtures
+from tests.integration.stripe_support import SKU, apply, outbox_command
 from tests.integration.test_stripe_answers import (
     AMOUNT,
     Money,
@@ -71,20 +72,21 @@ async def status_of(db: asyncpg.Connection, pid: str) -> str:
 
 
 @pytest.mark.parametrize("charge_events", [True, False], ids=["with-charge-events", "refunds-only"])
-async def test_a_refund_that_fails_after_it_was_made_is_made_again_or_reported(
-    money: Money, charge_events: bool
+async def test_a_refund_that_fails_after_it_was_made_is_owed_until_a_person_asks_again(
+    money: Money, charge_events: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Stripe: a refund can fail after it was created (`pending`, even `succeeded`, to
-    `failed`: a closed card or bank account); Stripe sends `refund.failed` and
-    `charge.refund.updated`, the money goes back to the merchant's balance, and the
-    merchant must return it another way (https://docs.stripe.com/refunds#failed-refunds).
+    `failed`: a closed, lost or stolen card); Stripe sends `refund.failed` and
+    `charge.refund.updated`, the money goes back to the shop's balance, and the shop
+    must return it another way (https://docs.stripe.com/refunds#failed-refunds).
 
-    The customer of an out_of_stock order has then paid and got nothing back. intentflow
-    should refund again (the relay already knows how: `ours_failed`, a new key generation)
-    or at least report the order (owed gauge, `reconcile`). It does neither: the refund
-    row is `done`, the consumer's second ask is swallowed by ON CONFLICT DO NOTHING, and
-    every check is green. With the charge's events the order even stays `refunded`,
-    because a charge's `amount_refunded` "only grows" in the fold.
+    The customer of an out_of_stock order has then paid and got nothing back. The order
+    is no longer `refunded`; its refund row is `failed` as `owed` (`refund_failed`), and
+    the gauge and `reconcile` report it. Nothing refunds the same card again by itself
+    (it would mostly fail again, each failure asking for one more): `outbox retry` does,
+    under a new key (Stripe would replay the first refund under the old one). A failure
+    older than that retry reopens nothing when a later change (here the issuer's fraud
+    warning) reaches the order before the new refund's events do.
     """
     order = await unfillable(money, "succeeded")
     pid = order.payment_intent_id
@@ -92,7 +94,12 @@ async def test_a_refund_that_fails_after_it_was_made_is_made_again_or_reported(
     [made] = money.stripe.refunds_of(pid)
     assert (await row_of(money.db, pid, Action.REFUND))["state"] == "done"
 
-    t0 = int(time.time())
+    # The refund was made two hours ago, Stripe said pending an hour ago, failed since.
+    await money.db.execute(
+        "UPDATE outbox SET done_at = now() - interval '2 hours' WHERE id = $1",
+        (await row_of(money.db, pid, Action.REFUND))["id"],
+    )
+    t0 = int(time.time()) - 3600
     back = [
         refund_event(
             pid,
@@ -110,7 +117,8 @@ async def test_a_refund_that_fails_after_it_was_made_is_made_again_or_reported(
     await apply(money.db, *back)
     assert await status_of(money.db, pid) == "refunded"
 
-    # Days later the issuer returns the refund: Stripe marks it failed.
+    # Later the issuer returns the refund: Stripe marks it failed.
+    failed_at = t0 + 1800
     made["status"] = "failed"
     failed = [
         refund_event(
@@ -118,35 +126,82 @@ async def test_a_refund_that_fails_after_it_was_made_is_made_again_or_reported(
             made["id"],
             amount=AMOUNT,
             status="failed",
-            event_type="refund.failed",
-            created=t0 + 86_400,
-        ),
-        refund_event(
-            pid,
-            made["id"],
-            amount=AMOUNT,
-            status="failed",
-            event_type="charge.refund.updated",
-            created=t0 + 86_400,
-        ),
+            event_type=event_type,
+            created=failed_at,
+        )
+        for event_type in ("refund.failed", "charge.refund.updated")
     ]
     if charge_events:
         # The charge no longer counts the failed refund.
         failed.append(
-            charge_event(pid, amount_refunded=0, event_type="charge.updated", created=t0 + 86_400)
+            charge_event(pid, amount_refunded=0, event_type="charge.updated", created=failed_at)
         )
     await apply(money.db, *failed)
 
-    status = await status_of(money.db, pid)
+    # Nothing went back to the customer: the order is not refunded, and it is reported.
+    assert await status_of(money.db, pid) == "out_of_stock"
+    row = await row_of(money.db, pid, Action.REFUND)
+    assert (row["state"], row["outcome"], row["error_code"]) == ("failed", "owed", "refund_failed")
     await relay(money.settings)
-    on_its_way = [r for r in money.stripe.refunds_of(pid) if r["status"] != "failed"]
+    assert money.stripe.refunds_of(pid) == [made], "the card was refunded again by itself"
+    assert (await owed.read(money.db, 86_400)).refunds == 1
     report = await check(money.db)
-    owed_now = await owed.read(money.db, 86_400)
-    assert on_its_way or owed_now.refunds or not report.ok, (
-        "the customer's money is back at the merchant and nothing acts or reports it"
+    assert "captured_money_of_unfillable_order_returned" in report.failed()
+
+    # A person asks again: a new refund, under a new key.
+    code, _ = await outbox_command(money.settings, capsys, "retry", str(row["id"]))
+    assert code == 0
+    await relay(money.settings)
+    again = [r for r in money.stripe.refunds_of(pid) if r["status"] != "failed"]
+    assert [r["amount"] for r in again] == [AMOUNT]
+    keys = [c.idempotency_key for c in money.stripe.calls("POST", "/v1/refunds")]
+    assert len(keys) == 2 and keys[0] != keys[1]
+    assert (await row_of(money.db, pid, Action.REFUND))["state"] == "done"
+
+    # A change to the order before the new refund's events: the failure it still shows is
+    # older than the retry, so the row stays done.
+    warning = fixtures.early_fraud_warning(payment_intent=pid, charge=f"ch_{pid}")
+    await apply(
+        money.db,
+        fixtures.event(
+            warning, "radar.early_fraud_warning.created", id=f"evt_efw_{pid}", created=failed_at + 1
+        ),
     )
-    # Nothing went back to the customer: the order is not refunded.
-    assert status == "out_of_stock"
+    assert (
+        await money.db.fetchval(
+            "SELECT fraud_warning_id FROM orders WHERE payment_intent_id = $1", pid
+        )
+        == warning["id"]
+    )
+    assert (await row_of(money.db, pid, Action.REFUND))["state"] == "done"
+
+
+async def test_a_refund_made_but_never_heard_of_again_is_reported_after_an_hour(
+    money: Money,
+) -> None:
+    """The relay made the refund (row `done`): the money is on its way until Stripe's
+    `charge.refunded` or `refund.*` says it went. If no such event comes (the endpoint
+    has them disabled, or a failure was lost), the order is reported after an hour
+    rather than trusted for ever."""
+    order = await unfillable(money, "succeeded")
+    pid = order.payment_intent_id
+    await relay(money.settings)
+    row = await row_of(money.db, pid, Action.REFUND)
+    assert row["state"] == "done"
+    assert (await owed.read(money.db, 86_400)).refunds == 0
+    await money.db.execute(
+        "UPDATE outbox SET done_at = now() - interval '61 minutes' WHERE id = $1", row["id"]
+    )
+    assert (await owed.read(money.db, 86_400)).refunds == 1
+    assert "captured_money_of_unfillable_order_returned" in (await check(money.db)).failed()
+    # Stripe's word arrives: nothing owed.
+    await apply(
+        money.db,
+        charge_event(
+            pid, amount_refunded=AMOUNT, event_type="charge.refunded", created=int(time.time())
+        ),
+    )
+    assert (await owed.read(money.db, 86_400)).refunds == 0
 
 
 # --- 2. An upgrade from schema 3 with other systems' holds --------------------------------

@@ -18,6 +18,8 @@ from intentflow.consumer.claims import Claimed, Mark
 from intentflow.consumer.decisions import Allocation, OrderStatus
 from intentflow.consumer.outbox import (
     CANCELLATION_REASON,
+    REFUND_FAILED,
+    REFUND_OFF,
     Action,
     ActionRow,
     Kind,
@@ -113,7 +115,7 @@ def test_captured_money_of_an_order_that_cannot_be_filled_is_refunded(
 def test_with_refunds_off_the_refund_is_written_owed() -> None:
     unfillable = change(OrderStatus.OUT_OF_STOCK, intent_status="succeeded", owed_back=2500)
     row = stripe_actions_for(unfillable, NO_REFUNDS)
-    assert row is not None and (row.action, row.owed) == (Action.REFUND, True)
+    assert row is not None and (row.action, row.owed) == (Action.REFUND, REFUND_OFF)
 
 
 @pytest.mark.parametrize(
@@ -133,13 +135,16 @@ def test_no_refund_when_nothing_is_owed_or_a_dispute_blocks_it(
     assert stripe_actions_for(unfillable, NEVER) is None
 
 
-def test_a_refund_still_owed_after_one_stopped_is_asked_again_over_a_done_row() -> None:
-    """Ours may have failed: asked again (reopen); without a stopped refund, not."""
+def test_a_refund_still_owed_after_one_failed_is_left_to_a_person() -> None:
+    """A refund that failed sent the money back to the shop's balance; refunding the same
+    card again mostly fails again, so the row is owed (`refund_failed`), stamped with the
+    failure's time, whatever REFUND_UNFILLABLE says; without a stopped refund it is asked."""
     unfillable = change(OrderStatus.OUT_OF_STOCK, intent_status="succeeded", owed_back=10)
-    row = stripe_actions_for(unfillable._replace(refund_stopped=True), NEVER)
-    assert row is not None and row.reopen
+    for policy in (NEVER, NO_REFUNDS):
+        row = stripe_actions_for(unfillable._replace(refund_stopped_at=1_700_000_000), policy)
+        assert row is not None and (row.owed, row.stopped_at) == (REFUND_FAILED, 1_700_000_000)
     row = stripe_actions_for(unfillable, NEVER)
-    assert row is not None and not row.reopen
+    assert row is not None and (row.owed, row.stopped_at) == (None, None)
 
 
 def test_a_new_placed_order_under_on_placed_captures_the_order_amount() -> None:

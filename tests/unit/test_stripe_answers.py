@@ -16,7 +16,7 @@ import pytest
 import stripe
 
 from intentflow.consumer.claims import Claimed, Mark, generation_key
-from intentflow.consumer.outbox import OWED_CODE, OWED_MESSAGE, Action, Kind
+from intentflow.consumer.outbox import REFUND_OFF, Action, Kind
 from intentflow.consumer.relay import Relay
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.stripe_actions import ACTIONS, Attempt, IntentMoney, UnknownAction, spec_of
@@ -301,7 +301,7 @@ async def test_a_relay_with_refund_unfillable_false_records_a_refund_owed_withou
     mark = r._action_mark(action_row(Action.REFUND), answer)
 
     assert stripe_api.calls == []
-    assert mark == Mark(9, "owed", OWED_CODE, OWED_MESSAGE)
+    assert mark == Mark(9, "owed", *REFUND_OFF)
 
 
 async def test_a_refund_the_webhooks_show_complete_is_done_without_a_call_even_when_owed() -> None:

@@ -110,6 +110,15 @@ class RecordRefund:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordRefundStopped:
+    """A refund of the intent failed or was canceled and the order shows nothing new (it
+    never counted): no event for its readers, but its money is decided again (a refund
+    it is owed is then left to a person: consumer/outbox.py, REFUND_FAILED)."""
+
+    payment_intent_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class RecordDispute:
     """The intent's dispute changed: copy it to its order and re-derive the status."""
 
@@ -131,6 +140,7 @@ Decision = (
     | CancelOrder
     | RecordCancellation
     | RecordRefund
+    | RecordRefundStopped
     | RecordDispute
     | RecordPayment
 )

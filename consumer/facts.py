@@ -105,10 +105,19 @@ class Authorization(NamedTuple):
 
 
 class Named(NamedTuple):
-    """The cart the intent's metadata names, from its latest object that names one."""
+    """The cart the intent's metadata names: from its earliest snapshot that holds the
+    money (what the buyer paid for then; metadata changed later does not move the
+    order), else from its latest snapshot that names one."""
 
     key: Key
     cart_id: str
+    held: bool  # the snapshot is an authorization (the money held or received)
+
+    def names_over(self, old: Named | None) -> bool:
+        """Whether this snapshot's cart replaces `old`'s."""
+        if old is None or self.held != old.held:
+            return old is None or self.held
+        return self.key < old.key if self.held else self.key > old.key
 
 
 class Checkout(NamedTuple):

@@ -17,7 +17,9 @@ changed between the facts before the batch and after it:
   (`CancelOrder`), once; a later change of the reason only is copied
   (`RecordCancellation`);
 - an existing order whose intent's refunds or dispute changed is brought up to
-  date (`RecordRefund`, `RecordDispute`);
+  date (`RecordRefund`, `RecordDispute`); a refund that failed without ever
+  counting changes nothing shown, but the order's money is decided again
+  (`RecordRefundStopped`);
 - an existing order whose intent's Stripe status changed otherwise (a capture),
   or what it shows of its money (captured, the deadline, its terms, a review,
   a fraud warning), is brought up to date and announced (`RecordPayment`).
@@ -42,6 +44,7 @@ from intentflow.consumer.decisions import (
     RecordDispute,
     RecordPayment,
     RecordRefund,
+    RecordRefundStopped,
     ReviewOrder,
 )
 from intentflow.consumer.facts import Dispute, Facts, Terms, terms
@@ -190,6 +193,8 @@ def _decide(
         before.refunded_in_full(order.amount),
     ):
         decisions.append(RecordRefund(pid))
+    elif facts.refund_stopped_at != before.refund_stopped_at:
+        decisions.append(RecordRefundStopped(pid))
     if _shown(facts.dispute) != _shown(before.dispute):
         decisions.append(RecordDispute(pid))
     return tuple(decisions)

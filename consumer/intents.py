@@ -79,6 +79,7 @@ _INTENT = _STATUS + Columns.of(
     ("named_created", "bigint"),
     ("named_step", "smallint"),
     ("named_event_id", "text"),
+    ("named_held", "bool"),
     ("checkout", "json"),
     ("review", "json"),
     ("fraud_warning", "json"),
@@ -157,7 +158,9 @@ def _facts(row: asyncpg.Record, refunds: dict[str, RefundSnapshot]) -> Facts:
             row["auth_held"],
             row["auth_captured"],
         )
-    named = None if named_key is None else Named(named_key, row["named_cart_id"])
+    named = None
+    if named_key is not None:
+        named = Named(named_key, row["named_cart_id"], row["named_held"])
     return Facts(
         status=row["status"],
         status_created=row["status_created"],
@@ -240,6 +243,7 @@ def _row(fold: IntentFold) -> dict[str, Any]:
         "named_created": named_created,
         "named_step": named_step,
         "named_event_id": named_event,
+        "named_held": named and named.held,
         "checkout": _dump(f.checkout),
         "review": _dump(f.review),
         "fraud_warning": _dump(f.fraud_warning),

@@ -192,10 +192,12 @@ def learn_intent(facts: Facts, event: StripeEvent, cart_key: str) -> Facts:
         return facts
     facts = _captured(facts, intent.amount_received or 0)
     key = _key(event, EVENT_STEP[event.type])
-    cart_id = intent.cart(cart_key)
-    if cart_id is not None and _newer(key, facts.named):
-        facts = _with(facts, named=Named(key, cart_id))
     held = authorized_amount(event)
+    cart_id = intent.cart(cart_key)
+    if cart_id is not None:
+        named = Named(key, cart_id, held is not None)
+        if named.names_over(facts.named):
+            facts = _with(facts, named=named)
     if held is not None:
         captured = intent.status == "succeeded"
         auth = Authorization(key, intent.amount, intent.currency.lower(), held, captured)

@@ -39,6 +39,7 @@ from intentflow.consumer.decisions import (
     RecordDispute,
     RecordPayment,
     RecordRefund,
+    RecordRefundStopped,
     ReviewOrder,
     order_status,
 )
@@ -53,6 +54,7 @@ _REFRESHED_BY = (
     CancelOrder,
     RecordCancellation,
     RecordRefund,
+    RecordRefundStopped,
     RecordDispute,
     RecordPayment,
     ReviewOrder,
@@ -499,9 +501,9 @@ async def _refresh(
         status = order_status(order.allocation, facts, amount)
         pid = fold.state.payment_intent_id
         if pid not in reviewed:
-            changes.append(
-                _change(order.id, pid, order.status, status, facts, amount, order.allocation)
-            )
+            change = _change(order.id, pid, order.status, status, facts, amount, order.allocation)
+            quiet = all(type(d) is RecordRefundStopped for d in fold.decisions)
+            changes.append(change._replace(announced=not quiet))
         row = {"id": order.id, "status": str(status), **_copied(facts)}
         if now is not None:
             with_terms.append({**row, **_terms_row(now)})

@@ -104,6 +104,9 @@ class OrderChange(NamedTuple):
     refund_stopped_at: int | None = None
     # Radar's review is open or the issuer warned of fraud: no capture until it is settled.
     capture_held: bool = False
+    # Its readers learn it (an order event); False: only its Stripe action is decided
+    # again (a refund that failed without ever counting: consumer/fold.py).
+    announced: bool = True
     # A new order's snapshot as its writer built it, without the two timestamps
     # (the transaction's); None: read back from the rows (`_enqueue_read_back`).
     snapshot: dict[str, Any] | None = None
@@ -218,7 +221,7 @@ async def enqueue(conn: Connection, changes: Sequence[OrderChange], policy: Shop
     built = [c for c in ordered if c.snapshot is not None]
     if built:
         await _enqueue_built(conn, built)
-    read_back = [c for c in ordered if c.snapshot is None]
+    read_back = [c for c in ordered if c.snapshot is None and c.announced]
     if read_back:
         await _enqueue_read_back(conn, read_back)
     actions = [row for c in ordered if (row := stripe_actions_for(c, policy)) is not None]
@@ -319,21 +322,24 @@ async def insert_actions(conn: Connection, rows: Sequence[ActionRow]) -> int:
 
 # What a refund asked again does to the row already there for its intent: a refund
 # refused for a dispute that has closed since, or owed under REFUND_UNFILLABLE=false
-# and asked now by a member with true, is asked again. A done one is reported owed
-# (REFUND_FAILED) when a refund failed after the row was done: ours, mostly, and the
-# money is back in the shop's balance; a failure older than the row (an operator's
-# retry after it) reopens nothing. The failure's time is Stripe's clock and done_at
-# ours: a failure up to CLOCK_SKEW before the row counts as after it (at worst a
-# refund on its way is listed owed, and the relay's read finds it). Safe: the relay
-# reads the intent's refunds before it refunds anything, so a refund that stands is
-# found and nothing is refunded twice.
+# and asked now by a member with true, is asked again. A pending one, or a done one
+# when a refund failed after the row was done (ours, mostly: the money is back in the
+# shop's balance), is reported owed (REFUND_FAILED) instead: a person decides. A
+# failure older than a done row (an operator's retry after it) reopens nothing; a
+# relay that holds the row waits the consumer out and decides first. The failure's
+# time is Stripe's clock and done_at ours: a failure up to CLOCK_SKEW before the row
+# counts as after it (at worst a refund on its way is listed owed, and the relay's
+# read finds it). Safe: the relay reads the intent's refunds before it refunds
+# anything, so a refund that stands is found and nothing is refunded twice.
 CLOCK_SKEW = "5 minutes"
 _REOPEN = f"""
     DO UPDATE SET state = excluded.state, outcome = excluded.outcome,
         error_code = excluded.error_code, last_error = excluded.last_error,
         done_at = excluded.done_at, due_at = clock_timestamp(), verify_first = true
-    WHERE (outbox.state = 'done' AND excluded.error_code = '{REFUND_FAILED.code}'
-           AND outbox.done_at < excluded.done_at + interval '{CLOCK_SKEW}')
+    WHERE (excluded.error_code = '{REFUND_FAILED.code}'
+           AND (outbox.state = 'pending'
+                OR (outbox.state = 'done'
+                    AND outbox.done_at < excluded.done_at + interval '{CLOCK_SKEW}')))
        OR (outbox.state = 'failed' AND outbox.error_code = 'charge_disputed')
        OR (outbox.outcome = '{OWED}' AND excluded.state = 'pending')
 """

@@ -350,6 +350,15 @@ def _session(event: Event) -> Session | None:
     )
 
 
+def _named(naming: list[tuple[bool, Key, str]]) -> tuple[Key, str] | None:
+    """The cart named by the earliest authorization that names one (what the buyer paid
+    for), else by the latest snapshot that names one."""
+    held = sorted((key, cart) for is_held, key, cart in naming if is_held)
+    if held:
+        return held[0]
+    return max(((key, cart) for _, key, cart in naming), default=None)
+
+
 def _authorizes(event: Event) -> bool:
     """An authorization or capture, or a paid Checkout Session."""
     if _authorization(event) is not None:
@@ -399,7 +408,8 @@ def intent_facts(events: Iterable[Event]) -> Intent:  # noqa: C901 - one pass, o
     status: tuple[str, str | None] | None = None
     auth: Authorization | None = None
     paid_at: int | None = None
-    named: tuple[Key, str] | None = None
+    # Every snapshot of the intent that names a cart: (held the money, key, cart).
+    naming: list[tuple[bool, Key, str]] = []
     session: Session | None = None
     charge: tuple[Key, int, bool] | None = None
     received = 0
@@ -420,8 +430,8 @@ def intent_facts(events: Iterable[Event]) -> Intent:  # noqa: C901 - one pass, o
             if kind == "payment_intent":
                 received = max(received, obj.get("amount_received") or 0)
                 cart = (obj.get("metadata") or {}).get(CART_KEY)
-                if cart and (named is None or key[1:] > named[0]):
-                    named = ((event["created"], STEP[event["type"]], event["id"]), cart)
+                if cart:
+                    naming.append((_authorization(event) is not None, key[1:], cart))
         found = _authorization(event)
         if found is not None and (auth is None or found.rank > auth.rank):
             auth = found
@@ -470,7 +480,7 @@ def intent_facts(events: Iterable[Event]) -> Intent:  # noqa: C901 - one pass, o
         cancellation_reason=status[1] if status and status[0] == "canceled" else None,
         authorization=auth,
         paid_at=paid_at,
-        named_cart=named,
+        named_cart=_named(naming),
         session=session,
         charge=charge,
         refunds={rid: fact for rid, (_, fact) in refunds.items()},
@@ -801,3 +811,24 @@ def money_owed(state: State) -> dict[str, str]:
             if intent.amount_received > intent.amount_refunded + taken_back and not blocked:
                 owed[pid] = "refund_payment_intent"
     return owed
+
+
+def refunds_left_to_a_person(state: State) -> set[str]:
+    """The orders owed a refund at the end after a refund of theirs failed or was
+    canceled: intentflow does not refund the same payment method again by itself
+    (consumer/outbox.py, REFUND_FAILED); each is `reconcile`'s to report."""
+    return {
+        pid
+        for pid, action in money_owed(state).items()
+        if action == "refund_payment_intent"
+        and any(r.status in REFUND_STOPPED for r in state.intents[pid].refunds.values())
+    }
+
+
+def refund_stopped(state: State) -> set[str]:
+    """The intents with a refund that failed or was canceled, at the end."""
+    return {
+        pid
+        for pid, intent in state.intents.items()
+        if any(r.status in REFUND_STOPPED for r in intent.refunds.values())
+    }

@@ -25,12 +25,13 @@ ALTER TABLE payment_intents
     ADD COLUMN auth_captured boolean,
     -- When the money was first held or received: orders are served first paid first.
     ADD COLUMN paid_at bigint,
-    -- The cart the intent's metadata names (CART_METADATA_KEY), from its latest object
-    -- that names one.
+    -- The cart the intent's metadata names (CART_METADATA_KEY): from its earliest
+    -- snapshot that holds the money (`named_held`), else its latest that names one.
     ADD COLUMN named_cart_id text,
     ADD COLUMN named_created bigint,
     ADD COLUMN named_step smallint,
     ADD COLUMN named_event_id text,
+    ADD COLUMN named_held boolean,
     -- The Checkout Session, Radar's review and the early fraud warning, each at its
     -- latest snapshot: read whole by the consumer, as written (json, not jsonb).
     -- The dispute's `is_charge_refundable`: an open dispute that allows a refund.
@@ -74,6 +75,7 @@ SET auth_created = 0, auth_step = 0, auth_event_id = '', auth_amount = o.amount,
     auth_currency = o.currency, auth_held = coalesce(o.amount_authorized, o.amount),
     auth_captured = false,
     named_cart_id = o.cart_id, named_created = 0, named_step = 0, named_event_id = '',
+    named_held = true,
     paid_at = extract(epoch FROM o.created_at)::bigint
 FROM orders o
 WHERE o.payment_intent_id = p.id AND o.allocation <> 'skipped' AND o.cart_id IS NOT NULL;

@@ -242,16 +242,22 @@ async def test_mismatched_or_missing_cart_needs_review_and_a_payment_naming_none
 async def test_reordered_events_end_in_the_same_state_and_late_ones_are_recorded_stale(
     infra: Services, database_url: str, db: asyncpg.Connection, topic: str
 ) -> None:
-    """Status ranks (invariant 6): a capture that overtook its authorization."""
+    """Status ranks (invariant 6): a capture that overtook its authorization, and the
+    intent's creation, later still. The authorization still teaches something (its
+    snapshot is the earliest to hold the money: the one whose metadata names the cart);
+    the creation nothing."""
     await seed_stock(db, {"sku-a": 5})
     total = await seed_cart(db, "cart-1", [("sku-a", 1, 1000)])
     capture = events.intent_event("pi_1", amount=total, cart_id="cart-1", status="succeeded")
     auth = events.intent_event("pi_1", amount=total, cart_id="cart-1")
+    created = events.intent_event(
+        "pi_1", amount=total, cart_id="cart-1", status="requires_payment_method"
+    )
     settings = consumer_settings(infra, database_url, topic)
     await publish(infra, topic, [capture])
     async with Worker(settings, exit_when_idle_s=2) as w:
         await w.run()
-    await publish(infra, topic, [auth])
+    await publish(infra, topic, [auth, created])
     async with Worker(settings, exit_when_idle_s=2) as w:
         await w.run()
     state = await snapshot(db)
@@ -260,4 +266,4 @@ async def test_reordered_events_end_in_the_same_state_and_late_ones_are_recorded
     assert await db.fetchval("SELECT status FROM payment_intents WHERE id = 'pi_1'") == "succeeded"
     rows = await db.fetch("SELECT event_id, outcome FROM processed_events")
     outcomes = {r["event_id"]: r["outcome"] for r in rows}
-    assert outcomes == {capture["id"]: "applied", auth["id"]: "stale"}
+    assert outcomes == {capture["id"]: "applied", auth["id"]: "applied", created["id"]: "stale"}

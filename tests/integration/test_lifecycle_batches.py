@@ -76,13 +76,15 @@ SCENARIOS: dict[str, tuple[list[dict[str, Any]], tuple[str, int]]] = {
         ],
         ("refunded", 1000),
     ),
-    "a cancel after a pending refund": (
+    # Nothing was captured: a refund of an uncaptured charge only releases the hold, and
+    # that is no money sent back (amount_refunded never exceeds what was received).
+    "a cancel after a refund of the hold": (
         [
             intent(*AUTH, T0),
             refund("re_1", 300, "pending", T0 + 10, "charge.refund.updated"),
             intent("payment_intent.canceled", "canceled", T0 + 20, cancellation_reason="abandoned"),
         ],
-        ("canceled", 300),
+        ("canceled", 0),
     ),
 }
 

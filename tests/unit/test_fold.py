@@ -17,6 +17,7 @@ from intentflow.consumer.decisions import (
     RecordDispute,
     RecordPayment,
     RecordRefund,
+    RecordRefundStopped,
 )
 from intentflow.consumer.facts import Terms
 from intentflow.consumer.fold import IntentFold, IntentState, OrderView, Outcome, fold_intent
@@ -276,6 +277,18 @@ def test_a_refund_object_counts_until_it_fails() -> None:
         assert fold.state.facts.amount_refunded == 0
 
 
+def test_a_refund_that_fails_without_ever_counting_decides_the_money_again_quietly() -> None:
+    """Its order shows nothing new (no RecordRefund, no event), but the refund it may be
+    owed is decided again (RecordRefundStopped); one that counted first is a RecordRefund."""
+    state = with_order(fold_intent(NEW, [ev("succeeded")]))
+    failed = refund_ev("failed", 400, created=T0 + 20)
+    assert fold_intent(state, [failed]).decisions == (RecordRefundStopped("pi_1"),)
+    counted = fold_intent(state, [refund_ev("pending", 400, created=T0 + 10)])
+    again = fold_intent(IntentState("pi_1", counted.state.facts, ORDER), [failed])
+    assert again.decisions == (RecordRefund("pi_1"),)
+    assert fold_intent(IntentState("pi_1", again.state.facts, ORDER), [failed]).decisions == ()
+
+
 def test_a_dispute_marks_the_order_until_it_is_won() -> None:
     state = with_order(fold_intent(NEW, [ev("succeeded")]))
     opened = dispute_ev("needs_response", created=T0 + 10)
@@ -379,6 +392,21 @@ def test_the_order_comes_from_the_earliest_authorization_that_names_a_cart() -> 
     first = fold_intent(NEW, [without])
     [place] = fold_intent(first.state, [with_cart]).decisions
     assert isinstance(place, PlaceOrder) and place.cart_id == "cart-1"
+
+
+def test_metadata_changed_after_the_authorization_does_not_move_the_cart() -> None:
+    """The earliest authorization names the cart (what the buyer paid for); a later
+    snapshot naming another cart, in the same batch either way round, does not."""
+    held = ev("requires_capture", created=T0)
+    later = events.payment_intent(
+        "pi_1", amount=1000, cart_id="cart-2", status="succeeded", created=T0
+    )
+    moved = StripeEvent.model_validate(
+        {**events.event(later, "payment_intent.succeeded"), "created": T0 + 60}
+    )
+    for order in ([held, moved], [moved, held]):
+        [place] = fold_intent(NEW, order).decisions
+        assert isinstance(place, PlaceOrder) and place.cart_id == "cart-1"
 
 
 def test_the_connected_account_and_what_was_captured_are_kept() -> None:

@@ -104,6 +104,7 @@ def session(pid: str, cart: str | None, payment_status: str, **fields: Any) -> d
     """Stripe's example session for `pid`, the cart in its client_reference_id: the items
     (the cart's total) plus shipping and tax, less a discount."""
     values: dict[str, Any] = {
+        "payment_intent": pid,
         "mode": "payment",
         "status": "complete",
         "client_reference_id": cart,
@@ -119,7 +120,7 @@ def session(pid: str, cart: str | None, payment_status: str, **fields: Any) -> d
         },
     }
     return fixtures.checkout_session(
-        id=f"cs_{pid}", payment_intent=pid, payment_status=payment_status, **(values | fields)
+        id=f"cs_{pid}", payment_status=payment_status, **(values | fields)
     )
 
 
@@ -209,29 +210,31 @@ def cart_copied_onto_the_intent(pid: str) -> list[dict[str, Any]]:
 
 
 def delayed_payment(settled: str) -> Story:
-    """A bank debit through Checkout: the session completes unpaid while the intent is
-    processing, and three days later the debit `succeeded` (the money arrived) or `failed`."""
+    """A bank debit through Checkout, the cart in the session's metadata only: the session
+    completes unpaid while the intent is processing, and three days later the debit
+    `succeeded` (the money arrived) or `failed`."""
 
     def story(pid: str) -> list[dict[str, Any]]:
-        cart = cart_of(pid)
+        def settles(payment_status: str) -> dict[str, Any]:
+            return session(pid, None, payment_status, metadata={"cart_id": cart_of(pid)})
+
         told = [
             at(intent(pid, "requires_payment_method", TOTAL), "payment_intent.created", 0),
             at(intent(pid, "processing", TOTAL), "payment_intent.processing", 1),
-            at(session(pid, cart, "unpaid"), "checkout.session.completed", 1),
+            at(settles("unpaid"), "checkout.session.completed", 1),
         ]
         if settled == "succeeded":
             return [
                 *told,
                 at(charge_object(pid, TOTAL, 0), "charge.succeeded", 3 * DAY),
                 at(intent(pid, "succeeded", TOTAL), "payment_intent.succeeded", 3 * DAY),
-                at(session(pid, cart, "paid"), "checkout.session.async_payment_succeeded",
-                   3 * DAY),
-            ]  # fmt: skip
+                at(settles("paid"), "checkout.session.async_payment_succeeded", 3 * DAY),
+            ]
         return [
             *told,
             at(intent(pid, "requires_payment_method", TOTAL), "payment_intent.payment_failed",
                3 * DAY),
-            at(session(pid, cart, "unpaid"), "checkout.session.async_payment_failed", 3 * DAY),
+            at(settles("unpaid"), "checkout.session.async_payment_failed", 3 * DAY),
         ]  # fmt: skip
 
     return story

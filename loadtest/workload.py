@@ -439,19 +439,19 @@ class _Teller:
         return _at(events.event(obj, kind, event_id=self.ids.next()), at)
 
     def session(
-        self, paid: str, at: int, event_type: str = "checkout.session.completed"
+        self, payment_status: str, at: int, event_type: str = "checkout.session.completed"
     ) -> dict[str, Any]:
         assert self.via is not None
         return self.via.session(
-            self.intent_id, self.cart.id, paid, event_type,
+            self.intent_id, self.cart.id, payment_status, event_type,
             event_id=self.ids.next(), created=self.created, at=at,
         )  # fmt: skip
 
 
 def _through_checkout(rng: random.Random, subtotal: int, fate: Fate) -> Checkout | None:
     """How a share of the purchases go through Checkout; None for the rest. A delayed
-    payment that failed always does; one abandoned before it was authorized never (its
-    session would expire naming no intent: no payment to replay)."""
+    payment that failed always does; one abandoned at 3-D Secure stays a direct intent
+    (what Stripe sends when a session with a canceled intent expires is not modelled)."""
     if fate is Fate.ABANDONED:
         return None
     if fate is not Fate.DELAYED_FAILED and rng.random() >= CHECKOUT_SHARE:

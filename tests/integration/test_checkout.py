@@ -236,3 +236,35 @@ async def test_under_on_placed_a_fraud_warning_holds_the_capture_for_the_shop(
         "SELECT fraud_warning_type FROM orders WHERE payment_intent_id = 'pi_w'"
     )
     assert kept == "made_with_stolen_card"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="consumer bug: reconcile's placed_order_capture_asked reports a capture Radar "
+    "holds (an open review, a fraud warning) as never asked",
+)
+@pytest.mark.parametrize("signal", ["review.opened", "radar.early_fraud_warning.created"])
+async def test_under_on_placed_reconcile_accepts_a_capture_radar_holds(
+    shop: asyncpg.Connection, signal: str
+) -> None:
+    """The two tests above hold the capture of a placed order while Radar's review is open
+    or after the issuer warned of fraud, as issue 18 asks; `order-consumer reconcile` under
+    the same CAPTURE_POLICY must not then report the order as a capture nobody asked for."""
+    on_placed = ShopPolicy(CapturePolicy.ON_PLACED)
+    await seed_cart(shop, cart_of("pi_h"), CART_LINES)
+    manual = {"capture_method": "manual", "metadata": {"cart_id": cart_of("pi_h")}}
+    held = intent("pi_h", "requires_capture", SUBTOTAL, **manual)
+    radar = (
+        stories.review("pi_h", True, None)
+        if signal == "review.opened"
+        else stories.fraud_warning("pi_h")
+    )
+    await apply(
+        shop,
+        at(radar, signal, 0),
+        at(held, "payment_intent.amount_capturable_updated", 0),
+        policy=on_placed,
+    )
+    assert await captures(shop, "pi_h") == 0  # held, as it should be
+    report = await check(shop, on_placed)
+    assert report.ok, [c.line() for c in report.checks if not c.ok]

@@ -3,14 +3,16 @@ to a running consumer, in the order Stripe sends it and in reverse.
 
 The harness's stack (loadtest/stack.py) runs `stripe-bridge` (STRIPE_LIVEMODE=false, as
 the harness sets it: these are test-mode events) and one `order-consumer run` as OS
-processes on the session's broker and PostgreSQL, started once for every story. Each
-story of tests/stripe_stories.py is told twice under ids of its own: once in the order
-Stripe sends its events, once reversed, each event a signed POST answered before the
-next is sent, so that the topic holds them in that order; the tellings go at once.
+processes on the session's broker and PostgreSQL, started once for all the stories.
+Each story of tests/stripe_stories.py is told twice under ids of its own: once in the
+order Stripe sends its events, once reversed, each event a signed POST answered before
+the next is sent, so that the topic holds them in that order; the tellings go at once.
 Once the consumer has applied every published event, the two tellings of a story must
-end in the same order row, the one the story expects, and `order-consumer reconcile`
-must hold. Between them the stories send every event type a Checkout shop and a
-PaymentIntent shop receive in them (`STRIPE_SENDS`).
+end in the same order row, the one the story expects (`EXPECTED`; a story that makes no
+order, none); a session that names no intent is answered and recorded, a
+subscription's answered and never published, every other event means something to the
+consumer, and `order-consumer reconcile` holds. Between them the stories send every
+event type a Checkout shop and a PaymentIntent shop receive in them (`STRIPE_SENDS`).
 """
 
 from __future__ import annotations

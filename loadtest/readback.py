@@ -28,7 +28,7 @@ from intentflow.consumer import reconcile as reconciliation
 from intentflow.loadtest.delivery import Tally
 from intentflow.loadtest.stack import Stack
 from intentflow.loadtest.verdict import Applied, Books, IntentRow, OrderRow, Refusals, reckon
-from intentflow.loadtest.workload import Scenario, Workload
+from intentflow.loadtest.workload import Amounts, Scenario, Workload
 from intentflow.schemas import HEADER_RECEIVED_AT, dlq_topic
 
 
@@ -223,8 +223,8 @@ async def books(stack: Stack, scenario: Scenario) -> Books:
     conn = await _connect(stack.database_url)
     try:
         rows = await conn.fetch(
-            "SELECT payment_intent_id, status, allocation, amount_refunded, cancellation_reason"
-            " FROM orders"
+            "SELECT payment_intent_id, status, allocation, amount_refunded, cancellation_reason,"
+            " amount, amount_subtotal, amount_shipping, amount_discount, amount_tax FROM orders"
         )
         intents = await conn.fetch("SELECT id, status, cancellation_reason FROM payment_intents")
         refusals = await _refusals(conn)
@@ -235,12 +235,26 @@ async def books(stack: Stack, scenario: Scenario) -> Books:
     finally:
         await conn.close()
     return reckon(
-        [OrderRow(*r) for r in rows],
+        [_order_row(r) for r in rows],
         {r["id"]: IntentRow(r["status"], r["cancellation_reason"]) for r in intents},
         levels,
         scenario,
         refusals,
     )
+
+
+def _order_row(r: asyncpg.Record) -> OrderRow:
+    kept = Amounts(
+        r["amount"],
+        r["amount_subtotal"],
+        r["amount_shipping"],
+        r["amount_discount"],
+        r["amount_tax"],
+    )
+    return OrderRow(
+        r["payment_intent_id"], r["status"], r["allocation"], r["amount_refunded"],
+        r["cancellation_reason"], kept,
+    )  # fmt: skip
 
 
 async def _refusals(conn: asyncpg.Connection) -> Refusals | None:

@@ -4,12 +4,14 @@ Pure: `loadtest.readback` reads the books, this judges them. What the
 histories imply, intent by intent (`loadtest.workload.Fate`): which intents
 have an order and in which status (placed or out_of_stock where the stock
 decided, canceled, refunded, needs_review), the intent's final status and
-cancellation reason, the order's refunded amount, and so how many units each
-SKU must have left: its stock less the cart lines of every order that was
-placed and still holds its stock. Allocation between intents that compete for
-the last units depends on arrival, so which of them got stock is the
-database's decision, taken as given; a refusal is checked against what its
-batch could have seen (`refused_with_stock`). Everything else is predicted.
+cancellation reason, the order's refunded amount and what it keeps of what
+was asked (the amount; through Checkout also the items, shipping, discount
+and tax), and so how many units each SKU must have left: its stock less the
+cart lines of every order that was placed and still holds its stock.
+Allocation between intents that compete for the last units depends on
+arrival, so which of them got stock is the database's decision, taken as
+given; a refusal is checked against what its batch could have seen
+(`refused_with_stock`). Everything else is predicted.
 
 The checks: caught up, no acknowledged event lost, one order per intent, no
 SKU selling more than it had, every intent and order as its history allows,
@@ -27,7 +29,7 @@ from typing import NamedTuple
 
 from intentflow.loadtest.delivery import Tally
 from intentflow.loadtest.report import Check, Second
-from intentflow.loadtest.workload import History, Scenario
+from intentflow.loadtest.workload import Amounts, History, Scenario
 
 ALLOCATED = "placed|out_of_stock"
 
@@ -64,6 +66,8 @@ class OrderRow(NamedTuple):
     allocation: str
     amount_refunded: int = 0
     cancellation_reason: str | None = None
+    # None: a row made by hand to judge something else (the readback always reads them).
+    amounts: Amounts | None = None
 
 
 class IntentRow(NamedTuple):
@@ -135,6 +139,8 @@ def _against_history(h: History, rows: list[OrderRow], intent: IntentRow | None)
         return f"order {order.status}"
     if order.amount_refunded != h.amount_refunded:
         return f"refunded {order.amount_refunded}, not {h.amount_refunded}"
+    if order.amounts is not None and order.amounts != h.amounts:
+        return f"keeps {tuple(order.amounts)}, not {tuple(h.amounts)}"
     if order.status == "canceled" and order.cancellation_reason != h.cancellation_reason:
         return f"order canceled for {order.cancellation_reason}"
     return ""

@@ -22,10 +22,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
+from intentflow.loadtest.checkout import CHECKOUT_SHARE, Checkout
+from intentflow.loadtest.checkout import draw as draw_checkout
 from intentflow.schemas import payment_intent_key
 from intentflow.stripekit import events
 
@@ -165,6 +167,9 @@ class Fate(StrEnum):
     CANCELED = "canceled"  # authorized, then canceled (by the shop or the customer)
     EXPIRED = "expired"  # authorized, never captured: the authorization lapsed after 7 days
     MISMATCH = "mismatch"  # authorized for an amount that is not the cart's: needs_review
+    # A delayed payment method through Checkout (a bank debit) that failed days later:
+    # never paid, so no order.
+    DELAYED_FAILED = "delayed_failed"
 
     def statuses(self) -> frozenset[str]:
         """The order statuses this fate allows; empty when there must be no order."""
@@ -186,7 +191,10 @@ _STATUSES: dict[Fate, frozenset[str]] = {
     Fate.CANCELED: frozenset({"canceled"}),
     Fate.EXPIRED: frozenset({"canceled"}),
     Fate.MISMATCH: frozenset({"needs_review"}),
+    Fate.DELAYED_FAILED: frozenset(),
 }
+# The fates whose money is received: captured, whatever follows.
+_PAID = (Fate.CAPTURED, Fate.PARTLY_REFUNDED, Fate.REFUNDED)
 
 # (fate, weight): the mix of a storefront that authorizes, then captures when it ships.
 FATES: tuple[tuple[Fate, int], ...] = (
@@ -198,7 +206,18 @@ FATES: tuple[tuple[Fate, int], ...] = (
     (Fate.CANCELED, 15),
     (Fate.EXPIRED, 5),
     (Fate.MISMATCH, 5),
+    (Fate.DELAYED_FAILED, 2),
 )
+
+
+class Amounts(NamedTuple):
+    """What an order keeps of what its buyer was asked to pay."""
+
+    amount: int  # the total asked
+    subtotal: int  # what the cart is checked against: the items (the amount, but for Checkout)
+    shipping: int = 0
+    discount: int = 0
+    tax: int = 0
 
 
 @dataclass(frozen=True)
@@ -236,6 +255,24 @@ class History:
                 if e["type"] == "charge.refunded"
             ),
             default=0,
+        )
+
+    @property
+    def amounts(self) -> Amounts:
+        """What its order must keep: the intent's amount and, for a purchase through
+        Checkout, its session's items, shipping, discount and tax."""
+        objects = [e["data"]["object"] for e in self.events]
+        intent = [o for o in objects if o.get("object") == "payment_intent"][-1]
+        sessions = [o for o in objects if o.get("object") == "checkout.session"]
+        if not sessions:
+            return Amounts(intent["amount"], intent["amount"])
+        details = sessions[-1]["total_details"]
+        return Amounts(
+            intent["amount"],
+            sessions[-1]["amount_subtotal"],
+            details["amount_shipping"],
+            details["amount_discount"],
+            details["amount_tax"],
         )
 
 
@@ -280,7 +317,9 @@ def scenario(
     Carts have 1-5 lines drawn from a catalogue where a few SKUs are popular
     (so carts share them), and one cart in ten repeats a SKU on two lines.
     Stock per SKU is `stock_ratio` of what the carts ask for it, so popular
-    SKUs run out. The same `seed` gives the same scenario, event ids included.
+    SKUs run out. About a third of the purchases go through Stripe Checkout
+    (loadtest/checkout.py), some of them by a delayed payment method. The same
+    `seed` gives the same scenario, event ids included.
     """
     rng = random.Random(seed)
     skus = skus or max(10, intents // 8)
@@ -298,7 +337,7 @@ def scenario(
         lines = tuple((sku, rng.randint(1, 3), rng.choice((499, 1250, 2999))) for sku in chosen)
         cart = CartSpec(f"{prefix}cart-{seed}-{i:07d}", "usd", lines)
         fate = rng.choices(fates, weights)[0]
-        if fate not in (Fate.ABANDONED, Fate.MISMATCH):
+        if fate not in (Fate.ABANDONED, Fate.MISMATCH, Fate.DELAYED_FAILED):
             for sku, quantity, _ in lines:
                 wanted[sku] += quantity
         intent_id = f"pi_{prefix}{seed}x{i:07d}"
@@ -313,45 +352,111 @@ def scenario(
 def _history(
     rng: random.Random, intent_id: str, cart: CartSpec, fate: Fate, created: int
 ) -> list[dict[str, Any]]:
-    """Stripe's events for one intent, each `created` later than the one before."""
-    amount = cart.total + (rng.randint(1, 500) if fate is Fate.MISMATCH else 0)
-    ids = _EventIds(rng, intent_id)
-
-    def intent(status: str, at: int, event_type: str | None = None) -> dict[str, Any]:
-        obj = events.payment_intent(
-            intent_id, amount=amount, status=status, cart_id=cart.id, created=created
-        )
-        kind = event_type or events.EVENT_TYPE_OF_STATUS[status]
-        return _at(events.event(obj, kind, event_id=ids.next()), at)
-
-    out = [intent("requires_payment_method", created, "payment_intent.created")]
-    at = created + rng.randint(1, 20)
-    if rng.random() < 0.3:  # the bank asked for 3-D Secure
-        out.append(intent("requires_action", at))
-        at += rng.randint(5, 60)
-    if fate is Fate.ABANDONED:
-        out.append(_canceled(intent("canceled", at + _HOUR), "abandoned"))
-        return out
-    out.append(intent("requires_capture", at))
-    if fate in (Fate.CAPTURED, Fate.PARTLY_REFUNDED, Fate.REFUNDED):
-        at += rng.randint(10 * 60, 2 * _DAY)  # captured when it ships
-        out.append(intent("succeeded", at))
-        if fate is not Fate.CAPTURED:
-            back = amount if fate is Fate.REFUNDED else max(1, amount // 3)
-            at += rng.randint(2 * _HOUR, 5 * _DAY)
-            refund = events.refunded_event(
-                intent_id, amount=amount, amount_refunded=back, created=at
-            )
-            out.append(_with_id(refund, ids.next()))
+    """Stripe's events for one intent, each `created` no earlier than the one before."""
+    subtotal = cart.total + (rng.randint(1, 500) if fate is Fate.MISMATCH else 0)
+    tell = _Teller(rng, intent_id, cart, created, _through_checkout(rng, subtotal, fate), subtotal)
+    out, at = _payment(rng, tell, fate)
+    amount = tell.amount
+    if fate in (Fate.PARTLY_REFUNDED, Fate.REFUNDED):
+        back = amount if fate is Fate.REFUNDED else max(1, amount // 3)
+        at += rng.randint(2 * _HOUR, 5 * _DAY)
+        refund = events.refunded_event(intent_id, amount=amount, amount_refunded=back, created=at)
+        out.append(_with_id(refund, tell.ids.next()))
     elif fate is Fate.CANCELED:
         at += rng.randint(60, _DAY)
-        out.append(_canceled(intent("canceled", at), "requested_by_customer"))
+        out.append(_canceled(tell.intent("canceled", at), "requested_by_customer"))
     elif fate is Fate.EXPIRED:
         at = created + 7 * _DAY
         expired = events.expired_event(intent_id, amount=amount, created=at)
-        out.append(_with_id(expired, ids.next()))
-        out.append(_canceled(intent("canceled", at + 1), "automatic"))
+        out.append(_with_id(expired, tell.ids.next()))
+        out.append(_canceled(tell.intent("canceled", at + 1), "automatic"))
     return out
+
+
+def _payment(rng: random.Random, tell: _Teller, fate: Fate) -> tuple[list[dict[str, Any]], int]:
+    """The events until the money is held or received (or never will be), and the second
+    of the last."""
+    via, created = tell.via, tell.created
+    out = [tell.intent("requires_payment_method", created, "payment_intent.created")]
+    at = created + rng.randint(1, 20)
+    if via is not None and via.delayed:
+        # A bank debit: processing while the bank is asked, the session complete but unpaid,
+        # and the money there (or not) days later.
+        out += [tell.intent("processing", at), tell.session("unpaid", at)]
+        at += rng.randint(1, 4) * _DAY
+        if fate is Fate.DELAYED_FAILED:
+            failed = tell.intent("requires_payment_method", at, "payment_intent.payment_failed")
+            settled = tell.session("unpaid", at, "checkout.session.async_payment_failed")
+            return [*out, failed, settled], at
+        settled = tell.session("paid", at, "checkout.session.async_payment_succeeded")
+        return [*out, tell.intent("succeeded", at), settled], at
+    if rng.random() < 0.3:  # the bank asked for 3-D Secure
+        out.append(tell.intent("requires_action", at))
+        at += rng.randint(5, 60)
+    if fate is Fate.ABANDONED:
+        out.append(_canceled(tell.intent("canceled", at + _HOUR), "abandoned"))
+        return out, at
+    if via is not None and fate in _PAID and rng.random() < 0.5:
+        # A card through Checkout, captured at once: the session completes paid.
+        return [*out, tell.intent("succeeded", at), tell.session("paid", at)], at
+    out.append(tell.intent("requires_capture", at))
+    if via is not None:
+        out.append(tell.session("unpaid", at))  # held, not captured: Checkout says unpaid
+    if fate in _PAID:
+        at += rng.randint(10 * 60, 2 * _DAY)  # captured when it ships
+        out.append(tell.intent("succeeded", at))
+    return out, at
+
+
+class _Teller:
+    """Stripe's events about one intent: the intent in a status, its Checkout Session."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        intent_id: str,
+        cart: CartSpec,
+        created: int,
+        via: Checkout | None,
+        subtotal: int,
+    ) -> None:
+        self.intent_id, self.cart, self.created, self.via = intent_id, cart, created, via
+        self.amount = via.total if via is not None else subtotal
+        # Through Checkout the cart rides on the session, and on the intent if the shop
+        # copies it there.
+        self._named = cart.id if via is None or via.on_intent else None
+        self.ids = _EventIds(rng, intent_id)
+
+    def intent(self, status: str, at: int, event_type: str | None = None) -> dict[str, Any]:
+        obj = events.payment_intent(
+            self.intent_id,
+            amount=self.amount,
+            status=status,
+            cart_id=self._named,
+            created=self.created,
+        )
+        kind = event_type or events.EVENT_TYPE_OF_STATUS[status]
+        return _at(events.event(obj, kind, event_id=self.ids.next()), at)
+
+    def session(
+        self, payment_status: str, at: int, event_type: str = "checkout.session.completed"
+    ) -> dict[str, Any]:
+        assert self.via is not None
+        return self.via.session(
+            self.intent_id, self.cart.id, payment_status, event_type,
+            event_id=self.ids.next(), created=self.created, at=at,
+        )  # fmt: skip
+
+
+def _through_checkout(rng: random.Random, subtotal: int, fate: Fate) -> Checkout | None:
+    """How a share of the purchases go through Checkout; None for the rest. A delayed
+    payment that failed always does; one abandoned at 3-D Secure stays a direct intent
+    (what Stripe sends when a session with a canceled intent expires is not modelled)."""
+    if fate is Fate.ABANDONED:
+        return None
+    if fate is not Fate.DELAYED_FAILED and rng.random() >= CHECKOUT_SHARE:
+        return None
+    return draw_checkout(rng, subtotal, paid=fate in _PAID, delayed=fate is Fate.DELAYED_FAILED)
 
 
 class _EventIds:

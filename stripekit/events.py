@@ -1,8 +1,8 @@
 """Realistic Stripe event payloads for tests, the demo and benchmarks.
 
-Shaped like what Stripe sends: whole PaymentIntent and Charge objects with the
-many fields intentflow never reads, so decoding is measured on the real size and
-shape. Every field sent is a field of Stripe's object with Stripe's type
+Shaped like what Stripe sends: whole PaymentIntent, Charge and Checkout Session
+objects with the many fields intentflow never reads, so decoding is measured on
+the real size and shape. Every field sent is a field of Stripe's object with Stripe's type
 (tests/unit/test_stripekit_shapes.py checks them against Stripe's own examples
 and stripe-python's types).
 """
@@ -248,3 +248,96 @@ def dispute_event(
         "is_charge_refundable": False,
     }
     return stamped(dispute, event_type, created)
+
+
+# --- Checkout Sessions ---------------------------------------------------------------
+
+
+def checkout_session(
+    session_id: str,
+    *,
+    intent_id: str | None,
+    amount_subtotal: int,
+    amount_total: int,
+    shipping: int = 0,
+    discount: int = 0,
+    tax: int = 0,
+    currency: str = "usd",
+    payment_status: str = "unpaid",
+    status: str = "complete",
+    client_reference_id: str | None = None,
+    metadata: dict[str, str] | None = None,
+    payment_method_types: tuple[str, ...] = ("card",),
+    created: int | None = None,
+) -> dict[str, Any]:
+    """A Checkout Session of mode `payment`, as `checkout.session.*` events carry it: the
+    items (`amount_subtotal`), shipping and tax on top and a discount off (`total_details`,
+    summing to `amount_total`), and the shop's cart in `client_reference_id` or `metadata`.
+    `intent_id` is None for a session that names no intent (one that expired unpaid)."""
+    created = created or int(time.time())
+    return {
+        "id": session_id,
+        "object": "checkout.session",
+        "after_expiration": None,
+        "allow_promotion_codes": True,
+        "amount_subtotal": amount_subtotal,
+        "amount_total": amount_total,
+        "billing_address_collection": "auto",
+        "cancel_url": "https://shop.example/cart",
+        "client_reference_id": client_reference_id,
+        "client_secret": None,
+        "created": created,
+        "currency": currency,
+        "currency_conversion": None,
+        "customer": None,
+        "customer_creation": "if_required",
+        "customer_details": {
+            "address": {
+                "city": "Berlin",
+                "country": "DE",
+                "line1": "Torstrasse 1",
+                "line2": None,
+                "postal_code": "10119",
+                "state": None,
+            },
+            "email": "buyer@example.com",
+            "name": "Ada Lovelace",
+            "phone": None,
+            "tax_exempt": "none",
+            "tax_ids": [],
+        },
+        "customer_email": None,
+        "expires_at": created + 24 * 3600,
+        "invoice": None,
+        "livemode": False,
+        "locale": None,
+        "metadata": metadata or {},
+        "mode": "payment",
+        "payment_intent": intent_id,
+        "payment_link": None,
+        "payment_method_collection": "if_required",
+        "payment_method_types": list(payment_method_types),
+        "payment_status": payment_status,
+        "setup_intent": None,
+        "shipping_cost": (
+            {
+                "amount_subtotal": shipping,
+                "amount_tax": 0,
+                "amount_total": shipping,
+                "shipping_rate": "shr_" + secrets.token_hex(12),
+            }
+            if shipping
+            else None
+        ),
+        "status": status,
+        "submit_type": "pay",
+        "subscription": None,
+        "success_url": "https://shop.example/thanks?session_id={CHECKOUT_SESSION_ID}",
+        "total_details": {
+            "amount_discount": discount,
+            "amount_shipping": shipping,
+            "amount_tax": tax,
+        },
+        "ui_mode": "hosted",
+        "url": None,
+    }

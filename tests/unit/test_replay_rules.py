@@ -18,7 +18,7 @@ from intentflow.loadtest.verdict import (
     reckon,
     refused_with_stock,
 )
-from intentflow.loadtest.workload import CartSpec, Fate, History, Scenario, scenario
+from intentflow.loadtest.workload import Amounts, CartSpec, Fate, History, Scenario, scenario
 from intentflow.stripekit import events
 
 
@@ -170,3 +170,89 @@ def test_a_refusal_is_wrong_only_if_its_batch_saw_enough_of_every_sku_it_named()
     assert refused("short:a", (9.0, "V", -3)) != []  # after it committed: no excuse
     assert refused("short:a", (4.0, "V", +5), (2.0, "U", -3)) != []  # given back before it
     assert refused("") != []  # a refusal that names nothing
+
+
+def test_a_third_of_the_purchases_go_through_checkout_with_their_cart_on_the_session() -> None:
+    """The session charges the items plus shipping and tax, less a discount, and the intent
+    asks for that total; the cart rides on the session (client_reference_id or metadata)
+    and on the intent only when the shop copied it; a delayed method settles days later."""
+    world = scenario(600, seed=11)
+    # Histories whose order keeps more than a plain amount: only Checkout's.
+    through = [
+        h for h in world.histories if h.amounts != Amounts(h.amounts.amount, h.amounts.amount)
+    ]
+    sessions = [
+        (h, e) for h in world.histories for e in h.events if e["type"].startswith("checkout.")
+    ]
+    via_checkout = {h.intent_id for h, _ in sessions}
+    assert 0.2 < len(via_checkout) / len(world.histories) < 0.4
+    assert {h.intent_id for h in through} <= via_checkout  # some Checkout totals are plain
+    for h, evt in sessions:
+        session = evt["data"]["object"]
+        details = session["total_details"]
+        assert session["payment_intent"] == h.intent_id
+        assert (
+            session["amount_total"]
+            == h.amounts.amount
+            == (
+                session["amount_subtotal"]
+                + details["amount_shipping"]
+                + details["amount_tax"]
+                - details["amount_discount"]
+            )
+        )
+        on_session = session["client_reference_id"] or session["metadata"].get("cart_id")
+        assert on_session == h.cart.id
+        if h.fate is not Fate.MISMATCH:
+            assert session["amount_subtotal"] == h.cart.total
+    named = [
+        e["data"]["object"]["metadata"].get("cart_id")
+        for h in world.histories
+        if h.intent_id in via_checkout
+        for e in h.events
+        if e["type"] == "payment_intent.created"
+    ]
+    assert None in named and any(named)  # copied onto the intent by some shops only
+    by = Counter(
+        "reference" if e["data"]["object"]["client_reference_id"] else "metadata"
+        for _, e in sessions
+    )
+    assert by["reference"] and by["metadata"]
+    assert any(h.amounts.shipping and h.amounts.tax and h.amounts.discount for h in through)
+
+    settled = Counter(e["type"] for _, e in sessions if "async" in e["type"])
+    assert settled["checkout.session.async_payment_succeeded"] > 0
+    failed = [h for h in world.histories if h.fate is Fate.DELAYED_FAILED]
+    assert failed and settled["checkout.session.async_payment_failed"] == len(failed)
+    for h in failed:  # never authorized: no order, and it ends asking for a new method
+        assert h.intent_status == "requires_payment_method"
+        assert not {"payment_intent.amount_capturable_updated", "payment_intent.succeeded"} & {
+            e["type"] for e in h.events
+        }
+
+
+def test_the_reckoning_finds_an_order_that_keeps_other_amounts_than_it_was_asked() -> None:
+    """A Checkout order must keep the session's items, shipping, discount and tax, and the
+    total the intent asked for; any other order its amount, as its subtotal too."""
+    held = [h for h in scenario(300, seed=5).histories if h.fate is Fate.HELD]
+    checkout = next(h for h in held if h.amounts.shipping)
+    plain = next(h for h in held if h.amounts == Amounts(h.amounts.amount, h.amounts.amount))
+    world = Scenario({}, [checkout, plain], 5)
+    intents = {h.intent_id: IntentRow(h.intent_status) for h in world.histories}
+
+    def judged(kept: Amounts, plain_kept: Amounts) -> list[str]:
+        orders = [
+            OrderRow(checkout.intent_id, "placed", "placed", amounts=kept),
+            OrderRow(plain.intent_id, "placed", "placed", amounts=plain_kept),
+        ]
+        return reckon(orders, intents, {}, world).contradicted
+
+    assert judged(checkout.amounts, plain.amounts) == []
+    # The total taken for the items, as an order decided on the intent alone would keep it.
+    wrong = Amounts(checkout.amounts.amount, checkout.amounts.amount)
+    assert judged(wrong, plain.amounts) == [
+        f"{checkout.intent_id} (held: keeps {tuple(wrong)}, not {tuple(checkout.amounts)})"
+    ]
+    assert [c.split()[0] for c in judged(checkout.amounts, plain.amounts._replace(tax=1))] == [
+        plain.intent_id
+    ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any, ForwardRef, Literal, Union
 
 import pytest
@@ -30,6 +31,7 @@ CLASSES: dict[str, type[StripeObject]] = {
     "charge": stripe.Charge,
     "dispute": stripe.Dispute,
     "refund": stripe.Refund,
+    "checkout.session": stripe.checkout.Session,
 }
 
 
@@ -39,6 +41,7 @@ SCALARS: dict[Any, tuple[str, ...]] = {
     int: ("integer",),
     float: ("number", "integer"),
     str: ("string",),
+    Decimal: ("string",),  # Stripe's decimal_string (an exchange rate): sent as a string
 }
 
 
@@ -148,6 +151,16 @@ def sent_by_stripekit() -> list[tuple[str, dict[str, Any]]]:
     ]
     made.append(events.payment_intent("pi_x", amount=1999, cart_id=None))
     made.append(events.charge_object("pi_x", amount=1999, captured=False))
+    made += [
+        events.checkout_session(
+            "cs_x", intent_id="pi_x", amount_subtotal=1999, amount_total=2396, shipping=490,
+            discount=199, tax=106, payment_status="paid", client_reference_id="cart_1",
+        ),
+        events.checkout_session(
+            "cs_x", intent_id=None, amount_subtotal=1999, amount_total=1999, status="expired",
+            metadata={"cart_id": "cart_1"}, payment_method_types=("card", "sepa_debit"),
+        ),
+    ]  # fmt: skip
     envelopes = [
         events.intent_event("pi_x", amount=1999, cart_id="cart_1"),
         events.charge_event("pi_x", amount=1999),

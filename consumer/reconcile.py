@@ -297,6 +297,8 @@ CHECKS: list[tuple[str, str]] = [
         # Under CAPTURE_POLICY=on_placed (this command's own setting) every placed
         # order whose money is still held has its capture asked for: orders placed by
         # a member still on `never` during a rolling change get none, and would lapse.
+        # But for the captures Radar holds (an open review, the issuer's fraud warning):
+        # the shop settles those (docs/operating.md, "a capture held by Radar").
         "placed_order_capture_asked",
         """
         SELECT o.id AS order_id, o.payment_intent_id, o.capture_before,
@@ -306,6 +308,7 @@ CHECKS: list[tuple[str, str]] = [
                           AND x.payment_intent_id = o.payment_intent_id
         WHERE $1::text = 'on_placed' AND o.status = 'placed' AND p.status = 'requires_capture'
           AND (x.id IS NULL OR x.state = 'failed')
+          AND NOT coalesce(o.review_open, false) AND o.fraud_warning_id IS NULL
         ORDER BY o.capture_before NULLS LAST, o.id
         """,
     ),

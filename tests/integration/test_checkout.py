@@ -238,11 +238,6 @@ async def test_under_on_placed_a_fraud_warning_holds_the_capture_for_the_shop(
     assert kept == "made_with_stolen_card"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consumer bug: reconcile's placed_order_capture_asked reports a capture Radar "
-    "holds (an open review, a fraud warning) as never asked",
-)
 @pytest.mark.parametrize("signal", ["review.opened", "radar.early_fraud_warning.created"])
 async def test_under_on_placed_reconcile_accepts_a_capture_radar_holds(
     shop: asyncpg.Connection, signal: str

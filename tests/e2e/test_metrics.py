@@ -101,7 +101,8 @@ async def test_bridge_and_consumer_metrics_move_by_what_a_replay_did(
             await conn.close()
         consumer_url = f"http://127.0.0.1:{stack.consumer_ports[0]}"
         async with httpx.AsyncClient() as client:
-            bridge = parse((await client.get(f"http://127.0.0.1:{stack.bridge_port}/metrics")).text)
+            bridge_url = f"http://127.0.0.1:{stack.bridge_admin_port}"
+            bridge = parse((await client.get(f"{bridge_url}/metrics")).text)
             scraped = await client.get(f"{consumer_url}/metrics")
             consumer = parse(scraped.text)
             healthz = await client.get(f"{consumer_url}/healthz")

@@ -510,7 +510,8 @@ def test_the_image_runs_as_a_user_and_takes_only_the_built_environment() -> None
     assert "HEALTHCHECK" in keywords and "EXPOSE" in keywords
     assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN")
     env = " ".join(ins.args for ins in final if ins.keyword == "ENV")
-    assert "BRIDGE_HOST=0.0.0.0" in env and "CONSUMER_HTTP_HOST=0.0.0.0" in env
+    for host in ("BRIDGE_HOST", "BRIDGE_ADMIN_HOST", "CONSUMER_HTTP_HOST"):
+        assert f"{host}=0.0.0.0" in env, host
 
 
 # -- the locks ----------------------------------------------------------------

@@ -165,6 +165,7 @@ def test_renders_every_part_of_the_deployment(rendered: list[Obj]) -> None:
         ("ConfigMap", "intentflow"),
         ("Deployment", "stripe-bridge"),
         ("Service", "stripe-bridge"),
+        ("Service", "stripe-bridge-admin"),
         ("PodDisruptionBudget", "stripe-bridge"),
         ("StatefulSet", "order-consumer"),
         ("Service", "order-consumer"),
@@ -271,7 +272,7 @@ def test_every_container_requests_and_is_limited_in_cpu_and_memory(rendered: lis
 @pytest.mark.parametrize(
     ("kind", "name", "host", "port"),
     [
-        ("Deployment", "stripe-bridge", "BRIDGE_HOST", "BRIDGE_PORT"),
+        ("Deployment", "stripe-bridge", "BRIDGE_ADMIN_HOST", "BRIDGE_ADMIN_PORT"),
         ("StatefulSet", "order-consumer", "CONSUMER_HTTP_HOST", "CONSUMER_HTTP_PORT"),
     ],
 )
@@ -291,6 +292,19 @@ def test_probes_ask_the_port_the_process_listens_on(
         get = c[probe]["httpGet"]
         assert get["path"] == path, (name, probe)
         assert ports.get(get["port"], get["port"]) == int(env[port]), (name, probe)
+
+
+def test_the_bridge_service_the_ingress_reaches_exposes_the_webhook_port_alone(
+    rendered: list[Obj],
+) -> None:
+    (c,) = the(rendered, "Deployment", "stripe-bridge")["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["http"] == int(setting(c, rendered, "BRIDGE_PORT"))
+    assert setting(c, rendered, "BRIDGE_HOST") == "0.0.0.0"
+    (public,) = the(rendered, "Service", "stripe-bridge")["spec"]["ports"]
+    assert ports.get(public["targetPort"], public["targetPort"]) == ports["http"]
+    (admin,) = the(rendered, "Service", "stripe-bridge-admin")["spec"]["ports"]
+    assert ports.get(admin["targetPort"], admin["targetPort"]) == ports["admin"] != ports["http"]
 
 
 def test_consumer_startup_probe_outlasts_its_startup_checks(rendered: list[Obj]) -> None:

@@ -713,6 +713,18 @@ def test_every_service_is_healthchecked_or_one_shot_and_starts_on_conditions() -
     ]
 
 
+def test_every_long_running_service_restarts_and_no_one_shot_does() -> None:
+    """A crash, or an exit 2 while the broker or the database is still away, is followed by
+    a restart; `docker compose stop` is not undone. A one-shot runs once: the services that
+    wait for it to complete read its one exit."""
+    services = compose()["services"]
+    for name, service in services.items():
+        if healthchecked(service):
+            assert service.get("restart") == "unless-stopped", name
+        else:
+            assert service.get("restart") == "no", name
+
+
 # The grace each process gets beyond its own shutdown deadline before Docker's SIGKILL.
 COMPOSE_GRACE_MARGIN_S = 10
 

@@ -8,7 +8,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit demo dev bench bench-consumer bench-bridge bench-compare contract lock clean
+.PHONY: venv test lint unit demo dev bench bench-consumer bench-bridge bench-compare contract lock clean \
+	test-tools asyncapi-parser promtool
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +24,22 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint test-tools
 	$(BIN)/pytest
+
+# What the tests run beside Python, installed from the project's own files:
+# the official AsyncAPI parser (npm, pinned by tests/asyncapi/package-lock.json)
+# checks docs/asyncapi.json; promtool (Debian's prometheus package) checks the
+# alert rules of deploy/k8s/monitoring. Each is installed only when missing.
+test-tools: asyncapi-parser promtool
+
+asyncapi-parser: tests/asyncapi/node_modules/.package-lock.json
+
+tests/asyncapi/node_modules/.package-lock.json: tests/asyncapi/package.json tests/asyncapi/package-lock.json
+	npm ci --prefix tests/asyncapi --no-audit --no-fund --ignore-scripts --loglevel=error
+
+promtool:
+	command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

@@ -33,8 +33,9 @@ from intentflow.consumer.bootstrap import bootstrap, build_relay, relay_checks
 from intentflow.consumer.deadletter import DeadLetterRefused
 from intentflow.consumer.migrate import migrate
 from intentflow.consumer.preflight import StartupError, redact, until_ready
-from intentflow.consumer.probes import ProbeServer, ProbeServerError
+from intentflow.consumer.probes import Health, ProbeServer, ProbeServerError
 from intentflow.consumer.relay import Relay, RelayStats
+from intentflow.consumer.relay_metrics import RelayHealth, RelayMetrics, WorkerAndRelay
 from intentflow.consumer.runtime import tune_gc
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.worker import RunStats, Worker
@@ -93,10 +94,15 @@ async def _migrate(settings: ConsumerSettings) -> int:
 
 async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> int:
     worker = Worker(settings, exit_when_idle_s=exit_when_idle_s, deps=bootstrap(settings))
-    relay = build_relay(settings) if settings.relay_enabled else None
+    relay = None
+    health: Health = worker
+    if settings.relay_enabled:
+        # One /metrics: the relay's metrics go in the worker's registry.
+        relay = build_relay(settings, metrics=RelayMetrics(worker.metrics.registry))
+        health = WorkerAndRelay(worker, relay)
     _handle_stop_signals([worker, *([relay] if relay else [])], settings.shutdown_timeout_s)
     relay_stats: RelayStats | None = None
-    probes = ProbeServer(worker, settings.consumer_http_host, settings.consumer_http_port)
+    probes = ProbeServer(health, settings.consumer_http_host, settings.consumer_http_port)
     try:
         await probes.start()
     except ProbeServerError as exc:
@@ -161,6 +167,25 @@ async def _beside(worker: Worker, relay: Relay, drain: bool) -> tuple[RunStats, 
 async def _relay(settings: ConsumerSettings, exit_when_idle: bool) -> int:
     relay = build_relay(settings)
     _handle_stop_signals([relay], settings.shutdown_timeout_s)
+    # The same /healthz, /readyz and /metrics as `run`, on the same settings.
+    probes = ProbeServer(
+        RelayHealth(relay, settings.capture_warning_s),
+        settings.consumer_http_host,
+        settings.consumer_http_port,
+        logger="relay",
+    )
+    try:
+        await probes.start()
+    except ProbeServerError as exc:
+        log.error("cannot_start", error=str(exc))
+        return EXIT_CANNOT_START
+    try:
+        return await _relay_alone(settings, relay, exit_when_idle)
+    finally:
+        await probes.stop()
+
+
+async def _relay_alone(settings: ConsumerSettings, relay: Relay, exit_when_idle: bool) -> int:
     deadline = asyncio.get_running_loop().time() + settings.startup_timeout_s
     try:
         for what, check in relay_checks(settings):

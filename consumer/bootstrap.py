@@ -37,6 +37,7 @@ from intentflow.consumer.order_events import OrderEvents
 from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.preflight import check_database, check_topics
 from intentflow.consumer.relay import EventSink, Relay
+from intentflow.consumer.relay_metrics import RelayMetrics
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import BatchResult, apply_batch
 from intentflow.consumer.stripe_actions import StripeActions
@@ -79,6 +80,10 @@ class DeadLetterSink(Protocol):
     async def stop(self) -> None: ...
     async def send(self, poison: list[Poison]) -> list[tuple[Poison, KafkaError]]: ...
 
+
+# The relay's connections: one per loop (order events, Stripe actions), and one for the
+# scrapes and probes, which a claim waiting on Stripe would otherwise hold up.
+RELAY_POOL_SIZE = 3
 
 # `apply_batch(conn, envelopes)`: one transaction on a connection from the pool.
 ApplyBatch = Callable[[Any, list[Envelope]], Awaitable[BatchResult]]
@@ -127,10 +132,14 @@ def relay_checks(settings: ConsumerSettings) -> list[Check]:
 
 
 def build_relay(
-    settings: ConsumerSettings, new_events: Callable[[], EventSink] | None = None
+    settings: ConsumerSettings,
+    new_events: Callable[[], EventSink] | None = None,
+    metrics: RelayMetrics | None = None,
 ) -> Relay:
-    """The outbox relay, with a pool of its own: one connection per loop. `new_events`
-    replaces the order events producer (a test that kills the relay mid-publish)."""
+    """The outbox relay, with a pool of its own: one connection per loop, and one for the
+    scrapes and probes that read the outbox. `new_events` replaces the order events
+    producer (a test that kills the relay mid-publish); `metrics` puts its metrics in a
+    registry already served (the worker's, under `run`)."""
     key = settings.stripe_api_key
     stripe = None
     if key is not None:
@@ -150,10 +159,11 @@ def build_relay(
     return Relay(
         settings,
         open_pool=functools.partial(
-            create_pool, settings, 2, idle_in_transaction_ms=idle_in_transaction_ms
+            create_pool, settings, RELAY_POOL_SIZE, idle_in_transaction_ms=idle_in_transaction_ms
         ),
         new_events=new_events or order_events(settings),
         stripe=stripe,
+        metrics=metrics,
     )
 
 

@@ -102,6 +102,18 @@ def classify(exc: BaseException) -> Fault:
     return Fault.FATAL
 
 
+# Every cause `cause` can name (`stock_row_missing`: consumer/orders.py's own), so that
+# the retries counter exports each at zero and an alert's rate over it exists before the
+# first retry (tests/e2e/test_metrics.py checks every metric a rule reads is scraped).
+CAUSES = frozenset(
+    {
+        *_CAUSE_BY_SQLSTATE.values(),
+        *_CAUSE_BY_CLASS.values(),
+        *("database_error", "broker", "other", "stock_row_missing"),
+    }
+)
+
+
 def cause(exc: BaseException) -> str:
     """A short label for an environment failure, for logs and counters."""
     own = getattr(exc, "cause", None)

@@ -28,10 +28,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 
-from prometheus_client import Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from intentflow.consumer.decisions import OrderStatus
+from intentflow.consumer.errors import CAUSES
 from intentflow.schemas.metrics import NAMESPACE, service_registry
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -45,6 +46,29 @@ EVENT_OUTCOMES = (
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 BATCH_EVENTS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class MoneyGauges:
+    """Money that needs a person (consumer/owed.py, read at scrape time): exported by
+    `run` (the worker's /metrics) and by `relay` run alone, under the same names."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        ns, sub = NAMESPACE, "consumer"
+        self.refunds_owed = Gauge(
+            "refunds_owed",
+            "Orders that cannot be filled whose captured money is neither refunded nor asked "
+            "back (REFUND_UNFILLABLE=false, or a refund Stripe refused).",
+            namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+        self.captures_due_soon = Gauge(
+            "captures_due_soon",
+            "Placed orders not yet captured whose authorization lapses within CAPTURE_WARNING_S.",
+            namespace=ns, subsystem=sub, registry=registry,
+        )  # fmt: skip
+
+    def set(self, refunds_owed: int, captures_due_soon: int) -> None:
+        self.refunds_owed.set(refunds_owed)
+        self.captures_due_soon.set(captures_due_soon)
 
 
 class ConsumerMetrics:
@@ -84,21 +108,13 @@ class ConsumerMetrics:
             "retries", "Waits for the database or the broker to come back, by cause.", ["cause"],
             namespace=ns, subsystem=sub, registry=registry,
         )  # fmt: skip
+        for known in CAUSES:
+            self.retries.labels(known)
         self.last_commit = Gauge(
             "last_commit_timestamp_seconds", "When offsets were last committed (Unix time).",
             namespace=ns, subsystem=sub, registry=registry,
         )  # fmt: skip
-        self.refunds_owed = Gauge(
-            "refunds_owed",
-            "Orders that cannot be filled whose captured money is neither refunded nor asked "
-            "back (REFUND_UNFILLABLE=false, or a refund Stripe refused).",
-            namespace=ns, subsystem=sub, registry=registry,
-        )  # fmt: skip
-        self.captures_due_soon = Gauge(
-            "captures_due_soon",
-            "Placed orders not yet captured whose authorization lapses within CAPTURE_WARNING_S.",
-            namespace=ns, subsystem=sub, registry=registry,
-        )  # fmt: skip
+        self.money = MoneyGauges(registry)
         self._lag_series: set[tuple[str, str]] = set()
 
     def transaction_committed(
@@ -145,9 +161,8 @@ class ConsumerMetrics:
         self._lag_series = current
 
     def set_money(self, refunds_owed: int, captures_due_soon: int) -> None:
-        """What the database says now of money that needs a person (`consumer.money`)."""
-        self.refunds_owed.set(refunds_owed)
-        self.captures_due_soon.set(captures_due_soon)
+        """What the database says now of money that needs a person (`consumer.owed`)."""
+        self.money.set(refunds_owed, captures_due_soon)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,9 +1,16 @@
-"""The consumer's HTTP server, beside the loop: /healthz, /readyz, /metrics.
+"""The processes' admin HTTP server, beside their work: /healthz, /readyz, /metrics.
+
+`order-consumer run` serves it for the worker, `order-consumer relay` for the
+relay alone, and `stripe-bridge` on its admin port (BRIDGE_ADMIN_HOST/PORT),
+apart from the webhook's port, its connection cap and its limits, so that
+clients holding the webhook's connections cannot fail a probe.
 
 A few GET requests a minute from a kubelet and a Prometheus: asyncio's own
-server on the worker's event loop is enough, and it leaves the process's
-signal handling to `consumer.__main__`. Each request is one line and a few
+server on the process's event loop is enough, and it leaves the process's
+signal handling to its `__main__`. Each request is one line and a few
 headers, bounded in size and time; each answer closes its connection.
+`listen` binds a port or says in one line which settings to change: both
+processes bind every port they serve through it before they start.
 
   /healthz   200 while the loop is alive (starting, polling, waiting out a
              failure, stopping); 503 once it has stopped making progress.
@@ -16,12 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import structlog
-
-log = structlog.get_logger("consumer")
 
 MAX_REQUEST_BYTES = 8192
 # Connections served at once; more are closed unanswered (a probe or a scrape retries).
@@ -44,16 +50,56 @@ class ProbeServerError(Exception):
     """The server cannot listen (the message says what to change)."""
 
 
+CONSUMER_SETTINGS = "CONSUMER_HTTP_HOST/CONSUMER_HTTP_PORT"
+
+
+def listen(host: str, port: int, settings: str) -> socket.socket:
+    """A listening TCP socket on host:port (0: any free port), or ProbeServerError naming
+    `settings` (the variables that choose the address) in one line."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ProbeServerError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): set {settings} "
+            "to an address of this host"
+        ) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and asyncio do
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ProbeServerError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): set {settings} "
+            "to a free address"
+        ) from exc
+    sock.setblocking(False)
+    return sock
+
+
 Answer = tuple[int, bytes, str]
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            503: "Service Unavailable"}  # fmt: skip
 
 
 class ProbeServer:
-    def __init__(self, health: Health, host: str, port: int) -> None:
+    def __init__(
+        self,
+        health: Health,
+        host: str,
+        port: int,
+        *,
+        settings: str = CONSUMER_SETTINGS,
+        sock: socket.socket | None = None,
+        logger: str = "consumer",
+    ) -> None:
         self.health = health
         self.host = host
         self.port = port  # the bound port once started (PORT=0 picks a free one)
+        self._settings = settings  # the variables an operator sets to move it
+        self._sock = sock  # bound already (`listen`), or bound by `start`
+        self._log = structlog.get_logger(logger)  # the process's own logger name
         self._server: asyncio.Server | None = None
         self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._routes: dict[str, Callable[[], Awaitable[Answer]]] = {
@@ -63,17 +109,11 @@ class ProbeServer:
         }
 
     async def start(self) -> ProbeServer:
-        try:
-            self._server = await asyncio.start_server(
-                self._serve, self.host, self.port, limit=MAX_REQUEST_BYTES
-            )
-        except OSError as exc:
-            raise ProbeServerError(
-                f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc}): "
-                "set CONSUMER_HTTP_HOST/CONSUMER_HTTP_PORT to a free address"
-            ) from exc
+        sock = self._sock or listen(self.host, self.port, self._settings)
+        self._sock = None
+        self._server = await asyncio.start_server(self._serve, sock=sock, limit=MAX_REQUEST_BYTES)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("http_listening", host=self.host, port=self.port)
+        self._log.info("http_listening", host=self.host, port=self.port)
         return self
 
     async def stop(self) -> None:

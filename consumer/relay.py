@@ -25,6 +25,10 @@ longer). The database or broker away is waited out. Without STRIPE_API_KEY, or
 with a key Stripe refuses, Stripe actions stay pending and are reported, as
 are rows whose action no record knows (written by another version).
 
+What it did and what is left are metrics (consumer/relay_metrics.py): each
+Stripe answer and each order event's mark is counted as it is recorded; the
+pending rows and the oldest one's age are read at scrape time.
+
 With `exit_when_idle`, `run` returns once nothing pending can be done now:
 no order event is pending, and no Stripe action is pending that this relay
 could perform (rows backing off are waited for).
@@ -57,6 +61,7 @@ from intentflow.consumer.claims import (
 from intentflow.consumer.order_events import publish_marks
 from intentflow.consumer.outbox import Action, Kind, ask_refunds, sweep_needs_review
 from intentflow.consumer.policy import ShopPolicy
+from intentflow.consumer.relay_metrics import RelayMetrics, relay_registry
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.stripe_actions import ACTIONS, CAPTURED_CODE, Attempt, IntentMoney, spec_of
 from intentflow.consumer.stripe_answers import DONE, Answer, Outcome
@@ -148,9 +153,12 @@ class Relay:
         open_pool: Callable[[], Awaitable[Any]],
         new_events: Callable[[], EventSink],
         stripe: StripeApi | None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.stats = RelayStats()
+        # In the worker's registry under `run`; in one of its own under `relay`.
+        self.metrics = metrics if metrics is not None else RelayMetrics(relay_registry())
         self._open_pool = open_pool
         # A factory: a producer whose start() failed cannot be started again.
         self._new_events = new_events
@@ -161,6 +169,8 @@ class Relay:
         self._policy = ShopPolicy.from_settings(settings)
         self._draining = False
         self._pool: Any = None
+        # The failure each loop is waiting out, by loop, for /readyz.
+        self._waiting: dict[str, str] = {}
         self._stopping = asyncio.Event()
         # On the event loop's clock: until when Stripe's refusal of our key holds
         # the Stripe actions back, when the next sweep and the next backlog report are due.
@@ -192,6 +202,16 @@ class Relay:
             await self._pool.close()
 
     @property
+    def pool(self) -> Any:
+        """The relay's pool once started (None before): what its scrapes and probes use."""
+        return self._pool
+
+    @property
+    def waiting_out(self) -> str | None:
+        """The failure a loop is waiting out (its cause), if any."""
+        return next(iter(self._waiting.values()), None)
+
+    @property
     def stopping(self) -> asyncio.Event:
         """Set by `request_stop`: what the caller's start-up waits watch too."""
         return self._stopping
@@ -218,6 +238,7 @@ class Relay:
     async def _repeat(self, step: Callable[[], Awaitable[bool]], exit_when_idle: bool) -> None:
         """Repeat `step` (True: it did something); sleep when idle; wait out the database."""
         failures = 0
+        loop_name = step.__name__
         while not self._stopping.is_set():
             try:
                 # A stop cuts a step short: its claim rolls back and its rows stay
@@ -226,12 +247,14 @@ class Relay:
                 # again with the same outbox id.
                 busy = await unless_stopped(self._stopping, step())
                 failures = 0
+                self._waiting.pop(loop_name, None)
             except Exception as exc:
                 if errors.classify(exc) is not errors.Fault.ENVIRONMENT:
                     raise
                 wait_s = delay_s(failures, self.settings.retry_initial_s, self.settings.retry_max_s)
                 failures += 1
                 self.stats.database_waits += 1
+                self._waiting[loop_name] = errors.cause(exc)
                 log.warning(
                     "relay_waiting",
                     cause=errors.cause(exc),
@@ -317,6 +340,7 @@ class Relay:
         self, rows: Sequence[Claimed], results: Sequence[KafkaError | None]
     ) -> list[Mark]:
         marks = publish_marks(rows, results, self._backoff_s)
+        self.metrics.order_events_marked([m.outcome for m in marks])
         self.stats.published += sum(m.outcome == "published" for m in marks)
         self.stats.publish_failures += sum(m.outcome != "published" for m in marks)
         return marks
@@ -415,6 +439,7 @@ class Relay:
             "error": answer.message,
         }
         self.stats.actions[answer.outcome] += 1
+        self.metrics.stripe_answered(row.name, str(answer.outcome))
         finished = Mark(row.id, str(answer.outcome), answer.code, answer.message)
         if answer.outcome in DONE:
             log.info("stripe_action_done", outcome=str(answer.outcome), **fields)

@@ -53,6 +53,7 @@ from intentflow.producer.settings import SECRET_PREFIX
 from intentflow.schemas import DEFAULT_ORDERS_TOPIC, DEFAULT_TOPIC, dlq_topic
 
 DEFAULT_BRIDGE_PORT = 8000
+DEFAULT_BRIDGE_ADMIN_PORT = 8001
 DEFAULT_CONSUMER_HTTP_PORT = 8081
 GROUP_ID = "order-consumer"
 READY_TIMEOUT_S = 60.0
@@ -102,9 +103,12 @@ def _check_free(port: int, what: str, variable: str) -> None:
 class DevStack:
     """The embedded services and the two processes: `start()`, then `stop()` (always safe)."""
 
-    def __init__(self, secret: str, bridge_port: int, consumer_http_port: int) -> None:
+    def __init__(
+        self, secret: str, bridge_port: int, bridge_admin_port: int, consumer_http_port: int
+    ) -> None:
         self.secret = secret
         self.bridge_port = bridge_port
+        self.bridge_admin_port = bridge_admin_port  # the bridge's /readyz and /metrics
         self.consumer_http_port = consumer_http_port
         self.kafka = EmbeddedKafka()
         self.postgres = EmbeddedPostgres()
@@ -126,6 +130,7 @@ class DevStack:
 
     async def start(self) -> None:
         _check_free(self.bridge_port, "the bridge", "BRIDGE_PORT")
+        _check_free(self.bridge_admin_port, "the bridge's admin server", "BRIDGE_ADMIN_PORT")
         _check_free(self.consumer_http_port, "the consumer's HTTP server", "CONSUMER_HTTP_PORT")
         self._start_services()
         topics = (DEFAULT_TOPIC, dlq_topic(DEFAULT_TOPIC), DEFAULT_ORDERS_TOPIC)
@@ -178,6 +183,7 @@ class DevStack:
                 "STRIPE_WEBHOOK_SECRET": self.secret,
                 "STRIPE_LIVEMODE": "false",
                 "BRIDGE_PORT": str(self.bridge_port),
+                "BRIDGE_ADMIN_PORT": str(self.bridge_admin_port),
             }
         )
 
@@ -206,7 +212,7 @@ class DevStack:
 
     async def _bridge_ready(self) -> None:
         ready = await waits.until_answering(
-            f"http://127.0.0.1:{self.bridge_port}/readyz", timeout_s=READY_TIMEOUT_S,
+            f"http://127.0.0.1:{self.bridge_admin_port}/readyz", timeout_s=READY_TIMEOUT_S,
             still_running=lambda: self._exited("bridge", self.bridge),
         )  # fmt: skip
         if not ready:
@@ -315,7 +321,7 @@ def banner(stack: DevStack, secret_given: bool) -> str:
         f"    KAFKA_BOOTSTRAP_SERVERS={stack.kafka_bootstrap_servers}"
         "  (KAFKA_ENABLE_IDEMPOTENCE=false: the embedded broker has no idempotent producer)",
         f"    topics: {DEFAULT_TOPIC}, {dlq_topic(DEFAULT_TOPIC)}, {DEFAULT_ORDERS_TOPIC}",
-        f"    bridge metrics:   http://127.0.0.1:{stack.bridge_port}/metrics",
+        f"    bridge metrics:   http://127.0.0.1:{stack.bridge_admin_port}/metrics",
         f"    consumer metrics: http://127.0.0.1:{stack.consumer_http_port}/metrics",
         "",
     ]
@@ -336,6 +342,7 @@ async def run() -> int:
     try:
         ports = (
             _port("BRIDGE_PORT", DEFAULT_BRIDGE_PORT),
+            _port("BRIDGE_ADMIN_PORT", DEFAULT_BRIDGE_ADMIN_PORT),
             _port("CONSUMER_HTTP_PORT", DEFAULT_CONSUMER_HTTP_PORT),
         )
     except DevError as exc:

@@ -1,8 +1,9 @@
 """`python -m intentflow.healthcheck [bridge|consumer]`: exit 0 if the process answers GET /healthz.
 
 The image's HEALTHCHECK. One image runs either process and its slim base has no
-curl, so this asks with the standard library alone: the bridge at
-BRIDGE_HOST:BRIDGE_PORT, the consumer at CONSUMER_HTTP_HOST:CONSUMER_HTTP_PORT
+curl, so this asks with the standard library alone: the bridge on its admin
+port, BRIDGE_ADMIN_HOST:BRIDGE_ADMIN_PORT (its webhook port answers only
+webhooks), the consumer at CONSUMER_HTTP_HOST:CONSUMER_HTTP_PORT
 (each process's defaults where unset; an address that listens on every
 interface is asked on 127.0.0.1). Named, only that process is asked. With no
 name both are, and a 200 from either is healthy: a container runs one of them,
@@ -23,7 +24,7 @@ TIMEOUT_S = 3.0
 
 # Each process: its host variable, its port variable, and their defaults.
 SERVICES = {
-    "bridge": ("BRIDGE_HOST", "BRIDGE_PORT", 8000),
+    "bridge": ("BRIDGE_ADMIN_HOST", "BRIDGE_ADMIN_PORT", 8001),
     "consumer": ("CONSUMER_HTTP_HOST", "CONSUMER_HTTP_PORT", 8081),
 }
 EVERY_INTERFACE = {"", "0.0.0.0", "::"}

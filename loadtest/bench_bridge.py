@@ -93,6 +93,7 @@ def write_requests(path: Path, count: int, timestamp: int) -> None:
 def start_bridge(
     port: int, bootstrap: str, topic: str, publish: bool, log: Path
 ) -> subprocess.Popen[bytes]:
+    admin_port = free_port()  # its /readyz
     env = {
         **os.environ,
         "STRIPE_WEBHOOK_SECRET": SECRET,
@@ -101,6 +102,7 @@ def start_bridge(
         "KAFKA_TOPIC": topic,
         "KAFKA_ENABLE_IDEMPOTENCE": "false",
         "BRIDGE_PORT": str(port),
+        "BRIDGE_ADMIN_PORT": str(admin_port),
         "BRIDGE_PUBLISH": str(publish).lower(),
     }
     with log.open("wb") as out:
@@ -112,7 +114,7 @@ def start_bridge(
         if process.poll() is not None:
             raise RuntimeError(f"bridge exited: {log.read_text()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{admin_port}/readyz", timeout=1).status_code == 200:
                 return process
         except httpx.TransportError:
             pass

@@ -83,7 +83,8 @@ class Stack:
         self.postgres: EmbeddedPostgres | None = None  # owned: can be restarted
         self._proxy: subprocess.Popen[bytes] | None = None  # owned broker: bridge can be cut
         self.bridge: subprocess.Popen[bytes] | None = None
-        self.bridge_port = 0
+        self.bridge_port = 0  # the webhook's
+        self.bridge_admin_port = 0  # the bridge's /healthz, /readyz, /metrics
         self.consumers: list[subprocess.Popen[bytes] | None] = []
         self.consumer_ports: list[int] = []  # each consumer's /healthz, /readyz, /metrics
         self._log_files: list[IO[bytes]] = []
@@ -199,13 +200,14 @@ class Stack:
         return env
 
     async def start_bridge(self) -> None:
-        self.bridge_port = free_port()
+        self.bridge_port, self.bridge_admin_port = free_port(), free_port()
         env = self._env(
             {
                 "STRIPE_WEBHOOK_SECRET": self.options.secret,
                 # stripekit's events are test-mode events, as Stripe's test endpoints send.
                 "STRIPE_LIVEMODE": "false",
                 "BRIDGE_PORT": str(self.bridge_port),
+                "BRIDGE_ADMIN_PORT": str(self.bridge_admin_port),
                 "KAFKA_CLIENT_ID": BRIDGE_CLIENT_ID,
                 "KAFKA_PUBLISH_TIMEOUT_S": str(PUBLISH_TIMEOUT_S),
                 **self.options.bridge_env,
@@ -218,7 +220,7 @@ class Stack:
             if self.bridge.poll() is not None:
                 raise StackError(f"the bridge exited at start; see {self.logs}/bridge.log")
 
-        url = f"http://127.0.0.1:{self.bridge_port}/readyz"
+        url = f"http://127.0.0.1:{self.bridge_admin_port}/readyz"
         if await waits.until_answering(url, timeout_s=30, still_running=still_running):
             return
         raise StackError(f"the bridge was not ready within 30 s; see {self.logs}/bridge.log")

@@ -2,8 +2,10 @@
 
 Settings are read from the environment once, here, and passed down. A setting
 that cannot work ends the process before anything listens, with one line that
-names the variable and exit status 2; `--help` and `--version` need no
-environment. Once it listens, the bridge logs its address.
+names the variable and exit status 2; so does a port that is taken (the
+webhook's or the admin one: both are bound here, before uvicorn starts, which
+would print its raw `[Errno 98]` and exit 3). `--help` and `--version` need no
+environment. Once it listens, the bridge logs both addresses.
 
 SIGTERM or SIGINT: uvicorn stops accepting, closes idle connections and waits
 for the requests in flight (they end by the publish timeout); the app's lifespan
@@ -31,8 +33,9 @@ import structlog
 import uvicorn
 from pydantic import ValidationError
 
+from intentflow.consumer.probes import ProbeServerError, listen
 from intentflow.producer import logs
-from intentflow.producer.app import create_app
+from intentflow.producer.app import ADMIN_SETTINGS, WEBHOOK_SETTINGS, create_app
 from intentflow.producer.guard import ConnectionLimits, protocol_class
 from intentflow.producer.settings import BridgeSettings
 from intentflow.schemas.config import describe
@@ -109,8 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"stripe-bridge: configuration error: {describe(exc)}", file=sys.stderr)
         return EXIT_CANNOT_START
+    try:
+        webhook_socket = listen(settings.bridge_host, settings.bridge_port, WEBHOOK_SETTINGS)
+        try:
+            admin_socket = listen(
+                settings.bridge_admin_host, settings.bridge_admin_port, ADMIN_SETTINGS
+            )
+        except ProbeServerError:
+            webhook_socket.close()
+            raise
+    except ProbeServerError as exc:
+        print(f"stripe-bridge: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
     logs.configure(settings.log_level, settings.log_format)
-    app = create_app(settings)
+    app = create_app(settings, admin_socket)
     config = uvicorn.Config(
         app,
         host=settings.bridge_host,
@@ -129,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=logs.library_level(settings.log_level),
         timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
     )
-    BridgeServer(config, settings.shutdown_timeout_s).run()
+    BridgeServer(config, settings.shutdown_timeout_s).run(sockets=[webhook_socket])
     return 0
 
 

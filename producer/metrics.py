@@ -6,9 +6,13 @@ export: `intentflow_build_info` and the process_* and python_* defaults.
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from intentflow.producer.guard import REASONS
+from intentflow.producer.signature import Reason
 from intentflow.schemas.metrics import NAMESPACE, service_registry
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -39,6 +43,12 @@ class BridgeMetrics:
             registry=self.registry,
             **ns,
         )
+        # Each reason exported at zero from the start, so that an alert's rate over it
+        # exists before the first refusal (as the webhooks' outcomes, producer/webhook.py).
+        for reason in get_args(Reason):
+            self.signature_failures.labels(reason)
+        for reason in REASONS:
+            self.connections_refused.labels(reason)
         self.publish_seconds = Histogram(
             "publish_seconds",
             "Time from send to broker acknowledgement.",

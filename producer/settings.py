@@ -58,8 +58,16 @@ class BridgeSettings(KafkaConnection, BaseSettings):
     # Keep it at or below the topic's max.message.bytes and above MAX_BODY_BYTES.
     kafka_max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
 
+    # The webhook's port: it answers POST /webhooks/stripe and nothing else.
     bridge_host: str = Field(default="127.0.0.1", min_length=1)
     bridge_port: int = Field(default=8000, ge=0, le=65535)
+    # /healthz, /readyz and /metrics (consumer/probes.py's server), apart from the
+    # webhook's port: outside MAX_CONNECTIONS and the webhook's limits, so clients
+    # holding every webhook connection cannot fail a probe, and the metrics stay
+    # off the internet-facing port. In a pod: BRIDGE_ADMIN_HOST=0.0.0.0. Port 0: any
+    # free port (logged as `http_listening`).
+    bridge_admin_host: str = Field(default="127.0.0.1", min_length=1)
+    bridge_admin_port: int = Field(default=8001, ge=0, le=65535)
     max_body_bytes: int = Field(default=512 * 1024, ge=1)
     # Limits enforced before anyone is authenticated (producer/guard.py). Stripe's
     # own requests have about ten headers in well under 2 KiB, and arrive at once.

@@ -9,7 +9,11 @@ bytes, with why), and the orders topic the relay writes (`OrderEvent`).
 
 The payload schemas are the pydantic models' own JSON Schemas: what the
 consumer requires of a Stripe event (it ignores every other field), and what
-an order event holds.
+an order event holds. They live under `components/schemas`, one entry per
+model, and every `$ref` names one of them: pydantic's own `#/$defs/…` refs
+are relative to a model's schema, which AsyncAPI's tools do not treat as a
+document of its own (the official parser reported each as `invalid-ref` and
+returned no document). tests/unit/test_asyncapi_parser.py runs that parser.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from __future__ import annotations
 import json
 import sys
 from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from intentflow.schemas.contract import (
     DEFAULT_TOPIC,
@@ -40,6 +47,19 @@ from intentflow.schemas.orders import (
 from intentflow.schemas.stripe import StripeEvent
 
 VERSION = "1.0.0"
+SCHEMAS_REF = "#/components/schemas/{model}"
+
+
+def payload_schemas() -> dict[str, Any]:
+    """Every model a payload uses, by name, each `$ref` pointing at `components/schemas`."""
+    _, found = models_json_schema(
+        [(StripeEvent, "validation"), (OrderEvent, "validation")], ref_template=SCHEMAS_REF
+    )
+    return dict(found["$defs"])
+
+
+def _schema_ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": SCHEMAS_REF.format(model=model.__name__)}
 
 
 def _string(description: str, **more: Any) -> dict[str, Any]:
@@ -158,12 +178,13 @@ def document() -> dict[str, Any]:
             },
         },
         "components": {
+            "schemas": payload_schemas(),
             "messages": {
                 "stripeEvent": {
                     "name": "stripeEvent",
                     "title": "A Stripe event, the bytes Stripe sent",
                     "headers": EVENT_HEADERS,
-                    "payload": StripeEvent.model_json_schema(),
+                    "payload": _schema_ref(StripeEvent),
                     "bindings": {"kafka": {"key": intent_key}},
                 },
                 "deadLetter": {
@@ -177,7 +198,7 @@ def document() -> dict[str, Any]:
                     "name": "orderEvent",
                     "title": "A change of one order",
                     "headers": ORDER_HEADERS,
-                    "payload": OrderEvent.model_json_schema(),
+                    "payload": _schema_ref(OrderEvent),
                     "bindings": {
                         "kafka": {
                             "key": {
@@ -188,7 +209,7 @@ def document() -> dict[str, Any]:
                         }
                     },
                 },
-            }
+            },
         },
     }
 

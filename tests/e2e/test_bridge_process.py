@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import orjson
 import pytest
 
 from intentflow.devservices import Services
-from intentflow.devservices.embedded import EmbeddedKafka
+from intentflow.devservices.embedded import EmbeddedKafka, free_port
 from intentflow.devservices.topics import create_topics
 from intentflow.producer.app import WEBHOOK_PATH
 from intentflow.stripekit.events import encode, intent_event, new_id
@@ -123,6 +124,25 @@ def test_a_setting_that_cannot_work_is_one_line_naming_it_and_exit_2(
     assert "Traceback" not in done.stderr and done.stdout == ""
     # Values are never echoed: pydantic's own message would repeat the input.
     assert "sk_live_" not in done.stderr and API_KEY[-16:] not in done.stderr
+
+
+@pytest.mark.parametrize("taken", ["BRIDGE_PORT", "BRIDGE_ADMIN_PORT"])
+def test_a_port_already_taken_is_one_line_naming_its_settings_and_exit_2(taken: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        ports = {"BRIDGE_PORT": str(free_port()), "BRIDGE_ADMIN_PORT": str(free_port())}
+        done = run_bridge(
+            {**os.environ, "STRIPE_WEBHOOK_SECRET": SECRET, **ports, taken: str(port)}
+        )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    host_setting = taken.replace("_PORT", "_HOST")
+    assert line == (
+        f"stripe-bridge: cannot listen on 127.0.0.1:{port} (Address already in use): "
+        f"set {host_setting}/{taken} to a free address"
+    )
 
 
 def test_help_and_version_need_no_environment() -> None:

@@ -125,7 +125,11 @@ async def test_dev_places_the_order_of_a_seeded_cart_and_ctrl_c_leaves_no_proces
 ) -> None:
     secret = f"whsec_devtest_{secrets.token_hex(8)}"
     async with make_dev(
-        tmp_path / "dev.log", STRIPE_WEBHOOK_SECRET=secret, BRIDGE_PORT="0", CONSUMER_HTTP_PORT="0"
+        tmp_path / "dev.log",
+        STRIPE_WEBHOOK_SECRET=secret,
+        BRIDGE_PORT="0",
+        BRIDGE_ADMIN_PORT="0",
+        CONSUMER_HTTP_PORT="0",
     ) as dev:
         await eventually(
             lambda: (

@@ -21,9 +21,16 @@ from intentflow.devservices import Services
 from intentflow.loadtest import delivery, readback
 from intentflow.loadtest.stack import Stack, StackOptions
 from intentflow.loadtest.workload import scenario, seed_scenario
+from tests.alert_rules import HISTOGRAM_SUFFIX, metrics_used, rules, shipped_groups
 from tests.support import read_topic
 
 pytestmark = pytest.mark.timeout(180)
+
+PUBLISHED = "SELECT count(*) FROM outbox WHERE kind = 'order_event' AND outcome = 'published'"
+PENDING_ACTIONS = (
+    "SELECT name, count(*) FROM outbox WHERE kind = 'stripe_action' AND state = 'pending'"
+    " GROUP BY name"
+)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -104,15 +111,20 @@ async def test_bridge_and_consumer_metrics_move_by_what_a_replay_did(
                 " WHERE id = (SELECT min(id) FROM outbox WHERE name = 'refund_payment_intent')"
             )
             money = await owed.read(conn, ConsumerSettings().capture_warning_s)
+            # The relay beside the consumer: no STRIPE_API_KEY, so its actions stay pending.
+            published_before = await conn.fetchval(PUBLISHED)
+            pending_actions = {r["name"]: r["count"] for r in await conn.fetch(PENDING_ACTIONS)}
+            consumer_url = f"http://127.0.0.1:{stack.consumer_ports[0]}"
+            async with httpx.AsyncClient() as client:
+                bridge_url = f"http://127.0.0.1:{stack.bridge_admin_port}"
+                bridge = parse((await client.get(f"{bridge_url}/metrics")).text)
+                scraped = await client.get(f"{consumer_url}/metrics")
+                consumer = parse(scraped.text)
+                healthz = await client.get(f"{consumer_url}/healthz")
+                readyz = await client.get(f"{consumer_url}/readyz")
+            published_after = await conn.fetchval(PUBLISHED)
         finally:
             await conn.close()
-        consumer_url = f"http://127.0.0.1:{stack.consumer_ports[0]}"
-        async with httpx.AsyncClient() as client:
-            bridge = parse((await client.get(f"http://127.0.0.1:{stack.bridge_port}/metrics")).text)
-            scraped = await client.get(f"{consumer_url}/metrics")
-            consumer = parse(scraped.text)
-            healthz = await client.get(f"{consumer_url}/healthz")
-            readyz = await client.get(f"{consumer_url}/readyz")
 
     assert tally.acked == plan.deliveries and tally.given_up == 0
     distinct = sum(inbox.values())
@@ -151,12 +163,30 @@ async def test_bridge_and_consumer_metrics_move_by_what_a_replay_did(
     assert value(consumer, "intentflow_consumer_refunds_owed") == money.refunds
     assert value(consumer, "intentflow_consumer_captures_due_soon") == money.captures_due_soon
 
+    # The relay's, in the same registry: what it published, what waits, and since when.
+    published = value(consumer, "intentflow_relay_order_events_total", outcome="published")
+    assert 0 < published_before <= published <= published_after
+    assert sum(labelled(consumer, "intentflow_relay_stripe_actions_total", "outcome").values()) == 0
+    assert pending_actions, "the replay leaves Stripe actions pending (no STRIPE_API_KEY)"
+    for action, n in pending_actions.items():
+        found = value(
+            consumer, "intentflow_relay_pending_rows", kind="stripe_action", action=action
+        )
+        assert found == n, action
+    assert value(consumer, "intentflow_relay_oldest_pending_seconds") > 0
+
     # Both: the build, and the process defaults.
     for samples, service in ((bridge, "stripe-bridge"), (consumer, "order-consumer")):
         build = [dict(k) for (n, k), _ in samples.items() if n == "intentflow_build_info"]
         assert [b["service"] for b in build] == [service] and build[0]["version"]
         assert value(samples, "process_cpu_seconds_total") > 0
         assert value(samples, "process_resident_memory_bytes") > 0
+
+    # Every metric an alert rule reads is in a scrape (`up` is Prometheus' own).
+    scraped_names = {HISTOGRAM_SUFFIX.sub("", name) for name, _ in {**bridge, **consumer}}
+    for rule in rules(shipped_groups()):
+        missing = metrics_used(rule["expr"]) - {"up"} - scraped_names
+        assert not missing, (rule["alert"], missing)
 
     assert healthz.status_code == 200 and healthz.text == "alive\n"
     assert readyz.status_code == 200 and readyz.text.startswith("ready: ")

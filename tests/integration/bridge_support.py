@@ -36,10 +36,17 @@ def bridge_settings(
     return BridgeSettings(**values)
 
 
-async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 10.0) -> None:
+class BridgeClient(httpx.AsyncClient):
+    """A client of the webhook's port, and `admin`, one of the admin port's
+    (/healthz, /readyz, /metrics)."""
+
+    admin: httpx.AsyncClient
+
+
+async def wait_ready(client: BridgeClient, timeout_s: float = 10.0) -> None:
     """Until /readyz answers 200, as a load balancer would before sending traffic."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while (await client.get("/readyz")).status_code != 200:
+    while (await client.admin.get("/readyz")).status_code != 200:
         assert asyncio.get_running_loop().time() < deadline, "the bridge did not become ready"
         await asyncio.sleep(0.05)
 
@@ -47,18 +54,21 @@ async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 10.0) -> None
 @contextlib.asynccontextmanager
 async def running_bridge(
     settings: BridgeSettings, ready: bool = True
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its lifespan (producer start/stop) run, behind an in-process client.
+) -> AsyncIterator[BridgeClient]:
+    """The app with its lifespan (producer start/stop) run, behind an in-process client;
+    its admin server on a free loopback port, behind `client.admin`.
 
     The producer connects in the background; with `ready` this waits for it.
     """
-    app = create_app(settings)
+    app = create_app(settings.model_copy(update={"bridge_admin_port": 0}))
     async with (
         app.lifespan(),
-        httpx.AsyncClient(
+        BridgeClient(
             transport=httpx.ASGITransport(app=app), base_url="http://bridge", timeout=10
         ) as client,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.admin.port}", timeout=10) as admin,
     ):
+        client.admin = admin
         if ready:
             await wait_ready(client)
         yield client
@@ -103,7 +113,8 @@ class BridgeProcess:
     """A running `python -m intentflow.producer`, its port, and its stderr lines so far."""
 
     process: asyncio.subprocess.Process
-    port: int
+    port: int  # the webhook's
+    admin_port: int  # /healthz, /readyz, /metrics
     lines: list[str] = field(default_factory=list)
 
     @property
@@ -121,8 +132,11 @@ class BridgeProcess:
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
 
+    def admin(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.admin_port}", timeout=10)
+
     async def metric(self, line_prefix: str) -> float:
-        async with self.client() as client:
+        async with self.admin() as client:
             text = (await client.get("/metrics")).text
         for line in text.splitlines():
             if line.startswith(line_prefix):
@@ -136,16 +150,16 @@ class BridgeProcess:
 
 @contextlib.asynccontextmanager
 async def bridge_process(env: dict[str, str], ready: bool = True) -> AsyncIterator[BridgeProcess]:
-    """`stripe-bridge` on a free port; SIGKILLed at the end if it is still running."""
-    port = free_port()
+    """`stripe-bridge` on free ports; SIGKILLed at the end if it is still running."""
+    port, admin_port = free_port(), free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "intentflow.producer",
-        env={**env, "BRIDGE_PORT": str(port)},
+        env={**env, "BRIDGE_PORT": str(port), "BRIDGE_ADMIN_PORT": str(admin_port)},
         stderr=asyncio.subprocess.PIPE,
     )
-    bridge = BridgeProcess(process, port)
+    bridge = BridgeProcess(process, port, admin_port)
 
     async def collect() -> None:
         assert process.stderr is not None
@@ -155,7 +169,7 @@ async def bridge_process(env: dict[str, str], ready: bool = True) -> AsyncIterat
     collecting = asyncio.create_task(collect())
     try:
         if ready:
-            async with bridge.client() as client:
+            async with bridge.admin() as client:
                 for _ in range(150):
                     assert process.returncode is None, f"the bridge exited: {bridge.logs[-2000:]}"
                     with contextlib.suppress(httpx.TransportError):

@@ -107,7 +107,7 @@ async def test_an_event_about_no_payment_intent_is_acknowledged_and_not_publishe
     body = encode(event({"object": "customer", "id": "cus_1"}, "customer.created"))
     async with running_bridge(settings) as client:
         response = await post_webhook(client, body)
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.admin.get("/metrics")).text
 
     assert (response.status_code, response.json()["outcome"]) == (200, "ignored")
     assert 'intentflow_bridge_webhooks_total{outcome="ignored"} 1.0' in metrics
@@ -198,7 +198,7 @@ async def test_a_charge_without_an_intent_lands_keyed_by_its_charge_id_and_count
 
     async with running_bridge(settings) as client:
         answers = [await post_webhook(client, body) for body in bodies]
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.admin.get("/metrics")).text
 
     assert [a.json()["outcome"] for a in answers] == ["published_without_intent"] * 2
     assert 'intentflow_bridge_webhooks_total{outcome="published_without_intent"} 2.0' in metrics
@@ -208,6 +208,7 @@ async def test_a_charge_without_an_intent_lands_keyed_by_its_charge_id_and_count
     assert {r.partition for r in records} == {java_partition(charge.encode())}
 
 
+ADMIN_PATHS = ("/healthz", "/readyz", "/metrics")
 GOOD = encode(intent_event("pi_refused", amount=1, cart_id="c"))
 STALE = stripe_signature(GOOD, SECRET, int(time.time()) - 3600)
 # What an event destination set to send thin payloads POSTs: no object snapshot.
@@ -299,15 +300,22 @@ async def test_an_oversized_body_is_refused_while_streaming_without_content_leng
     assert await topic_size(infra.kafka_bootstrap_servers, topic) == 0
 
 
-async def test_health_readiness_and_metrics(infra: Services, topic: str) -> None:
+async def test_health_readiness_and_metrics_on_the_admin_port_only(
+    infra: Services, topic: str
+) -> None:
     settings = bridge_settings(infra.kafka_bootstrap_servers, topic, infra.kafka_enable_idempotence)
     async with running_bridge(settings) as client:
-        assert (await client.get("/healthz")).status_code == 200
-        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.admin.get("/healthz")).status_code == 200
+        assert (await client.admin.get("/readyz")).status_code == 200
         await post_webhook(client, GOOD, secret="whsec_wrong")
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.admin.get("/metrics")).text
+        # The webhook's port answers POST /webhooks/stripe and nothing else.
+        public = [(await client.get(path)).status_code for path in ADMIN_PATHS]
+        admin_webhook = await client.admin.post(WEBHOOK_PATH, content=GOOD)
     assert 'intentflow_bridge_signature_failures_total{reason="forged"} 1.0' in metrics
     assert SECRET not in metrics
+    assert public == [404, 404, 404]
+    assert admin_webhook.status_code == 404
 
 
 async def test_with_the_broker_down_the_bridge_answers_503_and_the_event_lands_at_least_once() -> (
@@ -342,7 +350,7 @@ async def test_with_the_broker_down_the_bridge_answers_503_and_the_event_lands_a
             attempts = 1
             assert (down.status_code, down.json()["outcome"]) == (503, "unavailable")
             assert time.monotonic() - started < 5
-            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.admin.get("/readyz")).status_code == 503
 
             # Memory-only broker: it comes back empty, so the topic is created again.
             broker.start(port=port)
@@ -355,7 +363,7 @@ async def test_with_the_broker_down_the_bridge_answers_503_and_the_event_lands_a
                 assert retry.status_code == 503
                 await asyncio.sleep(0.25)
             assert retry.status_code == 200
-            assert (await client.get("/readyz")).status_code == 200
+            assert (await client.admin.get("/readyz")).status_code == 200
 
         # Read on past the publish timeout: a late copy of a 503'd attempt shows by then.
         records = await read_topic(broker.bootstrap_servers, topic, expected=1, settle_s=1.5)
@@ -374,8 +382,8 @@ async def test_with_the_broker_down_at_boot_the_bridge_serves_503_until_it_conne
     broker = EmbeddedKafka()
     try:
         async with running_bridge(settings, ready=False) as client:
-            assert (await client.get("/healthz")).status_code == 200
-            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.admin.get("/healthz")).status_code == 200
+            assert (await client.admin.get("/readyz")).status_code == 503
             refused = await post_webhook(client, body)
             assert (refused.status_code, refused.json()["outcome"]) == (503, "unavailable")
 
@@ -408,8 +416,8 @@ async def test_an_event_the_broker_refuses_for_good_is_answered_500_and_logged_a
     async with running_bridge(settings) as client:
         refused = await post_webhook(client, large)
         accepted = await post_webhook(client, small)
-        metrics = (await client.get("/metrics")).text
-        ready = (await client.get("/readyz")).status_code
+        metrics = (await client.admin.get("/metrics")).text
+        ready = (await client.admin.get("/readyz")).status_code
 
     assert (refused.status_code, refused.json()["outcome"]) == (500, "rejected_by_broker")
     assert "MessageSizeTooLargeError" in refused.json()["reason"]

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
 
 from intentflow.schemas import asyncapi, contract_headers
+from intentflow.schemas.orders import OrderEvent
 from intentflow.schemas.stripe import StripeEvent
 from intentflow.stripekit import events
 
@@ -32,10 +38,37 @@ def test_the_document_names_the_topics_the_key_and_the_headers_the_bridge_writes
     assert "key" in message["bindings"]["kafka"]
 
 
+def as_components(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's own JSON Schema with its `$defs` moved to `components/schemas`."""
+    text = json.dumps({k: v for k, v in schema.items() if k != "$defs"})
+    return dict(json.loads(text.replace('"#/$defs/', '"#/components/schemas/')))
+
+
+@pytest.mark.parametrize("model", [StripeEvent, OrderEvent])
+def test_each_payload_schema_is_its_models_own_under_components(model: type[BaseModel]) -> None:
+    doc = json.loads(DOCUMENT.read_text())
+    schemas = doc["components"]["schemas"]
+    assert schemas[model.__name__] == as_components(model.model_json_schema())
+    for name, nested in model.model_json_schema().get("$defs", {}).items():
+        assert schemas[name] == as_components(nested), name
+
+
+def test_every_ref_names_a_part_of_the_document() -> None:
+    doc = json.loads(DOCUMENT.read_text())
+    refs = re.findall(r'"\$ref": "([^"]*)"', DOCUMENT.read_text())
+    assert refs
+    for ref in refs:
+        assert ref.startswith("#/"), ref
+        node: Any = doc
+        for step in ref[2:].split("/"):
+            node = node[step]  # a KeyError names the ref that leads nowhere
+
+
 def test_the_event_schema_is_the_models_own_and_a_real_event_fits_the_model() -> None:
     doc = json.loads(DOCUMENT.read_text())
-    payload = doc["components"]["messages"]["stripeEvent"]["payload"]
-    assert payload == StripeEvent.model_json_schema()
+    message = doc["components"]["messages"]["stripeEvent"]
+    assert message["payload"] == {"$ref": "#/components/schemas/StripeEvent"}
+    payload = doc["components"]["schemas"]["StripeEvent"]
     assert set(payload["required"]) >= {"id", "type", "created", "data"}
     evt = events.intent_event("pi_doc", amount=100, cart_id="cart_doc")
     assert StripeEvent.model_validate(evt).payment_intent_id == "pi_doc"

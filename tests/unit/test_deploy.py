@@ -34,7 +34,9 @@ def test_containers_set_only_known_settings_and_run_real_commands() -> None:
     commands = set()
     for path in (DEPLOY / "k8s").glob("*.yaml"):
         for doc in documents(path):
-            spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+            spec = doc.get("spec", {})
+            spec = spec.get("jobTemplate", {}).get("spec", spec)  # a CronJob's pod, or a workload's
+            spec = spec.get("template", {}).get("spec", {})
             for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
                 commands.add(tuple(container["command"]))
                 names = {env["name"] for env in container.get("env", [])}
@@ -42,6 +44,7 @@ def test_containers_set_only_known_settings_and_run_real_commands() -> None:
     assert commands == {
         ("order-consumer", "migrate"),
         ("order-consumer", "run"),
+        ("order-consumer", "prune", "--older-than", "35d"),
         ("stripe-bridge",),
     }
 

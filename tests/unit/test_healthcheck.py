@@ -15,7 +15,7 @@ import pytest
 
 from intentflow import healthcheck
 
-VARIABLES = ("BRIDGE_HOST", "BRIDGE_PORT", "CONSUMER_HTTP_HOST", "CONSUMER_HTTP_PORT")
+VARIABLES = ("BRIDGE_ADMIN_HOST", "BRIDGE_ADMIN_PORT", "CONSUMER_HTTP_HOST", "CONSUMER_HTTP_PORT")
 
 
 class Server:
@@ -69,10 +69,10 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_bridge_answering_200_is_healthy_as_the_image_configures_it(server: Server) -> None:
-    image = {"BRIDGE_HOST": "0.0.0.0", "CONSUMER_HTTP_HOST": "0.0.0.0"}
-    done = run(**image, BRIDGE_PORT=str(server.port), CONSUMER_HTTP_PORT=str(closed_port()))
+    image = {"BRIDGE_ADMIN_HOST": "0.0.0.0", "CONSUMER_HTTP_HOST": "0.0.0.0"}
+    done = run(**image, BRIDGE_ADMIN_PORT=str(server.port), CONSUMER_HTTP_PORT=str(closed_port()))
     assert done.returncode == 0, done.stdout
-    done = run("bridge", **image, BRIDGE_PORT=str(server.port))
+    done = run("bridge", **image, BRIDGE_ADMIN_PORT=str(server.port))
     assert done.returncode == 0, done.stdout
     assert server.paths == ["/healthz", "/healthz"]
 
@@ -80,7 +80,7 @@ def test_a_bridge_answering_200_is_healthy_as_the_image_configures_it(server: Se
 def test_a_consumer_answering_200_is_healthy_and_the_bridge_name_asks_only_the_bridge(
     server: Server,
 ) -> None:
-    ports = {"BRIDGE_PORT": str(closed_port()), "CONSUMER_HTTP_PORT": str(server.port)}
+    ports = {"BRIDGE_ADMIN_PORT": str(closed_port()), "CONSUMER_HTTP_PORT": str(server.port)}
     assert run(**ports).returncode == 0
     assert run("consumer", **ports).returncode == 0
     asked = len(server.paths)
@@ -93,23 +93,23 @@ def test_a_consumer_answering_200_is_healthy_and_the_bridge_name_asks_only_the_b
 
 def test_an_answer_other_than_200_is_unhealthy_and_says_what_it_was(server: Server) -> None:
     server.status = 503
-    done = run(BRIDGE_PORT=str(closed_port()), CONSUMER_HTTP_PORT=str(server.port))
+    done = run(BRIDGE_ADMIN_PORT=str(closed_port()), CONSUMER_HTTP_PORT=str(server.port))
     assert done.returncode == 1
     assert f"consumer at http://127.0.0.1:{server.port}/healthz: answered 503" in done.stdout
     assert "bridge at http://127.0.0.1:" in done.stdout
 
 
 def test_nothing_listening_is_unhealthy() -> None:
-    done = run(BRIDGE_PORT=str(closed_port()), CONSUMER_HTTP_PORT=str(closed_port()))
+    done = run(BRIDGE_ADMIN_PORT=str(closed_port()), CONSUMER_HTTP_PORT=str(closed_port()))
     assert done.returncode == 1
     assert done.stdout.count("refused") == 2
 
 
 def test_unset_variables_mean_each_process_defaults() -> None:
-    assert healthcheck.address("bridge", {}) == ("127.0.0.1", 8000)
+    assert healthcheck.address("bridge", {}) == ("127.0.0.1", 8001)
     assert healthcheck.address("consumer", {}) == ("127.0.0.1", 8081)
-    assert healthcheck.address("bridge", {"BRIDGE_HOST": "::"}) == ("127.0.0.1", 8000)
-    assert healthcheck.address("bridge", {"BRIDGE_HOST": "[::1]"}) == ("::1", 8000)
+    assert healthcheck.address("bridge", {"BRIDGE_ADMIN_HOST": "::"}) == ("127.0.0.1", 8001)
+    assert healthcheck.address("bridge", {"BRIDGE_ADMIN_HOST": "[::1]"}) == ("::1", 8001)
     assert healthcheck.address("consumer", {"CONSUMER_HTTP_HOST": "10.1.2.3"})[0] == "10.1.2.3"
 
 

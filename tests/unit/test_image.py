@@ -510,7 +510,8 @@ def test_the_image_runs_as_a_user_and_takes_only_the_built_environment() -> None
     assert "HEALTHCHECK" in keywords and "EXPOSE" in keywords
     assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN")
     env = " ".join(ins.args for ins in final if ins.keyword == "ENV")
-    assert "BRIDGE_HOST=0.0.0.0" in env and "CONSUMER_HTTP_HOST=0.0.0.0" in env
+    for host in ("BRIDGE_HOST", "BRIDGE_ADMIN_HOST", "CONSUMER_HTTP_HOST"):
+        assert f"{host}=0.0.0.0" in env, host
 
 
 # -- the locks ----------------------------------------------------------------
@@ -710,6 +711,18 @@ def test_every_service_is_healthchecked_or_one_shot_and_starts_on_conditions() -
     assert startup_problems(without) == [
         "bridge: no healthcheck, and no one-shot others wait to complete"
     ]
+
+
+def test_every_long_running_service_restarts_and_no_one_shot_does() -> None:
+    """A crash, or an exit 2 while the broker or the database is still away, is followed by
+    a restart; `docker compose stop` is not undone. A one-shot runs once: the services that
+    wait for it to complete read its one exit."""
+    services = compose()["services"]
+    for name, service in services.items():
+        if healthchecked(service):
+            assert service.get("restart") == "unless-stopped", name
+        else:
+            assert service.get("restart") == "no", name
 
 
 # The grace each process gets beyond its own shutdown deadline before Docker's SIGKILL.

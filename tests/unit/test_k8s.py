@@ -5,9 +5,10 @@ the module; every object must then validate, strictly, against the Kubernetes sc
 the minimum version kustomization.yaml states (kubernetes-validate), or against our own
 schemas for the two custom resources (tests/deploy_schemas/, written from Strimzi's and
 KEDA's CRDs). The rest asserts the hardening on the rendered objects: the restricted Pod
-Security profile, no service-account token, requests and limits, probes on the ports the
-processes listen on, grace periods beyond the shutdown deadlines, one Secret per process,
-static membership, and KEDA capped at the events topic's partitions.
+Security profile, NetworkPolicies that deny by default and allow each pod its ports, no
+service-account token, requests and limits, probes on the ports the processes listen on,
+grace periods beyond the shutdown deadlines, one Secret per process, static membership,
+and KEDA capped at the events topic's partitions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -90,8 +92,23 @@ def the(rendered: list[Obj], kind: str, name: str) -> Obj:
 
 def pod_specs(rendered: list[Obj]) -> Iterator[tuple[str, Obj]]:
     for obj in rendered:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
         if obj["kind"] in WORKLOADS:
-            yield f"{obj['kind']}/{obj['metadata']['name']}", obj["spec"]["template"]["spec"]
+            yield where, obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "CronJob":
+            yield where, obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def pod_labels(rendered: list[Obj]) -> dict[str, dict[str, str]]:
+    """Each workload's pod labels, by `Kind/name`."""
+    found = {}
+    for obj in rendered:
+        if obj["kind"] in WORKLOADS:
+            found[f"{obj['kind']}/{obj['metadata']['name']}"] = obj["spec"]["template"]["metadata"]
+        elif obj["kind"] == "CronJob":
+            template = obj["spec"]["jobTemplate"]["spec"]["template"]
+            found[f"CronJob/{obj['metadata']['name']}"] = template["metadata"]
+    return {where: meta.get("labels", {}) for where, meta in found.items()}
 
 
 def containers(pod: Obj) -> list[Obj]:
@@ -166,6 +183,7 @@ def test_renders_every_part_of_the_deployment(rendered: list[Obj]) -> None:
         ("ConfigMap", "intentflow"),
         ("Deployment", "stripe-bridge"),
         ("Service", "stripe-bridge"),
+        ("Service", "stripe-bridge-admin"),
         ("PodDisruptionBudget", "stripe-bridge"),
         ("StatefulSet", "order-consumer"),
         ("Service", "order-consumer"),
@@ -174,6 +192,12 @@ def test_renders_every_part_of_the_deployment(rendered: list[Obj]) -> None:
         ("KafkaTopic", "stripe-events-dlq"),
         ("KafkaTopic", "orders-events"),
         ("ScaledObject", "order-consumer"),
+        ("NetworkPolicy", "intentflow-deny-by-default"),
+        ("NetworkPolicy", "stripe-bridge-webhooks-from-ingress"),
+        ("NetworkPolicy", "intentflow-egress-dns-and-kafka"),
+        ("NetworkPolicy", "intentflow-egress-postgres"),
+        ("NetworkPolicy", "order-consumer-egress-stripe"),
+        ("CronJob", "intentflow-prune"),
     }
     images = {c["image"] for _, pod in pod_specs(rendered) for c in containers(pod)}
     assert images == {"registry.example.com/intentflow:0.1.0"}  # kustomize's `images:` reached all
@@ -231,7 +255,11 @@ def test_custom_resource_schemas_refuse_what_the_operators_refuse(
 
 def test_every_pod_meets_the_restricted_pod_security_profile(rendered: list[Obj]) -> None:
     specs = dict(pod_specs(rendered))
-    assert set(specs) == {"Deployment/stripe-bridge", "StatefulSet/order-consumer"}
+    assert set(specs) == {
+        "Deployment/stripe-bridge",
+        "StatefulSet/order-consumer",
+        "CronJob/intentflow-prune",
+    }
     for where, pod in specs.items():
         pod_context = pod.get("securityContext", {})
         for flag in ("hostNetwork", "hostPID", "hostIPC"):
@@ -272,7 +300,7 @@ def test_every_container_requests_and_is_limited_in_cpu_and_memory(rendered: lis
 @pytest.mark.parametrize(
     ("kind", "name", "host", "port"),
     [
-        ("Deployment", "stripe-bridge", "BRIDGE_HOST", "BRIDGE_PORT"),
+        ("Deployment", "stripe-bridge", "BRIDGE_ADMIN_HOST", "BRIDGE_ADMIN_PORT"),
         ("StatefulSet", "order-consumer", "CONSUMER_HTTP_HOST", "CONSUMER_HTTP_PORT"),
     ],
 )
@@ -292,6 +320,19 @@ def test_probes_ask_the_port_the_process_listens_on(
         get = c[probe]["httpGet"]
         assert get["path"] == path, (name, probe)
         assert ports.get(get["port"], get["port"]) == int(env[port]), (name, probe)
+
+
+def test_the_bridge_service_the_ingress_reaches_exposes_the_webhook_port_alone(
+    rendered: list[Obj],
+) -> None:
+    (c,) = the(rendered, "Deployment", "stripe-bridge")["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["http"] == int(setting(c, rendered, "BRIDGE_PORT"))
+    assert setting(c, rendered, "BRIDGE_HOST") == "0.0.0.0"
+    (public,) = the(rendered, "Service", "stripe-bridge")["spec"]["ports"]
+    assert ports.get(public["targetPort"], public["targetPort"]) == ports["http"]
+    (admin,) = the(rendered, "Service", "stripe-bridge-admin")["spec"]["ports"]
+    assert ports.get(admin["targetPort"], admin["targetPort"]) == ports["admin"] != ports["http"]
 
 
 def test_consumer_startup_probe_outlasts_its_startup_checks(rendered: list[Obj]) -> None:
@@ -448,3 +489,128 @@ def test_the_bridge_is_given_what_it_cannot_start_without(
     sees = visible(bridge, rendered)
     assert required <= set(sees)
     assert sees["STRIPE_LIVEMODE"] == sees["STRIPE_WEBHOOK_SECRET"] == "secret/stripe-bridge"
+
+
+# -- NetworkPolicies: what each pod may open and accept -------------------------
+
+
+def selects(selector: Obj, labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions In/NotIn/Exists) matches."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, op, values = expression["key"], expression["operator"], expression.get("values", [])
+        if (
+            (op == "In" and labels.get(key) not in values)
+            or (op == "NotIn" and labels.get(key) in values)
+            or (op == "Exists" and key not in labels)
+            or (op == "DoesNotExist" and key in labels)
+        ):
+            return False
+    return True
+
+
+def policies_for(rendered: list[Obj], labels: dict[str, str], kind: str) -> list[Obj]:
+    return [
+        o["spec"]
+        for o in rendered
+        if o["kind"] == "NetworkPolicy"
+        and kind in o["spec"]["policyTypes"]
+        and selects(o["spec"]["podSelector"], labels)
+    ]
+
+
+def allowed_ports(rendered: list[Obj], labels: dict[str, str], kind: str) -> set[tuple[str, int]]:
+    """(protocol, port) a pod with `labels` may open (Egress) or accept (Ingress)."""
+    rules = "egress" if kind == "Egress" else "ingress"
+    return {
+        (port.get("protocol", "TCP"), port["port"])
+        for policy in policies_for(rendered, labels, kind)
+        for rule in policy.get(rules, [])
+        for port in rule.get("ports", [])
+    }
+
+
+def kafka_ports(rendered: list[Obj]) -> set[int]:
+    servers = the(rendered, "ConfigMap", "intentflow")["data"]["KAFKA_BOOTSTRAP_SERVERS"]
+    return {int(address.rpartition(":")[2]) for address in servers.split(",")}
+
+
+def database_port() -> int:
+    url = examples()["order-consumer"]["stringData"]["DATABASE_URL"]
+    return urlsplit(url).port or 5432
+
+
+def test_every_pod_is_denied_by_default_and_every_rule_names_its_ports(
+    rendered: list[Obj],
+) -> None:
+    for where, labels in pod_labels(rendered).items():
+        for kind in ("Ingress", "Egress"):
+            policies = policies_for(rendered, labels, kind)
+            # Selected by at least one policy of each type: what none allows is refused.
+            assert policies, (where, kind)
+            for policy in policies:
+                for rule in policy.get("egress" if kind == "Egress" else "ingress", []):
+                    assert rule.get("ports"), (where, kind, "a rule open on every port")
+
+
+def test_the_bridge_accepts_webhooks_from_the_ingress_only_and_opens_only_kafka_and_dns(
+    rendered: list[Obj],
+) -> None:
+    labels = pod_labels(rendered)["Deployment/stripe-bridge"]
+    (c,) = the(rendered, "Deployment", "stripe-bridge")["spec"]["template"]["spec"]["containers"]
+    assert allowed_ports(rendered, labels, "Ingress") == {
+        ("TCP", int(setting(c, rendered, "BRIDGE_PORT")))
+    }
+    (ingress,) = [p for p in policies_for(rendered, labels, "Ingress") if p.get("ingress")]
+    (rule,) = ingress["ingress"]
+    assert [set(peer) for peer in rule["from"]] == [{"namespaceSelector"}]
+    egress = allowed_ports(rendered, labels, "Egress")
+    assert {("UDP", 53), ("TCP", 53)} <= egress
+    assert {port for _, port in egress} == {53, *kafka_ports(rendered), 9093}
+
+
+def test_the_consumer_and_prune_open_postgres_and_only_the_consumer_opens_stripe(
+    rendered: list[Obj],
+) -> None:
+    every = pod_labels(rendered)
+    consumer = allowed_ports(rendered, every["StatefulSet/order-consumer"], "Egress")
+    prune = allowed_ports(rendered, every["CronJob/intentflow-prune"], "Egress")
+    for opened in (consumer, prune):
+        assert ("TCP", database_port()) in opened
+        assert {("TCP", port) for port in kafka_ports(rendered)} <= opened
+        assert ("UDP", 53) in opened
+    assert ("TCP", 443) in consumer and ("TCP", 443) not in prune
+    assert allowed_ports(rendered, every["StatefulSet/order-consumer"], "Ingress") == set()
+    (stripe,) = [
+        rule
+        for p in policies_for(rendered, every["StatefulSet/order-consumer"], "Egress")
+        for rule in p.get("egress", [])
+        if {"protocol": "TCP", "port": 443} in rule["ports"]
+    ]
+    (peer,) = stripe["to"]
+    assert "10.0.0.0/8" in peer["ipBlock"]["except"]  # never the cluster's private ranges
+
+
+def test_prune_runs_daily_one_at_a_time_within_the_retention_it_accepts(
+    rendered: list[Obj],
+) -> None:
+    cron = the(rendered, "CronJob", "intentflow-prune")["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"
+    (c,) = cron["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:3] == ["order-consumer", "prune", "--older-than"]
+    older_than_days = int(c["command"][3].removesuffix("d"))
+    # prune's own minimum: 3 days of Stripe's retries + the longer topic retention + a segment.
+    topics = [o["spec"]["config"] for o in rendered if o["kind"] == "KafkaTopic"]
+    longest_ms = max(t["retention.ms"] + t.get("segment.ms", 0) for t in topics)
+    assert older_than_days * 86_400_000 >= 3 * 86_400_000 + longest_ms
+    sees = visible(c, rendered)
+    assert sees["DATABASE_URL"] == "secret/order-consumer"
+    assert {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPIC"} <= set(sees)
+
+
+def test_the_keda_sasl_example_validates_and_names_the_scalers_parameters() -> None:
+    (auth,) = [d for d in yaml.safe_load_all((K8S / "keda-sasl.example.yaml").read_text()) if d]
+    custom_validator("triggerauthentication-keda.sh-v1alpha1.json").validate(auth)
+    parameters = {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]}
+    assert {"sasl", "username", "password"} <= parameters

@@ -427,6 +427,7 @@ _DECIDED = Columns.of(
     ("status_reason", "text"),
     ("holds_cart", "bool"),
     ("status", "text"),
+    ("source_event_id", "text"),
 )
 
 
@@ -437,8 +438,10 @@ async def _write_decided(
     statuses: dict[str, OrderStatus],
     carts: dict[str, Cart],
 ) -> None:
-    """Orders decided again: their new allocation, and the items of a cart that was
-    missing when they were made. Their facts and terms were copied by `_refresh`."""
+    """Orders decided again: their new allocation, the event whose batch decided it (the
+    order's `source_event_id`, as its stock movements name it), and the items of a cart
+    that was missing when they were made. Their facts and terms were copied by
+    `_refresh`."""
     if not plans:
         return
     rows = []
@@ -450,12 +453,14 @@ async def _write_decided(
                 "status_reason": p.reason,
                 "holds_cart": p.status in LIVE,
                 "status": str(statuses[p.request.payment_intent_id]),
+                "source_event_id": p.request.event_id,
             }
         )
     await conn.execute(
         f"""
         UPDATE orders o SET allocation = v.allocation, status_reason = v.status_reason,
-            holds_cart = v.holds_cart, status = v.status, updated_at = now()
+            holds_cart = v.holds_cart, status = v.status, source_event_id = v.source_event_id,
+            updated_at = now()
         FROM {_DECIDED.unnest} AS v({_DECIDED.listed})
         WHERE o.id = v.id
         """,

@@ -334,6 +334,10 @@ async def broken_invariants(db: asyncpg.Connection) -> list[str]:
             SELECT o.payment_intent_id FROM orders o
             JOIN payment_intents p ON p.id = o.payment_intent_id
             WHERE o.status = 'canceled' AND p.status IS DISTINCT FROM 'canceled'""",
+        "an order's stock taken by another event than the one that decided it": """
+            SELECT o.payment_intent_id FROM orders o
+            JOIN inventory_movements m ON m.order_id = o.id AND m.reason = 'order'
+            WHERE m.event_id IS DISTINCT FROM o.source_event_id""",
         "order without an intent": """
             SELECT o.payment_intent_id FROM orders o
             LEFT JOIN payment_intents p ON p.id = o.payment_intent_id WHERE p.id IS NULL""",

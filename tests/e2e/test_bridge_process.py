@@ -134,7 +134,13 @@ def test_a_port_already_taken_is_one_line_naming_its_settings_and_exit_2(taken: 
         port = holder.getsockname()[1]
         ports = {"BRIDGE_PORT": str(free_port()), "BRIDGE_ADMIN_PORT": str(free_port())}
         done = run_bridge(
-            {**os.environ, "STRIPE_WEBHOOK_SECRET": SECRET, **ports, taken: str(port)}
+            {
+                **os.environ,
+                "STRIPE_WEBHOOK_SECRET": SECRET,
+                "STRIPE_LIVEMODE": "false",
+                **ports,
+                taken: str(port),
+            }
         )
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.splitlines()

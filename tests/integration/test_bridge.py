@@ -127,7 +127,7 @@ async def test_a_live_event_at_a_test_bridge_is_acknowledged_and_never_reaches_t
     async with running_bridge(settings) as client:
         refused = await post_webhook(client, encode(live))
         published = await post_webhook(client, test_mode)
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.admin.get("/metrics")).text
 
     assert (refused.status_code, refused.json()) == (200, {"outcome": "other_mode"})
     assert published.json()["outcome"] == "published"

@@ -27,12 +27,14 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 
-from intentflow.consumer import dlq, logs, outbox_tool, prune, reconcile
+from intentflow.consumer import database, dlq, logs, outbox_tool, prune, reconcile
 from intentflow.consumer.backoff import StopRequested
 from intentflow.consumer.bootstrap import bootstrap, build_relay, relay_checks
+from intentflow.consumer.database import misconfiguration, redact
 from intentflow.consumer.deadletter import DeadLetterRefused
+from intentflow.consumer.errors import Misconfigured
 from intentflow.consumer.migrate import migrate
-from intentflow.consumer.preflight import StartupError, redact, until_ready
+from intentflow.consumer.preflight import StartupError, until_ready
 from intentflow.consumer.probes import ProbeServer, ProbeServerError
 from intentflow.consumer.relay import Relay, RelayStats
 from intentflow.consumer.runtime import tune_gc
@@ -75,7 +77,10 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _migrate(settings: ConsumerSettings) -> int:
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout_s)
+        conn = await database.connect(settings, name="order-consumer-migrate")
+    except Misconfigured as exc:
+        log.error("cannot_migrate", error=str(exc))
+        return EXIT_CANNOT_START
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error(
             "cannot_migrate",
@@ -86,7 +91,7 @@ async def _migrate(settings: ConsumerSettings) -> int:
     try:
         applied = await migrate(conn)
     finally:
-        await conn.close()
+        await database.close(conn, settings.db_connect_timeout_s)
     log.info("migrated", applied=applied)
     return 0
 
@@ -119,6 +124,13 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
     except DeadLetterRefused as exc:
         log.error("stopped", error=str(exc))
         return EXIT_REFUSED
+    except Exception as exc:
+        # A setting found not to work once running (a pooler's refusal, prepared
+        # statements behind a pooler in transaction mode): one line, not a traceback.
+        if (line := misconfiguration(exc, settings.database_url)) is None:
+            raise
+        log.error("stopped", error=line)
+        return EXIT_CANNOT_START
     finally:
         await probes.stop()
     summary = {
@@ -172,8 +184,14 @@ async def _relay(settings: ConsumerSettings, exit_when_idle: bool) -> int:
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
         return EXIT_CANNOT_START
-    async with relay:
-        stats = await relay.run(exit_when_idle=exit_when_idle)
+    try:
+        async with relay:
+            stats = await relay.run(exit_when_idle=exit_when_idle)
+    except Exception as exc:
+        if (line := misconfiguration(exc, settings.database_url)) is None:
+            raise
+        log.error("stopped", error=line)
+        return EXIT_CANNOT_START
     log.info("relay_stopped", **stats.as_dict())
     print(json.dumps({"outbox": stats.as_dict()}), flush=True)
     return 0

@@ -53,8 +53,24 @@ class ConsumerSettings(KafkaConnection, BaseSettings):
     heartbeat_interval_ms: int = Field(default=2_000, ge=100)
 
     db_pool_size: int = Field(default=2, ge=1)
+    # What DATABASE_URL reaches: PostgreSQL itself or a pooler in session mode
+    # (`session`), or a pooler in transaction mode (`transaction`: PgBouncer's
+    # pool_mode=transaction, RDS Proxy, Supabase's and Neon's pooled endpoints), which
+    # hands the server connection to another client between transactions. Either way
+    # nothing the code needs lives in the session (consumer/database.py); `transaction`
+    # also turns asyncpg's statement cache off (a prepared statement stays on the server
+    # connection it was made on) and sends no startup parameter at all.
+    db_pool_mode: Literal["session", "transaction"] = "session"
     db_connect_timeout_s: float = Field(default=10.0, gt=0)
     db_statement_timeout_ms: int = Field(default=30_000, ge=100)
+    # Every database socket's TCP keepalive: the first probe after this long idle, then
+    # every third of it, three unanswered ones end the connection (a peer gone without
+    # a reset is found within about twice this). Without it Linux probes after 2 h.
+    db_tcp_keepalive_s: float = Field(default=15.0, ge=1)
+    # TCP_USER_TIMEOUT: data sent and not acknowledged for this long ends the
+    # connection, where Linux's retransmissions would wait about 15 minutes. A query
+    # the server is still working on is not affected: its bytes were acknowledged.
+    db_tcp_user_timeout_s: float = Field(default=30.0, ge=1)
     # Back-off while the database (or the broker, for commits) is away.
     retry_initial_s: float = Field(default=0.2, gt=0)
     retry_max_s: float = Field(default=10.0, gt=0)

@@ -152,7 +152,9 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
 
 
 async def _beside(worker: Worker, relay: Relay, drain: bool) -> tuple[RunStats, RelayStats]:
-    """The worker, with the relay beside it; a relay that fails for a bug stops the worker."""
+    """The worker, with the relay beside it; a relay that fails for a bug stops the worker.
+    The worker's probes report a relay claim that ran out its deadline."""
+    worker.beside.append(relay)
     relay_task = asyncio.create_task(relay.run())
 
     def on_relay_done(task: asyncio.Task[RelayStats]) -> None:

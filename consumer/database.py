@@ -17,10 +17,12 @@ the start-up check and the operator's tools:
      certificate that does not verify) is raised as `errors.Misconfigured`, whose
      message is the operator's one line.
 
-`deadline(conn, seconds, what)` ends a connection whose work outlives `seconds`:
-its socket is closed at once, so nothing waits for the server to acknowledge a
-cancel (which a connection whose packets are dropped never does: asyncpg would
-wait without end).
+`within(pool, seconds, what)` is a unit of work on a pooled connection that ends by
+`seconds`, answered or not, and `deadline(conn, seconds, what)` the same for a
+connection of one's own. Past it the connection is terminated: its socket is
+closed at once, so nothing waits for the server to acknowledge a cancel (which a
+connection whose packets are dropped never does: asyncpg would wait without end),
+and a pool opens a fresh connection next time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -234,6 +236,37 @@ def deadline(conn: Any, seconds: float, what: str) -> Iterator[None]:
         yield
     except Exception as exc:
         if expired:
+            raise NoAnswer(what, seconds) from exc
+        raise
+    finally:
+        timer.cancel()
+
+
+@contextlib.asynccontextmanager
+async def within(pool: Any, seconds: float, what: str) -> AsyncIterator[Any]:
+    """A connection from `pool` for one unit of work that must end within `seconds`.
+
+    Waiting for a connection (or opening one) counts; so does handing it back.
+    Past `seconds` the connection is terminated and NoAnswer raised: the pool will
+    not lend it again.
+    """
+    lent: list[Any] = []
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        for conn in lent:
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        async with pool.acquire(timeout=seconds) as conn:
+            lent.append(conn)
+            yield conn
+    except Exception as exc:
+        if expired or isinstance(exc, TimeoutError):  # TimeoutError: no connection in time
             raise NoAnswer(what, seconds) from exc
         raise
     finally:

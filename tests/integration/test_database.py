@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import socket
+import time
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from intentflow.consumer import database
 from intentflow.consumer.connections import create_pool
-from intentflow.consumer.database import Begin
+from intentflow.consumer.database import Begin, NoAnswer, within
 from intentflow.devservices import Services
+from intentflow.devservices.proxy import Proxy
 from tests.support import consumer_settings
 
 
@@ -79,6 +82,30 @@ async def test_timeouts_live_in_each_transaction_not_in_the_session(
     assert outside["statement"] == "0"  # the server's own: nothing was set for the session
     # Only behind a pooler in transaction mode is the name, too, the transaction's alone.
     assert outside["name"] == ("" if mode == "transaction" else "order-consumer")
+
+
+async def test_a_unit_of_work_on_a_silent_connection_ends_by_its_deadline(
+    infra: Services, database_url: str
+) -> None:
+    url = urlsplit(database_url)
+    proxy = await Proxy(url.hostname or "127.0.0.1", url.port or 5432).start()
+    through = urlunsplit(url._replace(netloc=f"{url.username}@127.0.0.1:{proxy.port}"))
+    pool = await create_pool(consumer_settings(infra, through, "unused"))
+    try:
+        async with within(pool, 2, "warm-up") as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+        proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(NoAnswer, match=r"no answer from the database within 0\.5 s"):
+            async with within(pool, 0.5, "test") as conn, conn.transaction():
+                await conn.fetchval("SELECT 2")
+        # Not waited for: no cancel acknowledged, no rollback answered.
+        assert time.monotonic() - started < 1.0
+        async with within(pool, 5, "after") as conn:  # a fresh connection; the old one is gone
+            assert await conn.fetchval("SELECT 3") == 3
+    finally:
+        pool.terminate()
+        await proxy.cut()
 
 
 async def test_a_begin_setting_quotes_what_it_is_given() -> None:

@@ -33,7 +33,13 @@ from intentflow.consumer.bootstrap import bootstrap, build_relay, relay_checks
 from intentflow.consumer.database import misconfiguration, redact
 from intentflow.consumer.deadletter import DeadLetterRefused
 from intentflow.consumer.errors import Misconfigured
-from intentflow.consumer.migrate import migrate
+from intentflow.consumer.migrate import (
+    LockPolicy,
+    MigrationLocked,
+    SessionRequired,
+    migrate,
+    require_session,
+)
 from intentflow.consumer.preflight import StartupError, until_ready
 from intentflow.consumer.probes import ProbeServer, ProbeServerError
 from intentflow.consumer.relay import Relay, RelayStats
@@ -76,20 +82,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _migrate(settings: ConsumerSettings) -> int:
+    """The migrations, on a session of their own (MIGRATE_DATABASE_URL, else DATABASE_URL)."""
+    variable = "MIGRATE_DATABASE_URL" if settings.migrate_database_url else "DATABASE_URL"
+    url = settings.migration_url
     try:
-        conn = await database.connect(settings, name="order-consumer-migrate")
+        conn = await database.connect(
+            settings, name="order-consumer-migrate", url=url, url_variable=variable, pooled=False
+        )
     except Misconfigured as exc:
         log.error("cannot_migrate", error=str(exc))
         return EXIT_CANNOT_START
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error(
             "cannot_migrate",
-            error=f"PostgreSQL at {redact(settings.database_url)} is not usable ({exc}): "
-            "check DATABASE_URL and that the server is up",
+            error=f"PostgreSQL at {redact(url)} is not usable ({exc}): "
+            f"check {variable} and that the server is up",
         )
         return EXIT_CANNOT_START
     try:
-        applied = await migrate(conn)
+        await require_session(conn, redact(url), variable)
+        applied = await migrate(conn, LockPolicy.from_settings(settings))
+    except (SessionRequired, MigrationLocked) as exc:
+        log.error("cannot_migrate", error=str(exc))
+        return EXIT_CANNOT_START
     finally:
         await database.close(conn, settings.db_connect_timeout_s)
     log.info("migrated", applied=applied)

@@ -55,7 +55,7 @@ def redact(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode(
-            [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in pairs], safe="*"
+            [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in pairs], safe="*/"
         )
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 

@@ -129,7 +129,10 @@ def configuration_problem(exc: BaseException, variable: str = "DATABASE_URL") ->
         )
     if isinstance(exc, FileNotFoundError):
         # Only files named in the URL are opened on connecting: sslrootcert, sslcert, ...
-        return f"needs a file that does not exist ({exc.filename}): check {variable}"
+        return (
+            f"needs a file that is not there ({exc.filename or exc.strerror}): check "
+            f"sslrootcert, sslcert and sslkey in {variable}"
+        )
     return None
 
 

@@ -61,6 +61,11 @@ async def test_the_consumer_and_its_relay_work_through_a_transaction_pooler(
     settings = consumer_settings(
         infra, pgbouncer.url(database_url), topic, db_pool_mode="transaction"
     )
+    # A client set up for a direct session leaves its prepared statements on the one
+    # server session (asyncpg's names: __asyncpg_stmt_1__, ...); a consumer that prepared
+    # its own by those names would meet them.
+    leaver = await run_to_end(["reconcile"], {**consumer_env(settings), "DB_POOL_MODE": "session"})
+    assert leaver.returncode == 0, leaver.stderr
     summary = await ConsumerProcess(settings, exit_when_idle_s=4).start()
     stats = await summary.wait()
     assert stats["events"] == 6 and stats["orders"] == {"placed": 4, "out_of_stock": 2}, stats

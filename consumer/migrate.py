@@ -239,6 +239,9 @@ async def check_schema(conn: asyncpg.Connection) -> None:
 
 async def migrate(conn: asyncpg.Connection, locks: LockPolicy = LockPolicy()) -> list[int]:
     """Apply pending migrations, step by step (module docstring); return the versions applied."""
+    if conn.is_in_transaction():
+        # Its steps are transactions of their own, and some run outside any.
+        raise RuntimeError("migrate() runs its own transactions: call it outside one")
     await _lock(conn)
     try:
         # A backfill or a validation may take longer than a role's statement_timeout.

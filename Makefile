@@ -24,7 +24,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The pooler tests run PgBouncer from Debian's package (devservices/pgbouncer.py installs
+# it too when a test starts without it, as root).
+PGBOUNCER := command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || \
+	(apt-get update -qq && apt-get install -y -qq pgbouncer)
+
 test: lint test-tools
+	$(PGBOUNCER)
 	$(BIN)/pytest
 
 # What the tests run beside Python, installed from the project's own files:

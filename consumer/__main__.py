@@ -27,12 +27,20 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 
-from intentflow.consumer import dlq, logs, outbox_tool, prune, reconcile
+from intentflow.consumer import database, dlq, logs, outbox_tool, prune, reconcile
 from intentflow.consumer.backoff import StopRequested
 from intentflow.consumer.bootstrap import bootstrap, build_relay, relay_checks
+from intentflow.consumer.database import misconfiguration, redact
 from intentflow.consumer.deadletter import DeadLetterRefused
-from intentflow.consumer.migrate import migrate
-from intentflow.consumer.preflight import StartupError, redact, until_ready
+from intentflow.consumer.errors import Misconfigured
+from intentflow.consumer.migrate import (
+    LockPolicy,
+    MigrationLocked,
+    SessionRequired,
+    migrate,
+    require_session,
+)
+from intentflow.consumer.preflight import StartupError, until_ready
 from intentflow.consumer.probes import Health, ProbeServer, ProbeServerError
 from intentflow.consumer.relay import Relay, RelayStats
 from intentflow.consumer.relay_metrics import RelayHealth, RelayMetrics, WorkerAndRelay
@@ -75,19 +83,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _migrate(settings: ConsumerSettings) -> int:
+    """The migrations, on a session of their own (MIGRATE_DATABASE_URL, else DATABASE_URL)."""
+    variable = "MIGRATE_DATABASE_URL" if settings.migrate_database_url else "DATABASE_URL"
+    url = settings.migration_url
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout_s)
+        conn = await database.connect(
+            settings, name="order-consumer-migrate", url=url, url_variable=variable, pooled=False
+        )
+    except Misconfigured as exc:
+        log.error("cannot_migrate", error=str(exc))
+        return EXIT_CANNOT_START
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error(
             "cannot_migrate",
-            error=f"PostgreSQL at {redact(settings.database_url)} is not usable ({exc}): "
-            "check DATABASE_URL and that the server is up",
+            error=f"PostgreSQL at {redact(url)} is not usable ({exc}): "
+            f"check {variable} and that the server is up",
         )
         return EXIT_CANNOT_START
     try:
-        applied = await migrate(conn)
+        await require_session(conn, redact(url), variable)
+        applied = await migrate(conn, LockPolicy.from_settings(settings))
+    except (SessionRequired, MigrationLocked) as exc:
+        log.error("cannot_migrate", error=str(exc))
+        return EXIT_CANNOT_START
     finally:
-        await conn.close()
+        await database.close(conn, settings.db_connect_timeout_s)
     log.info("migrated", applied=applied)
     return 0
 
@@ -125,6 +145,13 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
     except DeadLetterRefused as exc:
         log.error("stopped", error=str(exc))
         return EXIT_REFUSED
+    except Exception as exc:
+        # A setting found not to work once running (a pooler's refusal, prepared
+        # statements behind a pooler in transaction mode): one line, not a traceback.
+        if (line := misconfiguration(exc, settings.database_url)) is None:
+            raise
+        log.error("stopped", error=line)
+        return EXIT_CANNOT_START
     finally:
         await probes.stop()
     summary = {
@@ -146,7 +173,9 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
 
 
 async def _beside(worker: Worker, relay: Relay, drain: bool) -> tuple[RunStats, RelayStats]:
-    """The worker, with the relay beside it; a relay that fails for a bug stops the worker."""
+    """The worker, with the relay beside it; a relay that fails for a bug stops the worker.
+    The worker's probes report a relay claim that ran out its deadline."""
+    worker.beside.append(relay)
     relay_task = asyncio.create_task(relay.run())
 
     def on_relay_done(task: asyncio.Task[RelayStats]) -> None:
@@ -197,8 +226,14 @@ async def _relay_alone(settings: ConsumerSettings, relay: Relay, exit_when_idle:
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
         return EXIT_CANNOT_START
-    async with relay:
-        stats = await relay.run(exit_when_idle=exit_when_idle)
+    try:
+        async with relay:
+            stats = await relay.run(exit_when_idle=exit_when_idle)
+    except Exception as exc:
+        if (line := misconfiguration(exc, settings.database_url)) is None:
+            raise
+        log.error("stopped", error=line)
+        return EXIT_CANNOT_START
     log.info("relay_stopped", **stats.as_dict())
     print(json.dumps({"outbox": stats.as_dict()}), flush=True)
     return 0

@@ -36,7 +36,7 @@ from intentflow.consumer.decode import Envelope
 from intentflow.consumer.order_events import OrderEvents
 from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.preflight import check_database, check_topics
-from intentflow.consumer.relay import EventSink, Relay
+from intentflow.consumer.relay import EventSink, Relay, stripe_wait_s
 from intentflow.consumer.relay_metrics import RelayMetrics
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import BatchResult, apply_batch
@@ -47,7 +47,7 @@ from intentflow.schemas import dlq_topic
 class Pool(Protocol):
     """What the worker uses of an asyncpg pool."""
 
-    def acquire(self) -> AbstractAsyncContextManager[Any]: ...
+    def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Any]: ...
     async def expire_connections(self) -> None: ...
     async def close(self) -> None: ...
     def terminate(self) -> None: ...
@@ -154,7 +154,7 @@ def build_relay(
     # that long. Ended sooner, Stripe would act, its answer be lost with the
     # session, and the next attempt would have to read before acting again.
     idle_in_transaction_ms = int(
-        max(2 * settings.db_statement_timeout_ms, (4 * settings.stripe_timeout_s + 10) * 1000)
+        max(2 * settings.db_statement_timeout_ms, stripe_wait_s(settings) * 1000)
     )
     return Relay(
         settings,

@@ -1,11 +1,12 @@
 """The consumer's connections, built from its settings: the database pool and the Kafka clients.
 
-Every new database connection is checked against the schema this code needs
-(`consumer.migrate.check_schema`), so a connection re-established after a
+Every new database connection is made by `consumer.database.connect` (nothing in
+the session, keepalives on its socket) and checked against the schema this code
+needs (`consumer.migrate.check_schema`), so a connection re-established after a
 failover or a restore to an older database fails as the environment's fault,
 waited out, instead of writing to tables that are not what the code expects.
-Sessions get a statement timeout, and an idle-in-transaction timeout so that a
-consumer that vanished mid-batch does not hold its row locks for long.
+Each transaction sets a statement timeout, and an idle-in-transaction timeout so
+that a consumer that vanished mid-batch does not hold its row locks for long.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer
 from asyncpg.pool import PoolConnectionProxy
 
+from intentflow.consumer import database
+from intentflow.consumer.database import Begin
 from intentflow.consumer.deadletter import DeadLetters
 from intentflow.consumer.migrate import check_schema
 from intentflow.consumer.settings import ConsumerSettings
@@ -65,22 +68,44 @@ class Columns:
 
 
 async def create_pool(
-    settings: ConsumerSettings, size: int | None = None, idle_in_transaction_ms: int | None = None
+    settings: ConsumerSettings,
+    size: int | None = None,
+    idle_in_transaction_ms: int | None = None,
+    name: str = "order-consumer",
 ) -> asyncpg.Pool:
     """A pool that opens connections on demand (the worker's retries own reconnecting)."""
-    idle_in_transaction_ms = idle_in_transaction_ms or 2 * settings.db_statement_timeout_ms
+    begin = Begin(
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+        idle_in_transaction_ms=idle_in_transaction_ms or 2 * settings.db_statement_timeout_ms,
+    )
+
+    async def connect_checked(*_: Any, **__: Any) -> database.Connection:
+        conn = await database.connect(settings, name=name, begin=begin)
+        try:
+            # Bounded like every other use (part of connecting): a new connection's first
+            # query can meet a black hole too, and asyncpg's close would wait for it.
+            with database.deadline(conn, settings.db_connect_timeout_s, "schema check"):
+                await check_schema(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
     return await asyncpg.create_pool(
         settings.database_url,
         min_size=0,
         max_size=size or settings.db_pool_size,
-        timeout=settings.db_connect_timeout_s,
-        init=check_schema,
-        server_settings={
-            "statement_timeout": str(settings.db_statement_timeout_ms),
-            "idle_in_transaction_session_timeout": str(idle_in_transaction_ms),
-            "application_name": "order-consumer",
-        },
+        connect=connect_checked,
+        connection_class=database.Connection,
+        # Behind a pooler in transaction mode the session is not ours to reset (asyncpg's
+        # RESET ALL, UNLISTEN, advisory unlocks would reach whichever server connection
+        # the pooler picks); the transaction's own settings end with it anyway.
+        reset=_nothing_to_reset if settings.db_pool_mode == "transaction" else None,
     )
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    return None
 
 
 def create_consumer(settings: ConsumerSettings) -> AIOKafkaConsumer:

@@ -2,7 +2,9 @@
 
 One place decides, from the exception's class (asyncpg's class per SQLSTATE,
 aiokafka's `retriable` flag, our own classes' `retriable` attribute), never from
-the text of its message:
+the text of its message, with one exception: PgBouncer sends every refusal as
+SQLSTATE 08P01, the ones a wait fixes and the ones it does not, and only the
+message tells them apart (`configuration_problem`).
 
 - DATA, the event's data (SQLSTATE classes 22 and 23, and 54000, a value too
   large for an index entry): the loop isolates the
@@ -12,7 +14,10 @@ the text of its message:
   behind the code, a retriable broker error: the loop waits it out with
   back-off, the member staying in the group, and never dead-letters.
 - FATAL, a broker error that retrying cannot fix (a record too large, not
-  authorized) and anything unexpected (a bug): the process stops loudly.
+  authorized) and anything unexpected (a bug): the process stops loudly. A
+  setting that cannot work (`configuration_problem`: a pooler's refusal, prepared
+  statements behind a pooler in transaction mode, a certificate that does not
+  verify) is FATAL too, and stops the process with one line and exit 2.
 
 An environment failure also has a `cause`, a short label for logs and counters
 (`database_unreachable`, `database_read_only`, `statement_timeout`, …). Our own
@@ -21,6 +26,7 @@ exception classes say both with two attributes: `retriable = True` and `cause`.
 
 from __future__ import annotations
 
+import ssl
 from enum import StrEnum
 
 import asyncpg
@@ -78,12 +84,66 @@ _TRANSIENT_BROKER_ERRORS = (
 )
 
 
+class Misconfigured(Exception):
+    """A setting that cannot work, found by using it; the message is the operator's one line."""
+
+    retriable = False
+    cause = "database_configuration"
+
+
+# PgBouncer's refusals that no wait fixes (its messages, which all come as 08P01; the
+# others, such as "pgbouncer cannot connect to server" or "query_wait_timeout", pass).
+_POOLER_REFUSALS = {
+    "unsupported startup parameter": "refused a startup parameter ({detail}): a pooler takes "
+    "only those it tracks; take it out of {variable} and set it for the role instead "
+    "(ALTER ROLE ... SET), or list it in PgBouncer's ignore_startup_parameters",
+    "no such database": "does not know the database ({detail}): check {variable} against the "
+    "pooler's [databases]",
+    "no such user": "does not know the user ({detail}): check {variable} against the "
+    "pooler's auth_file or auth_query",
+}
+# A prepared statement missing, or one of another client's names: asyncpg's statement
+# cache behind a pooler that hands server connections around between transactions.
+_PREPARED_STATEMENT_CODES = frozenset({"26000", "42P05"})
+
+
+def configuration_problem(exc: BaseException, variable: str = "DATABASE_URL") -> str | None:
+    """What is wrong with the settings, when `exc` says so and no wait would fix it.
+
+    A phrase that follows "PostgreSQL at <url>", naming `variable`, the setting at fault.
+    """
+    detail = " ".join(str(exc).split())
+    if sqlstate(exc) == "08P01":
+        for start, problem in _POOLER_REFUSALS.items():
+            if detail.startswith(start):
+                return problem.format(detail=detail, variable=variable)
+    if sqlstate(exc) in _PREPARED_STATEMENT_CODES:
+        return (
+            f"lost a prepared statement between transactions ({detail}): a pooler in "
+            "transaction mode is in front of it; set DB_POOL_MODE=transaction"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"presented a certificate that does not verify ({exc.verify_message}): check "
+            f"sslrootcert and the host name in {variable}"
+        )
+    if isinstance(exc, FileNotFoundError):
+        # Only files named in the URL are opened on connecting: sslrootcert, sslcert, ...
+        return (
+            f"needs a file that is not there ({exc.filename or exc.strerror}): check "
+            f"sslrootcert, sslcert and sslkey in {variable}"
+        )
+    return None
+
+
 def sqlstate(exc: BaseException) -> str:
     return str(getattr(exc, "sqlstate", None) or "")
 
 
 def classify(exc: BaseException) -> Fault:
     """Whose fault `exc` is: the event's data, the environment's, or nobody's we can fix."""
+    if isinstance(exc, Misconfigured) or configuration_problem(exc) is not None:
+        return Fault.FATAL
     if isinstance(exc, asyncpg.PostgresError):
         code = sqlstate(exc)
         data = code[:2] in _DATA_CLASSES or code in _DATA_CODES
@@ -119,6 +179,8 @@ def cause(exc: BaseException) -> str:
     own = getattr(exc, "cause", None)
     if isinstance(own, str):
         return own
+    if configuration_problem(exc) is not None:
+        return "database_configuration"
     if isinstance(exc, asyncpg.PostgresError):
         code = sqlstate(exc)
         return _CAUSE_BY_SQLSTATE.get(code) or _CAUSE_BY_CLASS.get(code[:2], "database_error")

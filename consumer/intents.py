@@ -116,7 +116,10 @@ async def lock_intents(conn: Connection, intent_ids: list[str]) -> dict[str, Int
         " WHERE payment_intent_id = ANY($1::text[])",
         intent_ids,
     ):
-        snapshot = RefundSnapshot(r["amount"], r["status"], r["status_created"], r["opened"])
+        # `opened` NULL: a refund recorded before version 6 (or by a version-5 consumer
+        # during the upgrade), made when it was first seen.
+        opened = r["status_created"] if r["opened"] is None else r["opened"]
+        snapshot = RefundSnapshot(r["amount"], r["status"], r["status_created"], opened)
         refunds[r["payment_intent_id"]][r["id"]] = snapshot
     states = {
         pid: IntentState(pid, NOTHING_KNOWN, orders.get(pid), exists=False) for pid in intent_ids
@@ -146,6 +149,10 @@ def _facts(row: asyncpg.Record, refunds: dict[str, RefundSnapshot]) -> Facts:
             row["dispute_refundable"],
         )
     charge_key, auth_key, named_key = (_key(row, p) for p in ("charge", "auth", "named"))
+    if charge_key is None and (row["charge_amount_refunded"] or row["charge_refunded"]):
+        # What a charge said before version 6 (or through a version-5 consumer during
+        # the upgrade), without its key: its latest word, at the lowest key.
+        charge_key = (0, 0, "")
     charge = None
     if charge_key is not None:
         charge = ChargeSnapshot(charge_key, row["charge_amount_refunded"], row["charge_refunded"])

@@ -272,7 +272,7 @@ async def _enqueue_read_back(conn: Connection, changes: Sequence[OrderChange]) -
                     'id', o.id, 'payment_intent_id', o.payment_intent_id, 'cart_id', o.cart_id,
                     'status', o.status, 'allocation', o.allocation,
                     'status_reason', o.status_reason, 'amount', o.amount,
-                    'amount_subtotal', o.amount_subtotal,
+                    'amount_subtotal', coalesce(o.amount_subtotal, o.amount),
                     'amount_shipping', o.amount_shipping,
                     'amount_discount', o.amount_discount, 'amount_tax', o.amount_tax,
                     'amount_authorized', o.amount_authorized,

@@ -21,11 +21,12 @@ from typing import Any
 
 import asyncpg
 
+from intentflow.consumer import database
 from intentflow.consumer.claims import backlog, finished_by_outcome
-from intentflow.consumer.errors import describe
+from intentflow.consumer.database import redact
+from intentflow.consumer.errors import Misconfigured, describe
 from intentflow.consumer.migrate import check_schema
 from intentflow.consumer.outbox import OWED
-from intentflow.consumer.preflight import redact
 from intentflow.consumer.settings import ConsumerSettings
 
 EXIT_CANNOT = 2
@@ -58,11 +59,10 @@ def add_parser(commands: Any) -> None:
 
 async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     try:
-        conn = await asyncpg.connect(
-            settings.database_url,
-            timeout=settings.db_connect_timeout_s,
-            server_settings={"application_name": "order-consumer-outbox"},
-        )
+        conn = await database.connect(settings, name="order-consumer-outbox")
+    except Misconfigured as e:
+        print(f"order-consumer outbox: {e}")
+        return EXIT_CANNOT
     except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         print(
             f"order-consumer outbox: PostgreSQL at {redact(settings.database_url)} is not usable "
@@ -74,8 +74,13 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
         if args.retry:
             return await _retry(conn, args.retry)
         report = await (_failed(conn) if args.failed else _status(conn))
+    except Exception as e:
+        if (line := database.misconfiguration(e, settings.database_url)) is None:
+            raise
+        print(f"order-consumer outbox: {line}")
+        return EXIT_CANNOT
     finally:
-        await conn.close()
+        await database.close(conn, settings.db_connect_timeout_s)
     if args.json:
         print(json.dumps(report, default=str))
     else:

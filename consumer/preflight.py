@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import structlog
@@ -26,8 +25,15 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError, for_code
 from aiokafka.protocol.metadata import MetadataRequest
 
+from intentflow.consumer import database
 from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
-from intentflow.consumer.errors import Fault, classify, describe
+from intentflow.consumer.database import redact
+from intentflow.consumer.errors import (
+    Fault,
+    Misconfigured,
+    classify,
+    describe,
+)
 from intentflow.consumer.migrate import SchemaBehind, check_schema
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.schemas.kafka import client_kwargs
@@ -47,29 +53,12 @@ class TopicsMissing(Exception):
     cause = "topic_missing"
 
 
-_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
-
-
-def redact(url: str) -> str:
-    """DATABASE_URL without its passwords (before the host, or as parameters), for a log line."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in pairs], safe="*"
-        )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
 async def check_database(settings: ConsumerSettings) -> None:
     """Log in once and check the schema version."""
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout_s)
+        conn = await database.connect(settings, name="order-consumer-preflight")
+    except Misconfigured as exc:
+        raise StartupError(str(exc)) from exc
     except (
         asyncpg.InvalidAuthorizationSpecificationError,
         asyncpg.InvalidCatalogNameError,
@@ -82,9 +71,10 @@ async def check_database(settings: ConsumerSettings) -> None:
             f"({describe(exc, 200)}): check DATABASE_URL"
         ) from exc
     try:
-        await check_schema(conn)
+        with database.deadline(conn, settings.db_connect_timeout_s, "schema check"):
+            await check_schema(conn)
     finally:
-        await conn.close()
+        await database.close(conn, settings.db_connect_timeout_s)
 
 
 async def check_topics(settings: ConsumerSettings, topics: Iterable[str]) -> None:
@@ -146,6 +136,8 @@ async def until_ready(
 def _hint(exc: BaseException, settings: ConsumerSettings) -> str:
     if isinstance(exc, TopicsMissing | SchemaBehind):
         return str(exc)
+    if (line := database.misconfiguration(exc, settings.database_url)) is not None:
+        return line
     if isinstance(exc, KafkaError):
         return (
             f"the broker at {settings.kafka_bootstrap_servers} did not answer "

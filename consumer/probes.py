@@ -29,6 +29,12 @@ from typing import Protocol
 
 import structlog
 
+# How far past its deadline a batch or a relay claim may run before /readyz says it
+# made no progress: the deadline ends its connection, and unwinding takes a moment.
+OVERDUE_SLACK_S = 1.0
+# How far past every deadline a step may run before /healthz calls the loop stuck.
+STUCK_AFTER_S = 30.0
+
 MAX_REQUEST_BYTES = 8192
 # Connections served at once; more are closed unanswered (a probe or a scrape retries).
 # Each is cut after READ_TIMEOUT_S without a request: this bounds the descriptors a

@@ -41,9 +41,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, UnsupportedVersionError
 
-from intentflow.consumer.errors import describe
+from intentflow.consumer import database
+from intentflow.consumer.database import Begin, redact
+from intentflow.consumer.errors import Misconfigured, describe
 from intentflow.consumer.migrate import SchemaBehind, check_schema
-from intentflow.consumer.preflight import TopicsMissing, check_topics, redact
+from intentflow.consumer.preflight import TopicsMissing, check_topics
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.schemas import dlq_topic
 from intentflow.schemas.kafka import client_kwargs
@@ -232,7 +234,9 @@ async def delete_batches(
 ) -> AsyncIterator[int]:
     """Delete inbox rows processed `before`, oldest first; yield each batch's count."""
     while True:
-        count = int(await conn.fetchval(_DELETE_BATCH, before, batch_size))
+        # A transaction of its own: it sets the statement timeout (consumer/database.py).
+        async with conn.transaction():
+            count = int(await conn.fetchval(_DELETE_BATCH, before, batch_size))
         if count == 0:
             return
         yield count
@@ -243,7 +247,8 @@ async def delete_published(
 ) -> AsyncIterator[int]:
     """Delete order events published `before`, oldest first; yield each batch's count."""
     while True:
-        count = int(await conn.fetchval(_DELETE_PUBLISHED, before, batch_size))
+        async with conn.transaction():
+            count = int(await conn.fetchval(_DELETE_PUBLISHED, before, batch_size))
         if count == 0:
             return
         yield count
@@ -299,14 +304,13 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
             f"{show(retention)}): an event redelivered after its inbox row is gone is applied again"
         )
     try:
-        conn = await asyncpg.connect(
-            settings.database_url,
-            timeout=settings.db_connect_timeout_s,
-            server_settings={
-                "application_name": "order-consumer-prune",
-                "statement_timeout": str(settings.db_statement_timeout_ms),
-            },
+        conn = await database.connect(
+            settings,
+            name="order-consumer-prune",
+            begin=Begin(statement_timeout_ms=settings.db_statement_timeout_ms),
         )
+    except Misconfigured as e:
+        return _refuse(str(e))
     except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         return _unusable(e, settings)
     deleted = batches = published = 0
@@ -324,7 +328,7 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
         # What was deleted stays deleted; a second run goes on from there.
         return _unusable(exc, settings, f"; {deleted} rows were deleted before that")
     finally:
-        await conn.close()
+        await database.close(conn, settings.db_connect_timeout_s)
     print(
         f"order-consumer prune: deleted {deleted} inbox rows processed before "
         f"{before.isoformat()} in {batches} batches, and {published} published order events"
@@ -333,6 +337,8 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
 
 
 def _unusable(exc: BaseException, settings: ConsumerSettings, progress: str = "") -> int:
+    if (line := database.misconfiguration(exc, settings.database_url)) is not None:
+        return _refuse(f"{line}{progress}")
     return _refuse(
         f"PostgreSQL at {redact(settings.database_url)} is not usable "
         f"({describe(exc, 200)}): check DATABASE_URL and that the server is up{progress}"

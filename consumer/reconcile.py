@@ -18,16 +18,15 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
+from intentflow.consumer import database
 from intentflow.consumer.allocation import UNFILLABLE
 from intentflow.consumer.connections import Connection
+from intentflow.consumer.database import redact
 from intentflow.consumer.errors import Fault, cause, classify, describe
 from intentflow.consumer.facts import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS, REFUND_STOPPED
 from intentflow.consumer.migrate import SchemaBehind, check_schema
 from intentflow.consumer.owed import CAPTURED_NOT_RETURNED, sql_list
 from intentflow.consumer.policy import DEFAULT_POLICY, ShopPolicy
-from intentflow.consumer.preflight import redact
 from intentflow.consumer.settings import ConsumerSettings
 
 EXIT_VIOLATIONS = 1
@@ -42,8 +41,8 @@ OPERATOR_HINTS = {
     "database_privileges": "grant this role SELECT on the intentflow tables",
     "database_resources": "retry when the server has capacity again",
     "database_system": "check the server's logs",
-    "statement_timeout": "raise statement_timeout for this role, or add "
-    "?statement_timeout=0 to DATABASE_URL for this run",
+    "statement_timeout": "raise statement_timeout for this role (ALTER ROLE ... SET), or, "
+    "connected without a pooler, add ?statement_timeout=0 to DATABASE_URL for this run",
 }
 
 
@@ -201,7 +200,8 @@ CHECKS: list[tuple[str, str]] = [
             SELECT p.id, coalesce(sum(r.amount), 0) AS amount
             FROM payment_intents p LEFT JOIN refunds r
               ON r.payment_intent_id = p.id AND r.status IN ({sql_list(REFUND_STOPPED)})
-             AND r.opened <= p.charge_created AND p.charge_created < r.status_created
+             AND coalesce(r.opened, r.status_created) <= coalesce(p.charge_created, 0)
+             AND coalesce(p.charge_created, 0) < r.status_created
             GROUP BY p.id
         ), facts AS (
             SELECT p.id, p.cancellation_reason, p.charge_refunded AND s.amount = 0 AS in_full,
@@ -383,11 +383,7 @@ def add_parser(commands: Any) -> None:
 
 async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     try:
-        conn = await asyncpg.connect(
-            settings.database_url,
-            timeout=settings.db_connect_timeout_s,
-            server_settings={"application_name": "order-consumer-reconcile"},
-        )
+        conn = await database.connect(settings, name="order-consumer-reconcile")
     except Exception as exc:
         return _cannot_check(exc, settings)
     try:
@@ -396,7 +392,7 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     except Exception as exc:
         return _cannot_check(exc, settings)
     finally:
-        await conn.close()
+        await database.close(conn, settings.db_connect_timeout_s)
     if args.json:
         print(json.dumps(report.as_dict(), default=str))
     else:
@@ -409,6 +405,8 @@ def _cannot_check(exc: Exception, settings: ConsumerSettings) -> int:
     """One line for what the operator can fix; a traceback for anything else (a bug)."""
     if isinstance(exc, SchemaBehind):
         reason = str(exc)
+    elif (line := database.misconfiguration(exc, settings.database_url)) is not None:
+        reason = line
     elif isinstance(exc, ValueError) or (
         classify(exc) is Fault.ENVIRONMENT and cause(exc) in OPERATOR_HINTS
     ):

@@ -32,6 +32,14 @@ pending rows and the oldest one's age are read at scrape time.
 With `exit_when_idle`, `run` returns once nothing pending can be done now:
 no order event is pending, and no Stripe action is pending that this relay
 could perform (rows backing off are waited for).
+
+Every database unit of work has a deadline (`consumer.database.within`): a claim
+the time its statements, its Stripe requests or its broker acknowledgements may
+take; past it, its connection is ended and the claim waited out like the database
+away (its rows stay pending). The broker's calls have their own (the producer's
+start, the acknowledgements). `overdue` reports a unit that ran out its deadline
+and goes on, for the probes; `stop` ends by the shutdown deadline, whatever the
+database does.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import asyncio
 import contextlib
 import json
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -58,6 +66,7 @@ from intentflow.consumer.claims import (
     pending_actions,
     record,
 )
+from intentflow.consumer.database import within
 from intentflow.consumer.order_events import publish_marks
 from intentflow.consumer.outbox import Action, Kind, ask_refunds, sweep_needs_review
 from intentflow.consumer.policy import ShopPolicy
@@ -67,6 +76,18 @@ from intentflow.consumer.stripe_actions import ACTIONS, CAPTURED_CODE, Attempt, 
 from intentflow.consumer.stripe_answers import DONE, Answer, Outcome
 
 log = structlog.get_logger("relay")
+
+# What each step of `stop` may take before what it waits for is abandoned: closing a
+# pool, stopping a producer or a client takes milliseconds when their peers answer.
+STOP_STEP_S = 2.0
+
+
+def stripe_wait_s(settings: ConsumerSettings) -> float:
+    """How long a claim of Stripe actions may wait for Stripe: its calls run at once, and
+    the longest (a refund) makes four requests (a read of the intent and of its refunds,
+    the refund, a read after a refusal), each up to STRIPE_TIMEOUT_S, plus 10 s of slack."""
+    return 4 * settings.stripe_timeout_s + 10
+
 
 # A cancel that met a captured intent whose order intentflow does not refund (it can be
 # filled: a needs_review order the sweep asked to release, captured by the shop meanwhile).
@@ -179,6 +200,10 @@ class Relay:
         self._reported_unknown: dict[str, int] = {}
         self._next_sweep_at = 0.0
         self._next_report_at = 0.0
+        # The units of work running now: (what, started on the loop's clock, deadline).
+        self._running: list[tuple[str, float, float]] = []
+        self._stop_at: float | None = None  # the loop's clock: when `stop` must be done
+        self._lent: set[Any] = set()  # the pool's connections its units hold now
 
     async def __aenter__(self) -> Relay:
         await self.start()
@@ -194,12 +219,33 @@ class Relay:
             await self._stripe.start()
 
     async def stop(self) -> None:
+        """Stop the producer and the Stripe client and close the pool, by the shutdown deadline.
+
+        A connection still lent (a claim cut short on a connection that does not
+        answer) would keep the pool's close waiting: the pool is terminated instead.
+        """
+        self._start_stop_clock()
         if self._events is not None:
-            await self._events.stop()
+            await self._bounded("stop_order_events_producer", self._events.stop())
         if self._stripe is not None:
-            await self._stripe.stop()
-        if self._pool is not None:
-            await self._pool.close()
+            await self._bounded("stop_stripe_client", self._stripe.stop())
+        if self._pool is not None and not await self._bounded("close_pool", self._pool.close()):
+            self._pool.terminate()
+
+    async def _bounded(self, what: str, step: Awaitable[None]) -> bool:
+        assert self._stop_at is not None
+        left_s = self._stop_at - asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(min(STOP_STEP_S, max(left_s, 0.2))):
+                await step
+            return True
+        except TimeoutError:
+            log.warning("shutdown_step_abandoned", step=what, reason="shutdown deadline")
+            return False
+
+    def _start_stop_clock(self) -> None:
+        if self._stop_at is None:
+            self._stop_at = asyncio.get_running_loop().time() + self.settings.shutdown_timeout_s
 
     @property
     def pool(self) -> Any:
@@ -217,7 +263,45 @@ class Relay:
         return self._stopping
 
     def request_stop(self) -> None:
+        """Stop soon: a claim under way is cut short (its rows stay pending), and its
+        connection ended, so that its rollback waits for no server that does not answer."""
+        self._start_stop_clock()
         self._stopping.set()
+        for conn in self._lent:
+            with contextlib.suppress(Exception):
+                conn.terminate()
+
+    def overdue(self, slack_s: float) -> str | None:
+        """A unit of work that has run longer than its deadline plus `slack_s` (for the probes)."""
+        now = asyncio.get_running_loop().time()
+        for what, started, deadline_s in self._running:
+            running_s = now - started
+            if running_s > deadline_s + slack_s:
+                return (
+                    f"the relay's {what} has made no progress for {running_s:.0f} s "
+                    f"(its deadline is {deadline_s:g} s)"
+                )
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _database(self, what: str, deadline_s: float) -> AsyncIterator[Any]:
+        """A pooled connection for one unit of work that ends by `deadline_s` (module docstring)."""
+        unit = (what, asyncio.get_running_loop().time(), deadline_s)
+        self._running.append(unit)
+        try:
+            async with within(self._pool, deadline_s, what) as conn:
+                self._lent.add(conn)
+                try:
+                    yield conn
+                finally:
+                    self._lent.discard(conn)
+        finally:
+            self._running.remove(unit)
+
+    @property
+    def _statement_s(self) -> float:
+        """One statement's deadline: the server's statement timeout, and connecting first."""
+        return self.settings.statement_timeout_s + self.settings.db_connect_timeout_s
 
     def drain(self) -> None:
         """Return from `run` once nothing pending can be done (as `exit_when_idle`)."""
@@ -228,7 +312,8 @@ class Relay:
         async with asyncio.TaskGroup() as loops:  # a bug in one stops the other
             loops.create_task(self._loop(self._events_step, exit_when_idle))
             loops.create_task(self._loop(self._stripe_step, exit_when_idle))
-        await self._refresh_backlog()
+        if not self._stopping.is_set():  # a stop does not wait for a last count
+            await self._refresh_backlog()
         return self.stats
 
     async def _loop(self, step: Callable[[], Awaitable[bool]], exit_when_idle: bool) -> None:
@@ -251,6 +336,8 @@ class Relay:
             except Exception as exc:
                 if errors.classify(exc) is not errors.Fault.ENVIRONMENT:
                     raise
+                if self._stopping.is_set():
+                    return  # the stop ended its connection (`request_stop`)
                 wait_s = delay_s(failures, self.settings.retry_initial_s, self.settings.retry_max_s)
                 failures += 1
                 self.stats.database_waits += 1
@@ -300,7 +387,7 @@ class Relay:
 
     async def _refresh_backlog(self) -> Backlog | None:
         try:
-            async with self._pool.acquire() as conn:
+            async with self._database("backlog read", self._statement_s) as conn:
                 now = await backlog(conn)
         except Exception as exc:
             if errors.classify(exc) is not errors.Fault.ENVIRONMENT:
@@ -313,7 +400,10 @@ class Relay:
     # --- Order events -----------------------------------------------------------------
 
     async def _events_step(self) -> bool:
-        async with self._pool.acquire() as conn, conn.transaction():
+        # The claim, the producer's start and the acknowledgements (each bounded by the
+        # statement timeout, below), and the marks.
+        deadline_s = 2 * self._statement_s + 2 * self.settings.statement_timeout_s
+        async with self._database("order events claim", deadline_s) as conn, conn.transaction():
             rows = await claim(conn, Kind.ORDER_EVENT, self.settings.relay_batch_size)
             if not rows:
                 return False
@@ -330,9 +420,20 @@ class Relay:
         return True
 
     async def _producer(self) -> EventSink:
+        """The order events producer, started on first use within the statement timeout
+        (its claim's transaction waits for it); a failure is the broker's, waited out."""
         if self._events is None:
             events = self._new_events()
-            await events.start()  # a failure is the broker's: waited out by the loop
+            try:
+                async with asyncio.timeout(self.settings.statement_timeout_s):
+                    await events.start()
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(STOP_STEP_S):
+                        await events.stop()
+                if isinstance(exc, TimeoutError):
+                    raise KafkaTimeoutError("the order events producer did not start") from exc
+                raise
             self._events = events
         return self._events
 
@@ -351,11 +452,16 @@ class Relay:
         await self._report_backlog()
         swept = await self._sweep()
         if self._stripe is None or self._key_refused:
-            async with self._pool.acquire() as conn:
+            async with self._database("pending actions read", self._statement_s) as conn:
                 await self._report_waiting(await pending_actions(conn))
             return False
         stripe = self._stripe
-        async with self._pool.acquire() as conn, conn.transaction():
+        # The claim, Stripe's answers, the refunds asked for and the marks.
+        deadline_s = 3 * self._statement_s + stripe_wait_s(self.settings)
+        async with (
+            self._database("Stripe actions claim", deadline_s) as conn,
+            conn.transaction(),
+        ):
             rows = await claim(
                 conn,
                 Kind.STRIPE_ACTION,
@@ -491,7 +597,7 @@ class Relay:
         if loop.time() < self._next_sweep_at:
             return False
         self._next_sweep_at = loop.time() + self.settings.relay_sweep_interval_s
-        async with self._pool.acquire() as conn:
+        async with self._database("needs_review sweep", self._statement_s) as conn:
             added = await sweep_needs_review(conn, after_s)
         if added:
             self.stats.swept += added

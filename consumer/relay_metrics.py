@@ -30,9 +30,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from intentflow.consumer import owed
 from intentflow.consumer.claims import backlog
+from intentflow.consumer.database import within
 from intentflow.consumer.errors import Fault, classify, describe
 from intentflow.consumer.metrics import CONTENT_TYPE, MoneyGauges
 from intentflow.consumer.outbox import Action, Kind
+from intentflow.consumer.probes import OVERDUE_SLACK_S, STUCK_AFTER_S
 from intentflow.consumer.stripe_answers import Outcome
 from intentflow.schemas.metrics import NAMESPACE, service_registry
 
@@ -112,8 +114,11 @@ def _scrape_failed(what: str, exc: Exception) -> None:
 class RelayHealth:
     """/healthz, /readyz and /metrics for `order-consumer relay` (consumer/probes.py's `Health`).
 
-    Alive while the process answers; ready once the relay's pool is open, its loops
-    are not waiting out a failure, and the database answers.
+    Alive while the process answers and no claim runs long past its deadline (its
+    deadline ends its connection: one still running then is stuck); ready once the
+    relay's pool is open, no claim has run out its deadline, its loops are not
+    waiting out a failure, and the database answers within READY_DATABASE_TIMEOUT_S
+    (a connection that does not is ended, as every unit of work's).
     """
 
     def __init__(self, relay: Any, capture_warning_s: float) -> None:
@@ -122,7 +127,11 @@ class RelayHealth:
         self._money = MoneyGauges(relay.metrics.registry)
 
     def alive(self) -> tuple[bool, str]:
-        return True, "stopping" if self._relay.stopping.is_set() else "alive"
+        if self._relay.stopping.is_set():
+            return True, "stopping"
+        if (stuck := self._relay.overdue(STUCK_AFTER_S)) is not None:
+            return False, f"stuck: {stuck}"
+        return True, "alive"
 
     async def ready(self) -> tuple[bool, str]:
         relay = self._relay
@@ -130,10 +139,12 @@ class RelayHealth:
             return False, "stopping"
         if relay.pool is None:
             return False, "starting: checking the database and the orders topic"
+        if (late := relay.overdue(OVERDUE_SLACK_S)) is not None:
+            return False, late
         if relay.waiting_out is not None:
             return False, f"waiting out a failure: {relay.waiting_out}"
         try:
-            async with asyncio.timeout(READY_DATABASE_TIMEOUT_S), relay.pool.acquire() as conn:
+            async with within(relay.pool, READY_DATABASE_TIMEOUT_S, "readiness check") as conn:
                 await conn.fetchval("SELECT 1")
         except Exception as exc:
             return False, f"the database does not answer: {describe(exc, 200)}"

@@ -39,6 +39,11 @@ class ConsumerSettings(KafkaConnection, BaseSettings):
     # events topic's max.message.bytes, and the dead-letter topic's too.
     kafka_max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # `migrate` only: a session of its own on PostgreSQL, never a pooler's (its lock
+    # spans transactions, and CREATE INDEX CONCURRENTLY runs outside one). Unset:
+    # DATABASE_URL. In Kubernetes the migration Job's Secret gives it, with the role
+    # that owns the schema; the consumers never see it.
+    migrate_database_url: str | None = None
 
     batch_max_records: int = Field(default=2000, ge=1)
     poll_timeout_ms: int = Field(default=200, ge=1)
@@ -53,8 +58,30 @@ class ConsumerSettings(KafkaConnection, BaseSettings):
     heartbeat_interval_ms: int = Field(default=2_000, ge=100)
 
     db_pool_size: int = Field(default=2, ge=1)
+    # What DATABASE_URL reaches: PostgreSQL itself or a pooler in session mode
+    # (`session`), or a pooler in transaction mode (`transaction`: PgBouncer's
+    # pool_mode=transaction, RDS Proxy, Supabase's and Neon's pooled endpoints), which
+    # hands the server connection to another client between transactions. Either way
+    # nothing the code needs lives in the session (consumer/database.py); `transaction`
+    # also turns asyncpg's statement cache off (a prepared statement stays on the server
+    # connection it was made on) and sends no startup parameter at all.
+    db_pool_mode: Literal["session", "transaction"] = "session"
     db_connect_timeout_s: float = Field(default=10.0, gt=0)
     db_statement_timeout_ms: int = Field(default=30_000, ge=100)
+    # Every database socket's TCP keepalive: the first probe after this long idle, then
+    # every third of it, three unanswered ones end the connection (a peer gone without
+    # a reset is found within about twice this). Without it Linux probes after 2 h.
+    db_tcp_keepalive_s: float = Field(default=15.0, ge=1)
+    # TCP_USER_TIMEOUT: data sent and not acknowledged for this long ends the
+    # connection, where Linux's retransmissions would wait about 15 minutes. A query
+    # the server is still working on is not affected: its bytes were acknowledged.
+    db_tcp_user_timeout_s: float = Field(default=30.0, ge=1)
+    # `migrate`: how long a step may wait for a lock (lock_timeout) before it gives up
+    # and tries again after a back-off (RETRY_INITIAL_S to RETRY_MAX_S), and how many
+    # times. While a step waits for a table's lock, every writer of that table queues
+    # behind it: this bounds what a migration makes the consumers wait (consumer/migrate.py).
+    migrate_lock_timeout_ms: int = Field(default=500, ge=10)
+    migrate_lock_attempts: int = Field(default=40, ge=1)
     # Back-off while the database (or the broker, for commits) is away.
     retry_initial_s: float = Field(default=0.2, gt=0)
     retry_max_s: float = Field(default=10.0, gt=0)
@@ -125,9 +152,11 @@ class ConsumerSettings(KafkaConnection, BaseSettings):
     def _known_level(cls, value: str) -> str:
         return check_log_level(value)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "migrate_database_url")
     @classmethod
-    def _postgres_url(cls, value: str) -> str:
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         parts = urlsplit(value)
         if parts.scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
@@ -137,6 +166,11 @@ class ConsumerSettings(KafkaConnection, BaseSettings):
         if not all(port_ok(host) for host in hosts.split(",")):
             raise ValueError("has a port that is not a number from 1 to 65535")
         return value
+
+    @field_validator("migrate_database_url", mode="before")
+    @classmethod
+    def _migrate_url_or_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("kafka_group_instance_id", mode="before")
     @classmethod
@@ -154,3 +188,8 @@ class ConsumerSettings(KafkaConnection, BaseSettings):
     @property
     def statement_timeout_s(self) -> float:
         return self.db_statement_timeout_ms / 1000
+
+    @property
+    def migration_url(self) -> str:
+        """Where `migrate` connects: MIGRATE_DATABASE_URL, else DATABASE_URL."""
+        return self.migrate_database_url or self.database_url

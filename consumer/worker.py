@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -51,6 +51,7 @@ from intentflow.consumer.bootstrap import (
     Pool,
     bootstrap,
 )
+from intentflow.consumer.database import within
 from intentflow.consumer.deadletter import DeadLetterRefused, Poison
 from intentflow.consumer.decode import Envelope, decode
 from intentflow.consumer.errors import (
@@ -64,6 +65,7 @@ from intentflow.consumer.errors import (
 from intentflow.consumer.errors import sqlstate as sqlstate_of
 from intentflow.consumer.metrics import CONTENT_TYPE, ConsumerMetrics
 from intentflow.consumer.preflight import until_ready
+from intentflow.consumer.probes import OVERDUE_SLACK_S, STUCK_AFTER_S
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import BatchResult
 
@@ -81,6 +83,13 @@ LAG_READ_TIMEOUT_S = 2.0
 OWED_READ_TIMEOUT_S = 2.0
 # What one offset commit may take before it is retried as a broker failure.
 COMMIT_TIMEOUT_S = 15.0
+
+
+class Progressing(Protocol):
+    """A loop beside the worker whose steps have deadlines (the relay, consumer/relay.py)."""
+
+    def overdue(self, slack_s: float) -> str | None:
+        """What step has run longer than its deadline plus `slack_s`, if one has."""
 
 
 class Superseded(Exception):
@@ -185,6 +194,8 @@ class Worker:
         self.metrics = ConsumerMetrics()
         self.last_progress: float | None = None  # monotonic: the latest poll or transaction
         self.waiting_out: str | None = None  # the failure a batch is waiting out, if any
+        self.beside: list[Progressing] = []  # loops whose stalls the probes report too
+        self._attempt_started: float | None = None  # monotonic: the transaction running now
         self._stopping = asyncio.Event()
         self._stop_deadline: float | None = None  # time.monotonic()
         self._poll_lock = asyncio.Lock()
@@ -297,21 +308,52 @@ class Worker:
 
     # -- what the probes read (consumer.probes) -----------------------------
 
+    @property
+    def batch_deadline_s(self) -> float:
+        """How long one transaction may take, answered or not, before its connection is ended.
+
+        The server's statement timeout ends a slow statement; this ends a connection
+        whose packets are dropped, which gives no error and which the server's timeout
+        cannot reach: twice the statement timeout (a batch runs several statements)
+        plus the time to connect.
+        """
+        s = self.settings
+        return 2 * s.statement_timeout_s + s.db_connect_timeout_s
+
     def alive(self) -> tuple[bool, str]:
-        """Alive while starting, stopping, or polling at least every few statement timeouts."""
+        """Alive while starting, stopping, or polling within its deadlines (long past: stuck)."""
         if self._stopping.is_set():
             return True, "stopping"
         if self.last_progress is None:
             return True, "starting"
-        s = self.settings
         # The loop polls every POLL_TIMEOUT_MS, and while a batch waits out a
-        # failure; the longest it waits without polling is one batch's
-        # client-side timeout (`_apply_once`).
-        limit_s = 2 * s.statement_timeout_s + s.db_connect_timeout_s + 30.0
+        # failure; the longest it waits without polling is one batch's deadline.
+        limit_s = self.batch_deadline_s + STUCK_AFTER_S
         quiet_s = time.monotonic() - self.last_progress
         if quiet_s > limit_s:
             return False, f"stalled: the loop has not polled for {quiet_s:.0f} s"
+        if (stuck := self._overdue(STUCK_AFTER_S)) is not None:
+            return False, f"stuck: {stuck}"
         return True, "alive"
+
+    def _overdue(self, slack_s: float) -> str | None:
+        """A transaction, or a step beside the loop, still running `slack_s` past its deadline.
+
+        Its deadline ends its connection (consumer/database.py), which ends the step;
+        one that goes on anyway is reported, not restarted, until long past it.
+        """
+        started = self._attempt_started
+        if started is not None:
+            running_s = time.monotonic() - started
+            if running_s > self.batch_deadline_s + slack_s:
+                return (
+                    f"a batch has made no progress for {running_s:.0f} s "
+                    f"(its deadline is {self.batch_deadline_s:g} s)"
+                )
+        for other in self.beside:
+            if (late := other.overdue(slack_s)) is not None:
+                return late
+        return None
 
     async def ready(self) -> tuple[bool, str]:
         """Ready once joined (with partitions or waiting for some) while the database answers."""
@@ -320,11 +362,13 @@ class Worker:
         pool = self._pool
         if self._consumer is None or pool is None:
             return False, "starting: checking the database, the broker and the topics"
+        if (late := self._overdue(OVERDUE_SLACK_S)) is not None:
+            return False, late
         if self.waiting_out is not None:
             return False, f"waiting out a failure: {self.waiting_out}"
         if not self.inflight.locked():  # else the batch in flight is the database's answer
             try:
-                async with asyncio.timeout(READY_DATABASE_TIMEOUT_S), pool.acquire() as conn:
+                async with within(pool, READY_DATABASE_TIMEOUT_S, "readiness check") as conn:
                     await conn.fetchval("SELECT 1")
             except Exception as exc:
                 return False, f"the database does not answer: {describe(exc, 200)}"
@@ -347,7 +391,7 @@ class Worker:
         if pool is None:
             return
         try:
-            async with asyncio.timeout(OWED_READ_TIMEOUT_S), pool.acquire() as conn:
+            async with within(pool, OWED_READ_TIMEOUT_S, "money owed read") as conn:
                 found = await owed.read(conn, self.settings.capture_warning_s)
         except Exception as exc:
             # A scrape is not the consume loop: whatever went wrong, the next one asks again.
@@ -444,8 +488,14 @@ class Worker:
             budget_s = self._time_left_s() - self._leave_reserve_s()
             await asyncio.wait([task], timeout=max(budget_s, 0.0))
         if not task.done():
+            # Abandoned: its connections are ended rather than asked to cancel, which
+            # asyncpg would wait on for as long as the server does not acknowledge it
+            # (forever, on a connection whose packets are dropped). Nothing else needs
+            # the pool now: `stop` follows.
+            if self._pool is not None:
+                self._pool.terminate()
             task.cancel()
-            await asyncio.wait([task], timeout=1.0)  # asyncpg cancels its query
+            await asyncio.wait([task], timeout=1.0)
         try:
             task.result()
         except StopRequested:
@@ -583,15 +633,14 @@ class Worker:
 
     async def _apply_once(self, envelopes: list[Envelope]) -> BatchResult:
         assert self._pool is not None
-        # A backstop on the client's side: a network that drops packets silently
-        # gives no error, and the server's statement timeout cannot reach us.
-        s = self.settings
         # Progress, for alive(): the loop may wait for several of these in a row
         # (a batch bisected or split) without polling, each one bounded here.
-        self.last_progress = time.monotonic()
-        async with asyncio.timeout(2 * s.statement_timeout_s + s.db_connect_timeout_s):
-            async with self._pool.acquire() as conn:
+        self.last_progress = self._attempt_started = time.monotonic()
+        try:
+            async with within(self._pool, self.batch_deadline_s, "batch") as conn:
                 return await self.deps.apply_batch(conn, envelopes)
+        finally:
+            self._attempt_started = None
 
     async def _isolate(
         self, envelopes: list[Envelope], exc: BaseException, epoch: int

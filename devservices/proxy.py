@@ -1,6 +1,9 @@
 """A loopback TCP proxy that can be cut and restored, to stage an outage.
 
-In front of PostgreSQL it stages a database outage (tests). In front of the
+In front of PostgreSQL it stages a database outage (tests), or, with `freeze()`,
+a black hole: the connections open at that moment stop carrying bytes in either
+direction, without a reset or a close (what a failover whose old primary drops
+packets does to them), while new connections go through. In front of the
 embedded broker, which then advertises the proxy's port so every client's
 connections pass through it, it can also cut one Kafka client alone: the
 first request on each connection names its `client.id` (every Kafka request
@@ -19,6 +22,7 @@ import asyncio
 import contextlib
 import signal
 import struct
+from typing import cast
 
 from intentflow.devservices.embedded import free_port
 
@@ -36,6 +40,9 @@ class Proxy:
         self._pairs: dict[asyncio.StreamWriter, tuple[asyncio.StreamWriter, str | None]] = {}
         self._cut_clients: set[str] = set()
         self.kafka = False
+        # Connections frozen by `freeze()`: their bytes stay where they are until closed.
+        self._frozen: set[asyncio.StreamWriter] = set()
+        self._cut = asyncio.Event()  # set by a full `cut()`: frozen pipes may end
 
     async def start(self, *, kafka: bool = False) -> Proxy:
         """Listen; with `kafka`, read each connection's client.id so one client can be cut."""
@@ -59,6 +66,18 @@ class Proxy:
             writer.transport.abort()
             upstream.transport.abort()
         self._pairs.clear()
+        self._cut.set()
+
+    def freeze(self) -> int:
+        """Hold the bytes of every open connection, both ways, without closing it; new
+        connections go through. Returns how many connections were frozen."""
+        for writer, (upstream, _) in self._pairs.items():
+            self._frozen.update((writer, upstream))
+            # Nothing more is read from either socket: what was sent stays in the
+            # kernel's buffers, unacknowledged by the reader, as on a dead network.
+            for end in (writer, upstream):
+                cast(asyncio.Transport, end.transport).pause_reading()
+        return len(self._pairs)
 
     async def restore(self, client_id: str | None = None) -> None:
         if client_id is not None:
@@ -85,8 +104,26 @@ class Proxy:
             return
         self._pairs[writer] = (up_writer, client_id)
         up_writer.write(first)
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        await asyncio.gather(
+            self._pipe(reader, up_writer, writer), self._pipe(up_reader, writer, up_writer)
+        )
         self._pairs.pop(writer, None)
+        self._frozen.difference_update((writer, up_writer))
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, own: asyncio.StreamWriter
+    ) -> None:
+        """Copy `reader` (the socket of `own`) to `writer` until either end closes; a
+        frozen connection keeps what it read and waits, holding it, until it is cut."""
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                if own in self._frozen:
+                    # A chunk read just before the freeze: held until the proxy is cut.
+                    await self._cut.wait()
+                    break
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
 
 
 async def _first_request_head(reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
@@ -97,14 +134,6 @@ async def _first_request_head(reader: asyncio.StreamReader) -> tuple[bytes, str 
         return head, None
     name = await reader.readexactly(length)
     return head + name, name.decode("utf-8", "replace")
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.transport.abort()
 
 
 async def _serve_forever(args: argparse.Namespace) -> None:

@@ -2,6 +2,10 @@
 -- Invariant 4 (the movements of a SKU sum to its level) needs the level row to
 -- stay while movements name its SKU, and every level written outside the
 -- consumer to get the movement that explains it, whatever came before.
+--
+-- Written for a live database (consumer/migrate.py): the triggers take
+-- inventory_levels' lock for a moment, the scan of every movement that puts back
+-- deleted rows runs in a step of its own, and every step can run again.
 
 -- A level written outside the consumer (a storefront's INSERT, a manual UPDATE)
 -- gets the movement that makes its SKU's movements sum to the new level. Version
@@ -29,6 +33,7 @@ BEGIN
 END;
 $$;
 
+-- step: transaction
 -- A stock row whose SKU has movements cannot go (deleted, or renamed away): the
 -- consumer's later movements for it would have no level to change, and its books
 -- would never balance again. To retire a SKU, set its stocked_quantity to 0.
@@ -37,7 +42,7 @@ $$;
 -- violation (23503) on the consumer's INSERT would dead-letter the event, when a
 -- missing row is the operator's to mend (orders.py, StockRowMissing), and its
 -- check would cost every movement the consumer writes.
-CREATE FUNCTION refuse_stock_row_with_movements_gone() RETURNS trigger
+CREATE OR REPLACE FUNCTION refuse_stock_row_with_movements_gone() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     movements bigint;
@@ -63,6 +68,7 @@ BEGIN
 END;
 $$;
 
+DROP TRIGGER IF EXISTS inventory_levels_keep_rows_with_movements ON inventory_levels;
 CREATE CONSTRAINT TRIGGER inventory_levels_keep_rows_with_movements
 AFTER DELETE OR UPDATE OF sku ON inventory_levels
 DEFERRABLE INITIALLY DEFERRED
@@ -70,7 +76,7 @@ FOR EACH ROW EXECUTE FUNCTION refuse_stock_row_with_movements_gone();
 
 -- TRUNCATE fires no row trigger. After the statement (which may truncate
 -- inventory_movements with it) no level row is left, so any movement is one too many.
-CREATE FUNCTION refuse_truncating_stock_with_movements() RETURNS trigger
+CREATE OR REPLACE FUNCTION refuse_truncating_stock_with_movements() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     named text := (SELECT sku FROM inventory_movements ORDER BY sku LIMIT 1);
@@ -87,10 +93,12 @@ BEGIN
 END;
 $$;
 
+DROP TRIGGER IF EXISTS inventory_levels_truncate_keeps_rows_with_movements ON inventory_levels;
 CREATE TRIGGER inventory_levels_truncate_keeps_rows_with_movements
 AFTER TRUNCATE ON inventory_levels
 FOR EACH STATEMENT EXECUTE FUNCTION refuse_truncating_stock_with_movements();
 
+-- step: transaction
 -- Upgrading: a SKU whose row was deleted under version 4 gets it back at 0, as
 -- retired, with the movement that balances its books (the trigger above): until
 -- then, the next cancellation of one of its orders would hold its partition
@@ -98,4 +106,5 @@ FOR EACH STATEMENT EXECUTE FUNCTION refuse_truncating_stock_with_movements();
 INSERT INTO inventory_levels (sku, stocked_quantity)
 SELECT DISTINCT m.sku, 0 FROM inventory_movements m
 WHERE NOT EXISTS (SELECT 1 FROM inventory_levels l WHERE l.sku = m.sku)
-ORDER BY m.sku;
+ORDER BY m.sku
+ON CONFLICT (sku) DO NOTHING;

@@ -86,10 +86,11 @@ async def run_to_end(args: list[str], env: dict[str, str], timeout_s: float = 30
 
 
 class Running:
-    """`order-consumer run` in the background, its stderr read line by line as it comes."""
+    """`order-consumer run` (or another command) in the background, its stderr read line
+    by line as it comes."""
 
-    def __init__(self, env: dict[str, str], *args: str) -> None:
-        self._argv = [*CONSUMER, "run", *args]
+    def __init__(self, env: dict[str, str], *args: str, command: str = "run") -> None:
+        self._argv = [*CONSUMER, command, *args]
         self._env = env
         self.lines: list[str] = []
         self.stdout = ""

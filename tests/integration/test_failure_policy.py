@@ -141,11 +141,11 @@ async def test_a_consumer_started_before_its_migration_waits_then_applies_everyt
 
     conn = await asyncpg.connect(empty_database_url)
     try:
-        async with conn.transaction():  # the schema and the shop's data appear at once
-            await migrate(conn)
-            await seed_stock(conn, {"sku-a": 10})
-            for cart, _ in carts:
-                await seed_cart(conn, cart, [("sku-a", 1, 100)])
+        # The schema, then the shop's data, both before the worker runs its first batch.
+        await migrate(conn)
+        await seed_stock(conn, {"sku-a": 10})
+        for cart, _ in carts:
+            await seed_cart(conn, cart, [("sku-a", 1, 100)])
         await starting
         try:
             stats = await worker.run()

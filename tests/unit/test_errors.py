@@ -16,10 +16,11 @@ from aiokafka.errors import (
 )
 
 from intentflow.consumer.backoff import StopRequested, delay_s, sleep_unless_stopped, unless_stopped
+from intentflow.consumer.database import misconfiguration, redact
 from intentflow.consumer.errors import Fault, cause, classify, is_read_only, is_statement_timeout
 from intentflow.consumer.intents import ConcurrentIntentWrite
 from intentflow.consumer.migrate import SchemaBehind
-from intentflow.consumer.preflight import TopicsMissing, redact, until_ready
+from intentflow.consumer.preflight import TopicsMissing, until_ready
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.stock import StockRowMissing
 from intentflow.schemas.config import check_bootstrap_servers
@@ -211,3 +212,41 @@ def test_a_kafka_bootstrap_list_is_checked_before_anything_connects(value: str, 
     else:
         with pytest.raises(ValueError, match="host"):
             check_bootstrap_servers(value)
+
+
+def pooler(message: str) -> asyncpg.PostgresError:
+    """What PgBouncer sends: every refusal as SQLSTATE 08P01, told apart by its message."""
+    return asyncpg.PostgresError.new({"C": "08P01", "M": message, "S": "FATAL"})
+
+
+@pytest.mark.parametrize(
+    ("message", "names"),
+    [
+        ("unsupported startup parameter: statement_timeout", "ignore_startup_parameters"),
+        ("no such database: shop", "[databases]"),
+        ("no such user: shop", "auth_file"),
+    ],
+)
+def test_a_poolers_refusal_of_a_setting_is_a_configuration_error(message: str, names: str) -> None:
+    refused = pooler(message)
+    assert classify(refused) is Fault.FATAL and cause(refused) == "database_configuration"
+    line = misconfiguration(refused, "postgresql://u:secret@pooler:6432/shop")
+    assert line is not None and names in line and message in line and "secret" not in line
+    assert line.startswith("PostgreSQL at postgresql://u:***@pooler:6432/shop ")
+    # Found inside an exception group too (the relay's two loops are a TaskGroup).
+    assert misconfiguration(ExceptionGroup("loops", [refused]), "postgresql://x/y") is not None
+
+
+@pytest.mark.parametrize(
+    "message", ["pgbouncer cannot connect to server", "query_wait_timeout", "server conn crashed?"]
+)
+def test_a_poolers_passing_trouble_is_waited_out(message: str) -> None:
+    assert classify(pooler(message)) is Fault.ENVIRONMENT
+    assert misconfiguration(pooler(message), "postgresql://x/y") is None
+
+
+@pytest.mark.parametrize("code", ["42P05", "26000"])
+def test_prepared_statements_lost_behind_a_pooler_say_to_set_the_pool_mode(code: str) -> None:
+    assert classify(pg(code)) is Fault.FATAL
+    line = misconfiguration(pg(code), "postgresql://x/y")
+    assert line is not None and "set DB_POOL_MODE=transaction" in line

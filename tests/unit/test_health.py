@@ -196,3 +196,64 @@ async def test_a_batch_bisected_by_slow_healthy_transactions_is_not_called_stall
     await harness.run()
     stalled = [(offsets, why) for offsets, (ok, why) in seen if not ok]
     assert not stalled, stalled
+
+
+async def test_a_batch_past_its_deadline_is_not_ready_and_long_past_it_not_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's deadline ends its connection (consumer/database.py), which ends the
+    batch. Should one go on anyway (here the fake's connection ignores its end), /readyz
+    says it made no progress once past its deadline, and /healthz fails 30 s later, while
+    the loop still polls: a restart is all that is left."""
+    clock = Clock()
+    clock.install(monkeypatch)
+    harness = Harness([record(0)], apply_took_s=3600)
+    harness.worker.exit_when_idle_s = None
+    worker = harness.worker
+    async with asyncio.timeout(5), worker:
+        running = asyncio.create_task(worker.run())
+        await until(lambda: harness.apply.attempts == 1)
+        assert (await worker.ready())[0] is True  # within its deadline
+        deadline_s = worker.batch_deadline_s
+        assert deadline_s == 2 * 30 + 10
+
+        clock.ahead_s = deadline_s + 2
+        await asyncio.sleep(0.05)  # the loop polls on at the moved clock
+        ok, why = await worker.ready()
+        assert not ok and why.startswith("a batch has made no progress for 72 s"), why
+        assert worker.alive() == (True, "alive")
+
+        clock.ahead_s = deadline_s + 32
+        await asyncio.sleep(0.05)
+        ok, why = worker.alive()
+        assert not ok and why.startswith("stuck: a batch has made no progress"), why
+        worker.request_stop()
+        await running
+
+
+class LateStep:
+    """A loop beside the worker (the relay) with one step past its deadline by `late_s`."""
+
+    def __init__(self, late_s: float) -> None:
+        self.late_s = late_s
+
+    def overdue(self, slack_s: float) -> str | None:
+        return "the relay's order events claim ran late" if self.late_s > slack_s else None
+
+
+@pytest.mark.parametrize(
+    ("late_s", "ready", "alive"), [(0.5, True, True), (5, False, True), (40, False, False)]
+)
+async def test_a_relay_claim_past_its_deadline_shows_in_the_workers_probes(
+    late_s: float, ready: bool, alive: bool
+) -> None:
+    harness = Harness([record(0)])
+    harness.worker.beside.append(LateStep(late_s))
+    worker = harness.worker
+    async with asyncio.timeout(5), worker:
+        running = asyncio.create_task(worker.run())
+        await until(lambda: ("offsets", 1) in harness.log)
+        assert (await worker.ready())[0] is ready
+        assert worker.alive()[0] is alive
+        worker.request_stop()
+        await running

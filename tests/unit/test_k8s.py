@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from referencing import Registry, Resource
 
+from intentflow.consumer.migrate import needed_version
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.producer.settings import BridgeSettings
 from intentflow.schemas import dlq_topic
@@ -187,6 +188,7 @@ def test_renders_every_part_of_the_deployment(rendered: list[Obj]) -> None:
         ("PodDisruptionBudget", "stripe-bridge"),
         ("StatefulSet", "order-consumer"),
         ("Service", "order-consumer"),
+        ("Job", f"intentflow-migrate-v{needed_version()}"),
         ("PodDisruptionBudget", "order-consumer"),
         ("KafkaTopic", "stripe-events"),
         ("KafkaTopic", "stripe-events-dlq"),
@@ -259,6 +261,7 @@ def test_every_pod_meets_the_restricted_pod_security_profile(rendered: list[Obj]
         "Deployment/stripe-bridge",
         "StatefulSet/order-consumer",
         "CronJob/intentflow-prune",
+        f"Job/intentflow-migrate-v{needed_version()}",
     }
     for where, pod in specs.items():
         pod_context = pod.get("securityContext", {})
@@ -360,7 +363,9 @@ def test_each_process_sees_only_its_own_secrets(rendered: list[Obj]) -> None:
     ]
     consumer_pod = the(rendered, "StatefulSet", "order-consumer")["spec"]["template"]["spec"]
     (consumer,) = consumer_pod["containers"]
-    (migrate,) = consumer_pod["initContainers"]
+    assert "initContainers" not in consumer_pod
+    job = the(rendered, "Job", f"intentflow-migrate-v{needed_version()}")
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
 
     sees = visible(bridge, rendered)
     assert sees["STRIPE_WEBHOOK_SECRET"] == "secret/stripe-bridge"
@@ -369,9 +374,11 @@ def test_each_process_sees_only_its_own_secrets(rendered: list[Obj]) -> None:
     sees = visible(consumer, rendered)
     assert sees["DATABASE_URL"] == "secret/order-consumer"
     assert "STRIPE_WEBHOOK_SECRET" not in sees
+    # The consumers hold only their own role's credentials, not the schema owner's.
+    assert "MIGRATE_DATABASE_URL" not in sees and "secret/intentflow-migrate" not in sees.values()
 
     sees = visible(migrate, rendered)
-    assert sees["DATABASE_URL"] == "secret/intentflow-migrate"
+    assert sees["MIGRATE_DATABASE_URL"] == "secret/intentflow-migrate"
     assert {v for v in sees.values() if v.startswith("secret/")} == {"secret/intentflow-migrate"}
 
     # And nothing secret rides in a ConfigMap.
@@ -394,13 +401,23 @@ def test_example_secrets_hold_only_what_their_process_reads() -> None:
         assert set(doc["stringData"]) <= known, name
 
 
-def test_every_consumer_migrates_its_schema_before_it_starts(rendered: list[Obj]) -> None:
-    pod = the(rendered, "StatefulSet", "order-consumer")["spec"]["template"]["spec"]
-    (migrate,) = pod["initContainers"]
-    (consumer,) = pod["containers"]
+def test_the_schema_is_migrated_by_a_job_named_for_its_version(rendered: list[Obj]) -> None:
+    """A Job's pod template cannot change: one per schema version (the newest migration's
+    number, so that a new migration cannot ship under the last version's Job), run under
+    the migration role, as the consumers' image, and gone a while after it finished, so
+    that applying the base again with a new image re-creates it rather than failing."""
+    (job,) = [o for o in rendered if o["kind"] == "Job"]
+    assert job["metadata"]["name"] == f"intentflow-migrate-v{needed_version()}"
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    (migrate,) = pod["containers"]
+    (consumer,) = the(rendered, "StatefulSet", "order-consumer")["spec"]["template"]["spec"][
+        "containers"
+    ]
     assert migrate["command"] == ["order-consumer", "migrate"]
     assert migrate["image"] == consumer["image"]  # the schema of the code about to run
-    assert not [o for o in rendered if o["kind"] == "Job"]  # nothing immutable to re-apply
+    assert pod["restartPolicy"] in ("Never", "OnFailure") and spec["backoffLimit"] >= 1
+    assert 0 < spec["ttlSecondsAfterFinished"] <= 3600
 
 
 def test_consumer_is_a_static_member_under_its_pod_name(rendered: list[Obj]) -> None:
@@ -590,6 +607,16 @@ def test_the_consumer_and_prune_open_postgres_and_only_the_consumer_opens_stripe
     ]
     (peer,) = stripe["to"]
     assert "10.0.0.0/8" in peer["ipBlock"]["except"]  # never the cluster's private ranges
+
+
+def test_the_migration_job_opens_postgres_and_dns_and_accepts_nothing(
+    rendered: list[Obj],
+) -> None:
+    labels = pod_labels(rendered)[f"Job/intentflow-migrate-v{needed_version()}"]
+    egress = allowed_ports(rendered, labels, "Egress")
+    assert ("TCP", database_port()) in egress and ("UDP", 53) in egress
+    assert ("TCP", 443) not in egress
+    assert allowed_ports(rendered, labels, "Ingress") == set()
 
 
 def test_prune_runs_daily_one_at_a_time_within_the_retention_it_accepts(

@@ -53,6 +53,9 @@ class FakeConnection:
         self.log = log
         self.down = False  # what a readiness probe's `SELECT 1` meets
 
+    def terminate(self) -> None:
+        self.log.append("terminated")
+
     async def fetchval(self, query: str) -> int:
         if self.down:
             raise ConnectionRefusedError(111, "Connection refused")
@@ -73,7 +76,7 @@ class FakePool:
         self.conn, self.closed = FakeConnection(log), False
 
     @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[FakeConnection]:
+    async def acquire(self, *, timeout: float | None = None) -> AsyncIterator[FakeConnection]:  # noqa: ASYNC109
         yield self.conn
 
     async def expire_connections(self) -> None: ...

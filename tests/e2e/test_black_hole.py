@@ -175,10 +175,12 @@ async def test_the_relay_alone_publishes_on_a_fresh_connection_and_stops_on_time
         done = await db.fetchval("SELECT count(*) FROM outbox WHERE state = 'done'")
         return bool(done >= count)
 
+    port = free_port()
     async with behind_proxy(database_url) as (proxy, through_proxy):
         settings = consumer_settings(
-            infra, through_proxy, topic, relay_poll_interval_s=0.05, **FAST
-        )
+            infra, through_proxy, topic, relay_poll_interval_s=0.05, consumer_http_port=port,
+            retry_initial_s=1.0, retry_max_s=2.0, **FAST,
+        )  # fmt: skip
         relay = await Running(consumer_env(settings), command="relay").start()
         try:
             await insert_order_events(1, 2)
@@ -187,8 +189,14 @@ async def test_the_relay_alone_publishes_on_a_fresh_connection_and_stops_on_time
             frozen_at = time.monotonic()
             assert proxy.freeze() >= 1
             await insert_order_events(3, 3)
-            await eventually(lambda: published(5), timeout_s=40)
-            took_s = time.monotonic() - frozen_at
+            # The relay alone serves the same probes: alive throughout, not ready while
+            # it waits out the connection its deadline ended.
+            with Probes(port) as probes:
+                await eventually(lambda: published(5), timeout_s=40)
+                took_s = time.monotonic() - frozen_at
+            assert probes.health and {code for code, _ in probes.health} == {200}, probes.health
+            not_ready = [why for code, why in probes.ready if code == 503]
+            assert any(why.startswith("waiting out a failure") for why in not_ready), probes.ready
             # A claim's deadline here: 2 x (statement + connect timeout) + 2 x statement
             # timeout, 8 s; then a back-off and a fresh connection.
             assert took_s < 25, took_s

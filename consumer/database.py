@@ -269,6 +269,9 @@ async def within(pool: Any, seconds: float, what: str) -> AsyncIterator[Any]:
     try:
         async with pool.acquire(timeout=seconds) as conn:
             lent.append(conn)
+            if expired:  # the deadline passed as the pool handed it over: nothing ends it now
+                expire()
+                raise NoAnswer(what, seconds)
             yield conn
     except Exception as exc:
         if expired or isinstance(exc, TimeoutError):  # TimeoutError: no connection in time

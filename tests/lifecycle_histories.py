@@ -239,8 +239,10 @@ def terms(draw: st.DrawFn) -> Terms:
     if problem == "authorization_short":
         authorized = amount - draw(st.sampled_from([1, amount // 2]))
     increment = 0
-    if not via_checkout and draw(st.integers(0, 3)) == 0:
-        increment = draw(st.sampled_from([1, 100]))  # the first hold was for less
+    # The first hold was for less (never for nothing: Stripe holds a positive amount).
+    steps = [step for step in (1, 100) if step < authorized]
+    if not via_checkout and steps and draw(st.integers(0, 3)) == 0:
+        increment = draw(st.sampled_from(steps))
     return Terms(
         lines,
         problem,

@@ -8,7 +8,8 @@
 -- batches, each a short transaction. A version-5 consumer writes on meanwhile: a row
 -- it writes without the new values reads as an upgraded one (consumer/intents.py:
 -- a refund's `opened` is its status time; consumer/outbox.py: an order's subtotal
--- is its amount). Every step can run again after a crash.
+-- is its amount). Every step can run again after a crash. An order made before
+-- version 6 keeps amount_subtotal NULL: it was checked against its amount.
 
 -- step: transaction
 -- The intent's latest snapshot of each thing Stripe tells, with the key that orders
@@ -117,13 +118,3 @@ WITH legacy AS MATERIALIZED (
 )
 SELECT coalesce($1::bigint, 0) + 2000
 WHERE coalesce($1::bigint, 0) + 2000 < (SELECT max(id) FROM orders);
-
--- step: in batches
--- Upgrading: what an order made before version 6 was checked against: its amount.
-WITH upgraded AS (
-    UPDATE orders SET amount_subtotal = amount
-    WHERE id > coalesce($1::bigint, 0) AND id <= coalesce($1::bigint, 0) + 10000
-      AND amount_subtotal IS NULL
-)
-SELECT coalesce($1::bigint, 0) + 10000
-WHERE coalesce($1::bigint, 0) + 10000 < (SELECT max(id) FROM orders);

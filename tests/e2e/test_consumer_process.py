@@ -509,7 +509,9 @@ async def test_sigterm_during_a_database_outage_exits_0_on_time_and_commits_noth
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+# SIGTERM only: SIGINT takes the same handler (the start-up test above sends each), and
+# this test's 20 s are the suite's budget.
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=lambda s: s.name)
 async def test_a_batch_that_cannot_commit_by_the_deadline_is_abandoned_uncommitted(
     infra: Services, database_url: str, db: asyncpg.Connection, topic: str, sig: signal.Signals
 ) -> None:

@@ -3,7 +3,8 @@
 Commands: `migrate`, `run` (a group member, and the outbox relay unless
 RELAY_ENABLED=false), `relay` (the relay alone), and the operator's tools
 `reconcile` (check the invariants), `dlq` (list and replay dead letters),
-`prune` (inbox retention) and `outbox` (what the relay has left and did).
+`prune` (inbox retention), `outbox` (what the relay has left and did) and
+`backfill` (publish what Stripe could not deliver, from its Events API).
 
 Settings are read from the environment once, here, and passed down. What an
 operator can fix (a setting, a database or broker that is not there, a missing
@@ -27,7 +28,7 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 
-from intentflow.consumer import database, dlq, logs, outbox_tool, prune, reconcile
+from intentflow.consumer import backfill, database, dlq, logs, outbox_tool, prune, reconcile
 from intentflow.consumer.backoff import StopRequested
 from intentflow.consumer.bootstrap import bootstrap, build_relay, relay_checks
 from intentflow.consumer.database import misconfiguration, redact
@@ -77,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="return 0 once nothing pending can be done now (rows backing off are waited for)",
     )
-    for tool in (reconcile, dlq, prune, outbox_tool):
+    for tool in (reconcile, dlq, prune, outbox_tool, backfill):
         tool.add_parser(commands)
     return parser
 
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "dlq": dlq.main,
         "prune": prune.main,
         "outbox": outbox_tool.main,
+        "backfill": backfill.main,
     }
     if args.command in tools:
         return asyncio.run(tools[args.command](args, settings))

@@ -14,7 +14,8 @@ reset to earlier offsets, a new group, `order-consumer dlq replay`). So:
      forever refuses pruning;
   2. `minimum`: refuse an `--older-than` shorter than 3 days plus the longer
      of the two retentions;
-  3. `delete_batches`: delete rows processed before (the database's now -
+  3. `record_line`: keep the line in `inbox_pruned`, for `order-consumer backfill`;
+  4. `delete_batches`: delete rows processed before (the database's now -
      older_than), oldest first, `batch_size` rows per statement and the rest
      of the last one's consumer transaction (one is never split), each
      statement its own short transaction; then the order events the relay published before the same
@@ -229,6 +230,19 @@ async def cutoff(conn: asyncpg.Connection, older_than: timedelta) -> datetime:
     return line
 
 
+async def record_line(conn: asyncpg.Connection, before: datetime) -> None:
+    """Keep the latest line pruned before, ahead of deleting: `order-consumer backfill`
+    reads no event created before it (an event applied then may have lost its row)."""
+    async with conn.transaction():
+        await conn.execute(
+            """
+            INSERT INTO inbox_pruned (before) VALUES ($1)
+            ON CONFLICT (only_row) DO UPDATE SET before = greatest(inbox_pruned.before, $1)
+            """,
+            before,
+        )
+
+
 async def delete_batches(
     conn: asyncpg.Connection, before: datetime, batch_size: int
 ) -> AsyncIterator[int]:
@@ -317,6 +331,7 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     try:
         await check_schema(conn)
         before = await cutoff(conn, args.older_than)
+        await record_line(conn, before)
         async for count in delete_batches(conn, before, args.batch_size):
             deleted += count
             batches += 1

@@ -35,6 +35,8 @@ from intentflow.schemas.contract import (
     HEADER_ORIGINAL_PARTITION,
     HEADER_RECEIVED_AT,
     HEADER_REPLAYED_FROM,
+    HEADER_SOURCE,
+    SOURCE_BACKFILL,
     dlq_topic,
 )
 from intentflow.schemas.orders import (
@@ -79,6 +81,13 @@ EVENT_HEADERS: dict[str, Any] = {
         HEADER_REPLAYED_FROM: _string(
             "Set by `order-consumer dlq replay`: the dead letter it came from, "
             "`<partition>:<offset>`."
+        ),
+        HEADER_SOURCE: _string(
+            "Set by `order-consumer backfill` only: `backfill`, the event was read from "
+            "Stripe's Events API rather than delivered to the webhook endpoint; then "
+            "`received-at` is when the backfill read it. Absent: through the bridge. The "
+            "key, the body (the Stripe event) and the other headers are the same either way.",
+            enum=[SOURCE_BACKFILL],
         ),
     },
 }

@@ -14,6 +14,11 @@ DEFAULT_TOPIC = "stripe.events"
 HEADER_EVENT_ID = "stripe-event-id"
 HEADER_EVENT_TYPE = "stripe-event-type"
 HEADER_RECEIVED_AT = "received-at"
+# Set only by `order-consumer backfill` (`backfill`: read from Stripe's Events API, not
+# delivered to the webhook endpoint); a message without it came through the bridge.
+# The consumer treats both alike: the same key, body and other headers.
+HEADER_SOURCE = "source"
+SOURCE_BACKFILL = "backfill"
 
 # Added by the consumer when it dead-letters a message.
 HEADER_ERROR = "error"

@@ -189,6 +189,12 @@ async def test_only_rows_older_than_the_age_are_deleted_in_batches_of_the_given_
     assert out.startswith("order-consumer prune: deleted 23 inbox rows processed before ")
     assert out.endswith(" in 5 batches, and 0 published order events\n")
     assert await inbox_ids(db) == kept
+    # The line is kept for `backfill`, which reads no event from before it.
+    line = await db.fetchval("SELECT before FROM inbox_pruned")
+    assert (
+        out.removeprefix("order-consumer prune: deleted 23 inbox rows processed before ")[:19]
+        == line.isoformat()[:19]
+    )
 
 
 async def test_beside_a_running_consumer_nothing_fresh_is_deleted_and_every_event_applies_once(

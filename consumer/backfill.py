@@ -187,16 +187,23 @@ def past_the_inbox(since: datetime, pruned: datetime) -> str:
     )
 
 
-def print_progress(account: str | None, lt: int, tally: Tally) -> None:
-    """One line on a terminal, rewritten per slice; nothing when stderr is not one."""
-    if not sys.stderr.isatty():
-        return
-    at = datetime.fromtimestamp(lt, UTC).isoformat(timespec="minutes")
-    sys.stderr.write(
-        f"\r{account or 'platform'}: through {at}, read {tally.read}, "
-        f"published {tally.published}, already known {tally.known}   "
-    )
-    sys.stderr.flush()
+def progress_bar(run: Run, width: int = 30) -> Callable[[str | None, int, Tally], None]:
+    """A bar of the window done, per account, rewritten per slice on a terminal; nothing
+    when stderr is not one (a log collector would keep every rewrite)."""
+    start, span = run.since.timestamp(), max(1.0, (run.until - run.since).total_seconds())
+
+    def show(account: str | None, lt: int, tally: Tally) -> None:
+        if not sys.stderr.isatty():
+            return
+        done = min(1.0, max(0.0, (lt - start) / span))
+        bar = "#" * round(done * width)
+        sys.stderr.write(
+            f"\r{account or 'platform'} [{bar:<{width}}] {done:4.0%} read {tally.read}, "
+            f"published {tally.published}, already known {tally.known}   "
+        )
+        sys.stderr.flush()
+
+    return show
 
 
 def add_parser(commands: Any) -> None:
@@ -294,8 +301,9 @@ async def _backfill(
     producer = None if args.dry_run else await _producer(settings)
     total = Tally()
     try:
-        accounts = await _accounts(reader, run.scope)
-        for account in accounts:
+        scope = None if run.scope == "platform" else run.scope
+        for found in await reader.accounts(scope):
+            account = found or PLATFORM
             if args.dry_run:
                 progress = Progress(run.id, account, run.since)
             else:
@@ -309,7 +317,7 @@ async def _backfill(
                     progress,
                     livemode=livemode,
                     slice_width=args.slice,
-                    on_slice=print_progress,
+                    on_slice=progress_bar(run),
                 )
             )
     except (StripeRefused, StripeUnavailable) as exc:
@@ -347,14 +355,6 @@ async def _producer(settings: ConsumerSettings) -> Producer:
 
 class BrokerUnusable(Exception):
     """The events topic cannot be published to: one line for the operator."""
-
-
-async def _accounts(reader: StripeReader, scope: str) -> list[str]:
-    if scope == "platform":
-        return [PLATFORM]
-    if scope != "all":
-        return [scope]
-    return [account["id"] async for page in reader.pages("accounts", {}) for account in page]
 
 
 def _report(

@@ -8,6 +8,8 @@ describes one state of the database even while consumers commit batches: every
 check sees the orders, movements and levels the others see. `main` connects,
 prints one line per check (or one JSON document with `--json`), and exits 0
 when every check holds, 1 on any violation, 2 when the database cannot be used.
+With `--with-stripe`, consumer/stripe_books.py's checks of the books against Stripe's
+view join the report (2 too when Stripe cannot be read).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from intentflow.consumer import database
+from intentflow.consumer import database, stripe_books
 from intentflow.consumer.allocation import UNFILLABLE
 from intentflow.consumer.connections import Connection
 from intentflow.consumer.database import redact
@@ -376,12 +378,17 @@ def add_parser(commands: Any) -> None:
         "reconcile",
         help="check the invariants on the database (exit 1 on any violation)",
         description="Check the invariants on the database in one snapshot; exit 0 when "
-        "every check holds, 1 on any violation, 2 when the database cannot be used.",
+        "every check holds, 1 on any violation, 2 when the database (or, --with-stripe, "
+        "Stripe) cannot be used.",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    stripe_books.add_arguments(parser)
 
 
 async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
+    if (refused := stripe_books.refusal(args, settings)) is not None:
+        print(f"order-consumer reconcile: {refused}", file=sys.stderr)
+        return EXIT_CANNOT_CHECK
     try:
         conn = await database.connect(settings, name="order-consumer-reconcile")
     except Exception as exc:
@@ -389,6 +396,12 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     try:
         await check_schema(conn)
         report = await check(conn, ShopPolicy.from_settings(settings))
+        if args.with_stripe:
+            found = await stripe_books.check(conn, settings, args, EXAMPLES)
+            report = Report(report.checks + [CheckResult(*result) for result in found])
+    except stripe_books.StripeUnreadable as exc:
+        print(f"order-consumer reconcile: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_CHECK
     except Exception as exc:
         return _cannot_check(exc, settings)
     finally:

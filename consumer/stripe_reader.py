@@ -140,3 +140,13 @@ class StripeReader:
             if not body.get("has_more") or not data:
                 return
             params["starting_after"] = data[-1]["id"]
+
+    async def accounts(self, scope: str | None) -> list[str | None]:
+        """The accounts `--account` names: None for the platform itself (no `scope`), one
+        connected account, or (`all`) every account GET /v1/accounts lists, which are the
+        platform's connected accounts (https://docs.stripe.com/api/accounts/list)."""
+        if scope is None:
+            return [None]
+        if scope != "all":
+            return [scope]
+        return [account["id"] async for page in self.pages("accounts", {}) for account in page]

@@ -9,6 +9,9 @@
   after `down_s` (only a server the stack started).
 - `broker-outage`: cut the bridge off from Kafka for `down_s` (only a broker
   the stack started); the bridge answers 503 and the senders retry.
+- `webhook-outage`: for `down_s`, every delivery is dropped, as Stripe's
+  attempts fail at an endpoint that is away (loadtest/outage.py); after the
+  load, `order-consumer backfill` mends what never got through.
 
 `Chaos.run` starts one fault `every_s` after the last one started (a fault
 that lasts longer delays the next), cycling through the kinds, until the load has
@@ -23,10 +26,12 @@ import time
 
 import asyncpg
 
+from intentflow.loadtest.outage import Outage
 from intentflow.loadtest.report import Fault
 from intentflow.loadtest.stack import Stack
 
-KINDS = ("consumer-kill", "broker-outage", "db-connections", "db-restart")
+# In the order `all` injects them: the outages while the load is still on.
+KINDS = ("consumer-kill", "broker-outage", "webhook-outage", "db-connections", "db-restart")
 DEFAULT_KINDS = ("consumer-kill", "broker-outage", "db-connections")
 
 
@@ -68,8 +73,10 @@ class Chaos:
         every_s: float = 3.0,
         down_s: float = 2.0,
         started: float | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self._stack = stack
+        self._outage = outage or Outage()
         self._kinds = kinds
         self._every_s = every_s
         self._down_s = down_s
@@ -115,6 +122,8 @@ class Chaos:
             detail = await self._terminate_sessions()
         elif kind == "db-restart":
             detail = await self._restart_postgres()
+        elif kind == "webhook-outage":
+            detail = await self._drop_webhooks()
         else:
             detail = await self._cut_bridge()
         duration = time.time() - at
@@ -147,6 +156,13 @@ class Chaos:
         await asyncio.sleep(self._down_s)
         await asyncio.to_thread(server.start_again)
         return f"PostgreSQL stopped (fast shutdown), started again after {self._down_s:g} s"
+
+    async def _drop_webhooks(self) -> str:
+        dropped = self._outage.dropped
+        self._outage.down = True
+        await asyncio.sleep(self._down_s)
+        self._outage.down = False
+        return f"{self._outage.dropped - dropped} deliveries dropped in {self._down_s:g} s"
 
     async def _cut_bridge(self) -> str:
         self._stack.cut_bridge()

@@ -285,9 +285,11 @@ async def deliver(
     rate: float = 0.0,
     senders: int = 32,
     on_sent: Callable[[int], None] | None = None,
+    dropped: Callable[[Send], bool] | None = None,
 ) -> None:
     """Send every planned copy: at `rate` deliveries/s (0: as fast as possible), at most
-    `senders` in flight. Copies of one moment start together."""
+    `senders` in flight. Copies of one moment start together; those `dropped` says are
+    (a webhook outage) are not sent, and not tried again."""
     slots = asyncio.Semaphore(senders)
     started = time.monotonic()
     sent = 0
@@ -305,6 +307,11 @@ async def deliver(
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+        if dropped is not None and dropped(moment):
+            sent += moment.copies
+            if on_sent is not None:
+                on_sent(sent)
+            continue
         # Every copy's sender first, so they leave together (as many as there are senders).
         together = min(moment.copies, senders)
         for _ in range(together):

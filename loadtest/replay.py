@@ -37,6 +37,7 @@ import asyncpg
 
 from intentflow.consumer import logs
 from intentflow.loadtest import chaos, delivery, readback, report, verdict
+from intentflow.loadtest.outage import Mending, Outage, mend
 from intentflow.loadtest.progress import Progress
 from intentflow.loadtest.stack import PUBLISH_TIMEOUT_S, Stack, StackError, StackOptions
 from intentflow.loadtest.workload import Scenario, scenario, seed_scenario
@@ -168,11 +169,14 @@ async def replay(args: argparse.Namespace, kinds: tuple[str, ...]) -> report.Rep
             )
         started = time.time()
         tally = delivery.Tally(started=started)
+        outage = Outage() if "webhook-outage" in kinds else None
         faults = chaos.Chaos(
-            stack, kinds, every_s=args.chaos_every, down_s=args.chaos_down, started=started
+            stack, kinds, every_s=args.chaos_every, down_s=args.chaos_down, started=started,
+            outage=outage,
         ) if kinds else None  # fmt: skip
         chaos_task = asyncio.ensure_future(faults.run()) if faults else None
         sent = 0
+        mending: Mending | None = None
 
         def on_sent(n: int) -> None:
             nonlocal sent
@@ -182,13 +186,16 @@ async def replay(args: argparse.Namespace, kinds: tuple[str, ...]) -> report.Rep
             watcher = asyncio.ensure_future(_watch(stack, progress, tally, lambda: sent))
             try:
                 await delivery.deliver(
-                    plan, sender, tally, rate=args.rate, senders=args.senders, on_sent=on_sent
-                )
+                    plan, sender, tally, rate=args.rate, senders=args.senders, on_sent=on_sent,
+                    dropped=outage.swallows if outage else None,
+                )  # fmt: skip
                 await sender.close()
                 if faults is not None and chaos_task is not None:
                     faults.load_ended()
                     await chaos_task
                 caught_up = await readback.wait_caught_up(stack, tally)
+                if outage is not None:
+                    mending = await mend(stack, world, tally)
             finally:
                 watcher.cancel()
                 with contextlib.suppress(BaseException):
@@ -197,7 +204,7 @@ async def replay(args: argparse.Namespace, kinds: tuple[str, ...]) -> report.Rep
                     chaos_task.cancel()
             applied = await readback.read_applied(stack)
             progress.update(sent, tally.acked, len(applied.ids))
-        result = await _judge(args, stack, world, plan, tally, applied, caught_up, faults)
+        result = await _judge(args, stack, world, plan, tally, applied, caught_up, faults, mending)
         if result.ok:
             stack.options.keep_logs = False
         return result
@@ -231,12 +238,15 @@ async def _judge(
     applied: verdict.Applied,
     caught_up: bool,
     faults: chaos.Chaos | None,
+    mending: Mending | None,
 ) -> report.Report:
     books = await readback.books(stack, world)
     dead_letters = await readback.dead_lettered(stack)
     reconciled = await readback.reconcile(stack)
     dead = stack.dead_consumers()
-    lost = len(tally.acked_ids - applied.ids)
+    # After a webhook outage, what was never delivered counts too: the backfill's to mend.
+    wanted = {e["id"] for e in world.events} if mending else tally.acked_ids
+    lost = len(wanted - applied.ids)
     fault_list = faults.faults if faults else []
     for fault in fault_list:
         fault.survived = caught_up and not dead
@@ -253,7 +263,7 @@ async def _judge(
         given_up=tally.given_up,
         ignored=applied.ignored,
         faults_not_survived=[f"{f.kind} at {f.at_s:.1f} s" for f in fault_list if not f.survived],
-    )
+    ) + (mending.checks() if mending else [])
     started = tally.started
     last_commit = max((c for _, c in applied.times), default=time.time())
     elapsed = max(1e-3, last_commit - started)

@@ -4,9 +4,10 @@ Steps, in order: check that the bridge's and the consumer's ports are free;
 start the embedded broker and PostgreSQL; create the topics; migrate the
 database; start the bridge (`stripe-bridge`) and one consumer (`order-consumer
 run`) as processes of their own, their logs on this terminal; wait until the
-bridge is ready and the consumer has joined its group; print the `stripe
-listen --forward-to …` line, where the signing secret comes from, and the
-addresses to connect to. Nothing is kept: every run starts empty.
+bridge is ready and the consumer has joined its group; print the `dev-stripe
+walk` command that plays Stripe for a first order (its environment included),
+the `stripe listen --forward-to …` line, where the signing secret comes from,
+and the addresses to connect to. Nothing is kept: every run starts empty.
 
 The signing secret: STRIPE_WEBHOOK_SECRET when set. `stripe listen` signs with
 a secret of its own that does not change between its runs (`stripe listen
@@ -29,6 +30,7 @@ import contextlib
 import importlib.util
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -282,9 +284,19 @@ class DevStack:
         return clean
 
 
+def _command(script: str, module: str) -> str:
+    """The console script beside this Python, else its module (a checkout not reinstalled)."""
+    path = Path(sys.executable).with_name(script)
+    return str(path) if path.exists() else f"{sys.executable} -m {module}"
+
+
 def banner(stack: DevStack, secret_given: bool) -> str:
-    seed = Path(sys.executable).with_name("seed-cart")
-    seed_cmd = str(seed) if seed.exists() else f"{sys.executable} -m intentflow.devservices.seed"
+    seed_cmd = _command("seed-cart", "intentflow.devservices.seed")
+    play_env = (
+        f"STRIPE_WEBHOOK_SECRET={shlex.quote(stack.secret)} "
+        f"DATABASE_URL={stack.database_url} BRIDGE_URL={stack.forward_url}"
+    )
+    play_cmd = _command("dev-stripe", "intentflow.devservices.dev_stripe")
     if secret_given:
         secret = [
             "  The bridge checks signatures with the STRIPE_WEBHOOK_SECRET you gave; it must be",
@@ -301,7 +313,11 @@ def banner(stack: DevStack, secret_given: bool) -> str:
         "",
         "intentflow dev is ready: broker, PostgreSQL, bridge, one consumer. Ctrl-C stops them all.",
         "",
-        "  In another terminal, forward Stripe's test events to the bridge:",
+        "  A first order, no Stripe CLI needed: in another terminal, this plays Stripe for a",
+        "  new cart (authorize, capture, refund; `walk --cancel` cancels instead):",
+        f"    {play_env} {play_cmd} walk",
+        "",
+        "  With the Stripe CLI, in another terminal, forward Stripe's test events to the bridge:",
         f"    stripe listen --forward-to {stack.forward_url}",
         *secret,
         "",

@@ -41,6 +41,12 @@ STRIPE_MAX_AMOUNT = 99_999_999
 INT4_MAX = 2**31 - 1
 
 
+NO_TABLES = (
+    "the database has no intentflow tables: run `order-consumer migrate` "
+    "with this DATABASE_URL (make dev does it)"
+)
+
+
 class SeedError(RuntimeError):
     """What the developer must fix, in one line."""
 
@@ -191,9 +197,10 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--cart-id must not be empty")
 
 
-async def _seed(database_url: str, args: argparse.Namespace) -> SeededCart:
+async def connect(database_url: str) -> asyncpg.Connection:
+    """A connection to DATABASE_URL, or SeedError saying in one line why not (`dev-stripe` too)."""
     try:
-        conn = await asyncpg.connect(database_url, timeout=5)
+        return await asyncpg.connect(database_url, timeout=5)
     except (
         OSError, TimeoutError, ValueError, OverflowError,
         asyncpg.PostgresError, asyncpg.InterfaceError,
@@ -202,6 +209,10 @@ async def _seed(database_url: str, args: argparse.Namespace) -> SeededCart:
             f"PostgreSQL at DATABASE_URL does not answer ({exc}): "
             "start `make dev` and use the DATABASE_URL it prints"
         ) from exc
+
+
+async def _seed(database_url: str, args: argparse.Namespace) -> SeededCart:
+    conn = await connect(database_url)
     try:
         return await seed_cart(
             conn,
@@ -213,10 +224,7 @@ async def _seed(database_url: str, args: argparse.Namespace) -> SeededCart:
             stock=args.stock,
         )
     except asyncpg.UndefinedTableError as exc:
-        raise SeedError(
-            "the database has no intentflow tables: run `order-consumer migrate` "
-            "with this DATABASE_URL (make dev does it)"
-        ) from exc
+        raise SeedError(NO_TABLES) from exc
     except asyncpg.UniqueViolationError as exc:
         raise SeedError(f"cart {args.cart_id} exists already: choose another --cart-id") from exc
     finally:

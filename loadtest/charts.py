@@ -33,6 +33,7 @@ def _e(value: object) -> str:
 _W, _H = 880, 300
 _LEFT, _RIGHT, _TOP, _BOTTOM = 70, 20, 30, 44
 _PLOT_W, _PLOT_H = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+_LEGEND_CHAR_W = 7  # a generous width of one character of 12 px sans-serif: labels never overlap
 _FAULT_COLOURS = {
     "consumer-kill": "#d62728",
     "broker-outage": "#8c564b",
@@ -144,14 +145,15 @@ def line_chart(
         _axes(x_ticks, y_ticks, "seconds since the start", y_title),
         _fault_marks(faults, x_ticks[-1]),
     ]
-    for i, (label, colour, points) in enumerate(series):
+    lx = _LEFT
+    for label, colour, points in series:
         parts.append(f'<g class="series" stroke="{colour}" fill="{colour}">')
         parts.append(_polyline(points, x_ticks[-1], y_ticks[-1]))
-        lx = _LEFT + i * 150
         parts.append(
             f'<line x1="{lx}" x2="{lx + 18}" y1="12" y2="12" stroke-width="3"/>'
             f'<text x="{lx + 24}" y="16" font-size="12" stroke="none">{_e(label)}</text></g>'
         )
+        lx += 24 + _LEGEND_CHAR_W * len(label) + 24  # the next entry after this one's text
     if not values:
         parts.append(
             f'<text x="{_LEFT + _PLOT_W / 2}" y="{_TOP + _PLOT_H / 2}" text-anchor="middle"'

@@ -12,7 +12,11 @@ The harness fills a `Report`; this module only renders it, three ways:
 
 Expected order counts may merge statuses the histories cannot tell apart
 ("placed|out_of_stock": the stock decides); the found counts of those
-statuses are summed before they are compared.
+statuses are summed before they are compared, and each part is shown on an
+indented row under the merged one ("of which placed").
+
+Rates name what they count: deliveries acknowledged (copies included) are
+deliveries/s, events applied (distinct) are events/s.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich import box
 from rich.console import Console
@@ -147,6 +151,10 @@ def write_json(report: Report, path: str | os.PathLike[str]) -> None:
 
 _PERCENTILES = ("p50", "p95", "p99", "max")
 
+# The two rates, in the table and the chart's legend alike: each says what it counts.
+APPLIED = "applied, events/s"
+ACKNOWLEDGED = "acknowledged, deliveries/s"
+
 
 def _n(value: float) -> str:
     return f"{value:,.0f}"
@@ -160,32 +168,41 @@ def _mark(ok: bool) -> Text:
     return Text("ok", style="green") if ok else Text("FAILED", style="bold red")
 
 
-Row = tuple[str, str, str, bool | None]  # label, expected, found, held (None: nothing to hold)
+class Row(NamedTuple):
+    label: str
+    expected: str
+    found: str
+    held: bool | None  # None: nothing to hold
+    part: bool = False  # a part of the row above it: indented under it
+
+
+def _order_rows(report: Report) -> list[Row]:
+    """A row per status; under a merged one, how the stock decided between its parts."""
+    rows = []
+    for status, expected, found in order_rows(report):
+        rows.append(Row(f"orders {status}", _n(expected), _n(found), expected == found))
+        if "|" in status:
+            rows += [
+                Row(f"of which {part}", "", _n(report.orders_found.get(part, 0)), None, True)
+                for part in status.split("|")
+            ]
+    return rows
 
 
 def summary(report: Report) -> list[list[Row]]:
     """The headline numbers in sections: traffic, the database vs the histories, speed."""
     latency = report.latency_ms
     survived = sum(fault.survived for fault in report.faults)
-    traffic: list[Row] = [
-        ("events sent, distinct", "", _n(report.events_distinct), None),
-        ("deliveries acknowledged", "", _n(report.deliveries), None),
-        ("attempts (retried)", "", f"{_n(report.attempts)} ({_n(report.retried)})", None),
-        ("duplicates absorbed", "", _n(report.duplicates_absorbed), None),
-        ("faults injected (survived)", "", f"{len(report.faults)} ({survived})", None),
+    traffic = [
+        Row("events sent, distinct", "", _n(report.events_distinct), None),
+        Row("deliveries acknowledged", "", _n(report.deliveries), None),
+        Row("attempts (retried)", "", f"{_n(report.attempts)} ({_n(report.retried)})", None),
+        Row("duplicates absorbed", "", _n(report.duplicates_absorbed), None),
+        Row("faults injected (survived)", "", f"{len(report.faults)} ({survived})", None),
     ]
-    database: list[Row] = [
-        (f"orders {status}", _n(expected), _n(found), expected == found)
-        for status, expected, found in order_rows(report)
-    ]
-    database += [  # how the stock decided between the statuses expected together
-        (f"  of which {part}", "", _n(report.orders_found.get(part, 0)), None)
-        for key in report.orders_expected
-        if "|" in key
-        for part in key.split("|")
-    ]
+    database = _order_rows(report)
     database.append(
-        (
+        Row(
             "stock left, units",
             _n(report.stock_expected),
             _n(report.stock_found),
@@ -197,15 +214,15 @@ def summary(report: Report) -> list[list[Row]]:
         ("lost events", report.lost_events),
         ("duplicate orders", report.duplicate_orders),
     ):
-        database.append((label, "0", _n(value), value == 0))
-    speed: list[Row] = [
-        ("elapsed", "", f"{report.elapsed_s:,.1f} s", None),
-        ("throughput, events/s", "", _n(report.events_per_s), None),
-        ("throughput, deliveries/s", "", _n(report.deliveries_per_s), None),
+        database.append(Row(label, "0", _n(value), value == 0))
+    speed = [
+        Row("elapsed", "", f"{report.elapsed_s:,.1f} s", None),
+        Row(f"throughput {APPLIED}", "", _n(report.events_per_s), None),
+        Row(f"throughput {ACKNOWLEDGED}", "", _n(report.deliveries_per_s), None),
     ]
-    speed += [(f"latency {key}", "", _ms(latency.get(key)), None) for key in _PERCENTILES]
+    speed += [Row(f"latency {key}", "", _ms(latency.get(key)), None) for key in _PERCENTILES]
     source = f"latency from received-at to {report.latency_source}, over"
-    speed.append((source, "", f"{_n(latency.get('count', 0))} events", None))
+    speed.append(Row(source, "", f"{_n(latency.get('count', 0))} events", None))
     return [traffic, database, speed]
 
 
@@ -219,8 +236,10 @@ def _main_table(report: Report) -> Table:
     for i, section in enumerate(summary(report)):
         if i:
             table.add_section()
-        for label, expected, found, held in section:
-            table.add_row(label, expected, found, "" if held is None else _mark(held))
+        for row in section:
+            label = f"  {row.label}" if row.part else row.label
+            mark = "" if row.held is None else _mark(row.held)
+            table.add_row(label, row.expected, row.found, mark)
     return table
 
 
@@ -275,10 +294,32 @@ def _cell(value: object) -> str:
     return f'<td class="bad">{_e(value)}</td>' if bad else f"<td>{_e(value)}</td>"
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def _html_table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], parts: Sequence[bool] = ()
+) -> str:
+    """`parts[i]`: row i is a part of the row above it, indented under it."""
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(_cell(cell) for cell in row) + "</tr>" for row in rows)
+    body = "".join(
+        ('<tr class="part">' if i < len(parts) and parts[i] else "<tr>")
+        + "".join(_cell(cell) for cell in row)
+        + "</tr>"
+        for i, row in enumerate(rows)
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def setting(value: object) -> str:
+    """A configuration value as a reader writes it: `max`, not `"max"`; a list comma-separated."""
+    plain = _plain(value)
+    if plain is None:
+        return "—"
+    if isinstance(plain, bool):
+        return "yes" if plain else "no"
+    if isinstance(plain, list):
+        return ", ".join(setting(item) for item in plain) or "—"
+    if isinstance(plain, dict):
+        return ", ".join(f"{key} {setting(item)}" for key, item in plain.items()) or "—"
+    return str(plain)
 
 
 _CSS = """
@@ -289,6 +330,7 @@ h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .5em 0; font-size: .92em; }
 td, th { padding: .25em .8em; border-bottom: 1px solid #ddd; text-align: left; }
 td.bad { color: #a01818; font-weight: bold; }
+tr.part td:first-child { padding-left: 2.3em; color: #555; }
 svg { max-width: 100%; height: auto; }
 """
 
@@ -299,10 +341,10 @@ def _page(report: Report) -> str:
     throughput = charts.line_chart(
         "chart-throughput",
         [
-            ("acknowledged/s", "#1f77b4", [(s.t, float(s.acked)) for s in timeline]),
-            ("applied/s", "#2ca02c", [(s.t, float(s.applied)) for s in timeline]),
+            (ACKNOWLEDGED, "#1f77b4", [(s.t, float(s.acked)) for s in timeline]),
+            (APPLIED, "#2ca02c", [(s.t, float(s.applied)) for s in timeline]),
         ],
-        "per second",
+        "deliveries/s, events/s",
         last_t,
         report.faults,
     )
@@ -316,12 +358,17 @@ def _page(report: Report) -> str:
         last_t,
         report.faults,
     )
-    headline = [
-        (label, expected, found, "" if held is None else "ok" if held else "FAILED")
-        for section in summary(report)
-        for label, expected, found, held in section
+    headline = [row for section in summary(report) for row in section]
+    headline_cells = [
+        (
+            row.label,
+            row.expected,
+            row.found,
+            "" if row.held is None else "ok" if row.held else "FAILED",
+        )
+        for row in headline
     ]
-    config = [(key, json.dumps(_plain(value))) for key, value in report.config.items()]
+    config = [(key, setting(value)) for key, value in report.config.items()]
     config += [(name, address) for name, address in report.services.items()]
     faults = [
         (
@@ -342,7 +389,11 @@ def _page(report: Report) -> str:
             f"<style>{_CSS}</style></head><body>",
             f"<h1>replay-duplicates, {_e(report.started_at)}</h1>",
             f'<p class="verdict {"ok" if report.ok else "failed"}">{_e(verdict(report))}</p>',
-            _html_table(("", "expected", "found", ""), headline),
+            _html_table(
+                ("", "expected", "found", ""),
+                headline_cells,
+                [row.part for row in headline],
+            ),
             "<h2>configuration and services</h2>",
             _html_table(("", ""), config),
             "<h2>throughput</h2>",

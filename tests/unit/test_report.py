@@ -161,6 +161,66 @@ def test_summary_names_the_invariants_and_the_failed_check() -> None:
     assert text.rstrip().endswith("CHECKS FAILED: orders match their histories")
 
 
+def test_the_parts_of_a_merged_status_are_indented_under_it_in_the_terminal() -> None:
+    console = Console(record=True, width=120)
+    print_summary(sample(), console)
+    lines = console.export_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if "orders placed|out_of_stock" in line)
+    parent, placed, out_of_stock = lines[at : at + 3]
+    indent = parent.index("orders")
+    assert placed.index("of which placed") > indent
+    assert out_of_stock.index("of which out_of_stock") > indent
+    assert "orders captured" in lines[at + 3]  # the next status follows the parts
+
+
+def test_the_parts_of_a_merged_status_are_indented_under_it_in_the_page(tmp_path: Path) -> None:
+    write_html(sample(), tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    rows = re.findall(r"<tr( class=\"part\")?><td>([^<]*)</td>", page)
+    at = rows.index(("", "orders placed|out_of_stock"))
+    assert rows[at + 1 : at + 4] == [
+        (' class="part"', "of which placed"),
+        (' class="part"', "of which out_of_stock"),
+        ("", "orders captured"),
+    ]
+    assert "tr.part td:first-child { padding-left:" in page
+
+
+def test_rates_name_their_unit_in_the_terminal_and_in_the_chart_legend(tmp_path: Path) -> None:
+    console = Console(record=True, width=120)
+    print_summary(sample(), console)
+    text = console.export_text()
+    assert "throughput applied, events/s" in text
+    assert "throughput acknowledged, deliveries/s" in text
+    write_html(sample(), tmp_path / "report.html")
+    chart = svg((tmp_path / "report.html").read_text(), "chart-throughput")
+    assert ">acknowledged, deliveries/s</text>" in chart and ">applied, events/s</text>" in chart
+    assert "acknowledged/s" not in chart and "applied/s" not in chart
+    xs = [float(x) for x in re.findall(r'<text x="([0-9.]+)" y="16"', chart)]
+    assert xs[1] - xs[0] > 7 * len("acknowledged, deliveries/s")  # the legends do not overlap
+
+
+def test_settings_are_printed_plainly_not_as_json(tmp_path: Path) -> None:
+    config = {
+        "rate": "max",
+        "chaos": "none",
+        "reorder": 0.2,
+        "chaos_all": True,
+        "kinds": ["a", "b"],
+    }
+    write_html(sample(config=config), tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert "&quot;" not in page.split("configuration and services")[1].split("</table>")[0]
+    for key, shown in (
+        ("rate", "max"),
+        ("chaos", "none"),
+        ("reorder", "0.2"),
+        ("chaos_all", "yes"),
+        ("kinds", "a, b"),
+    ):
+        assert f"<tr><td>{key}</td><td>{shown}</td></tr>" in page
+
+
 def test_summary_ends_with_every_check_held_when_they_did() -> None:
     console = Console(record=True, width=120)
     held = [Check("oversold units", "0", "0", True)]

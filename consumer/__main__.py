@@ -28,12 +28,13 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 
-from intentflow.consumer import backfill, database, dlq, logs, outbox_tool, prune, reconcile
+from intentflow.consumer import database, logs, tools
 from intentflow.consumer.backoff import StopRequested
 from intentflow.consumer.bootstrap import bootstrap, build_relay, relay_checks
 from intentflow.consumer.database import misconfiguration, redact
-from intentflow.consumer.deadletter import DeadLetterRefused
+from intentflow.consumer.dlq import DeadLetterRefused
 from intentflow.consumer.errors import Misconfigured
+from intentflow.consumer.exits import EXIT_CANNOT, EXIT_REFUSED
 from intentflow.consumer.migrate import (
     LockPolicy,
     MigrationLocked,
@@ -47,22 +48,40 @@ from intentflow.consumer.relay import Relay, RelayStats
 from intentflow.consumer.relay_metrics import RelayHealth, RelayMetrics, WorkerAndRelay
 from intentflow.consumer.runtime import tune_gc
 from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.tools import TOOLS
 from intentflow.consumer.worker import RunStats, Worker
 from intentflow.schemas.config import describe
 from intentflow.schemas.metrics import package_version
 
 log = structlog.get_logger("consumer")
 
-EXIT_CANNOT_START = 2
-EXIT_REFUSED = 3
+SETTINGS = "its settings: README, `Consumer configuration (environment)`"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="order-consumer", description=__doc__.split("\n")[0])
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line, and each subcommand's own parser (its usage for a wrong one)."""
+    parser = argparse.ArgumentParser(
+        prog="order-consumer",
+        description=__doc__.split("\n")[0],
+        epilog="Settings come from the environment: README, `Consumer configuration "
+        "(environment)`. Exit statuses: README, `Exit statuses`.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("migrate", help="apply pending database migrations (safe to repeat)")
-    run = commands.add_parser("run", help="join the consumer group and apply events")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "migrate",
+        help="apply pending database migrations (safe to repeat)",
+        description="Apply the pending schema migrations in steps, under an advisory lock: "
+        "safe to repeat, and from several processes at once. Connects with "
+        f"MIGRATE_DATABASE_URL, else DATABASE_URL, straight to PostgreSQL; {SETTINGS}.",
+    )
+    run = commands.add_parser(
+        "run",
+        help="join the consumer group and apply events",
+        description="Join the consumer group KAFKA_GROUP_ID and apply the events topic's "
+        "batches to PostgreSQL, with the outbox relay beside it unless RELAY_ENABLED=false; "
+        f"/healthz, /readyz and /metrics on CONSUMER_HTTP_PORT; {SETTINGS}.",
+    )
     run.add_argument(
         "--exit-when-idle",
         type=float,
@@ -72,15 +91,17 @@ def _parser() -> argparse.ArgumentParser:
     relay = commands.add_parser(
         "relay",
         help="perform the outbox alone: Stripe actions and order events (`run` does it too)",
+        description="Perform the outbox alone: Stripe's actions (with STRIPE_API_KEY) and the "
+        f"order events, with /healthz, /readyz and /metrics on CONSUMER_HTTP_PORT; {SETTINGS}.",
     )
     relay.add_argument(
         "--exit-when-idle",
         action="store_true",
         help="return 0 once nothing pending can be done now (rows backing off are waited for)",
     )
-    for tool in (reconcile, dlq, prune, outbox_tool, backfill):
+    for tool in TOOLS.values():
         tool.add_parser(commands)
-    return parser
+    return parser, dict(commands.choices)
 
 
 async def _migrate(settings: ConsumerSettings) -> int:
@@ -93,20 +114,20 @@ async def _migrate(settings: ConsumerSettings) -> int:
         )
     except Misconfigured as exc:
         log.error("cannot_migrate", error=str(exc))
-        return EXIT_CANNOT_START
+        return EXIT_CANNOT
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error(
             "cannot_migrate",
             error=f"PostgreSQL at {redact(url)} is not usable ({exc}): "
             f"check {variable} and that the server is up",
         )
-        return EXIT_CANNOT_START
+        return EXIT_CANNOT
     try:
         await require_session(conn, redact(url), variable)
         applied = await migrate(conn, LockPolicy.from_settings(settings))
     except (SessionRequired, MigrationLocked) as exc:
         log.error("cannot_migrate", error=str(exc))
-        return EXIT_CANNOT_START
+        return EXIT_CANNOT
     finally:
         await database.close(conn, settings.db_connect_timeout_s)
     log.info("migrated", applied=applied)
@@ -128,7 +149,7 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
         await probes.start()
     except ProbeServerError as exc:
         log.error("cannot_start", error=str(exc))
-        return EXIT_CANNOT_START
+        return EXIT_CANNOT
     try:
         async with worker:
             tune_gc()
@@ -142,7 +163,7 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
         return 0
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
-        return EXIT_CANNOT_START
+        return EXIT_CANNOT
     except DeadLetterRefused as exc:
         log.error("stopped", error=str(exc))
         return EXIT_REFUSED
@@ -152,7 +173,7 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
         if (line := misconfiguration(exc, settings.database_url)) is None:
             raise
         log.error("stopped", error=line)
-        return EXIT_CANNOT_START
+        return EXIT_CANNOT
     finally:
         await probes.stop()
     summary = {
@@ -168,9 +189,18 @@ async def _run(settings: ConsumerSettings, exit_when_idle_s: float | None) -> in
     }
     if relay_stats is not None:
         summary["outbox"] = relay_stats.as_dict()
-    log.info("consumer_stopped", **summary)
-    print(json.dumps(summary), flush=True)
+    _summary("consumer_stopped", summary, settings)
     return 0
+
+
+def _summary(event: str, summary: dict[str, object], settings: ConsumerSettings) -> None:
+    """What the process did, once: in JSON logs, one JSON line on stdout for scripts (the
+    log line only says it stopped); in console logs, the log line itself, and no JSON."""
+    if settings.log_format == "json":
+        log.info(event)
+        print(json.dumps(summary), flush=True)
+    else:
+        log.info(event, **summary)
 
 
 async def _beside(worker: Worker, relay: Relay, drain: bool) -> tuple[RunStats, RelayStats]:
@@ -208,7 +238,7 @@ async def _relay(settings: ConsumerSettings, exit_when_idle: bool) -> int:
         await probes.start()
     except ProbeServerError as exc:
         log.error("cannot_start", error=str(exc))
-        return EXIT_CANNOT_START
+        return EXIT_CANNOT
     try:
         return await _relay_alone(settings, relay, exit_when_idle)
     finally:
@@ -226,7 +256,7 @@ async def _relay_alone(settings: ConsumerSettings, relay: Relay, exit_when_idle:
         return 0
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
-        return EXIT_CANNOT_START
+        return EXIT_CANNOT
     try:
         async with relay:
             stats = await relay.run(exit_when_idle=exit_when_idle)
@@ -234,9 +264,8 @@ async def _relay_alone(settings: ConsumerSettings, relay: Relay, exit_when_idle:
         if (line := misconfiguration(exc, settings.database_url)) is None:
             raise
         log.error("stopped", error=line)
-        return EXIT_CANNOT_START
-    log.info("relay_stopped", **stats.as_dict())
-    print(json.dumps({"outbox": stats.as_dict()}), flush=True)
+        return EXIT_CANNOT
+    _summary("relay_stopped", {"outbox": stats.as_dict()}, settings)
     return 0
 
 
@@ -269,24 +298,20 @@ def _handle_stop_signals(stoppables: list[_Stoppable], shutdown_timeout_s: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, subcommands = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # what argparse would refuse with the top-level usage: the subcommand's
+        subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         settings = ConsumerSettings()
     except ValidationError as exc:
         print(f"order-consumer: configuration error: {describe(exc)}", file=sys.stderr)
-        return EXIT_CANNOT_START
+        return EXIT_CANNOT
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
-    tools = {
-        "reconcile": reconcile.main,
-        "dlq": dlq.main,
-        "prune": prune.main,
-        "outbox": outbox_tool.main,
-        "backfill": backfill.main,
-    }
-    if args.command in tools:
-        return asyncio.run(tools[args.command](args, settings))
+    if args.command in TOOLS:
+        return asyncio.run(tools.run(args.command, args, settings))
     if args.command == "relay":
         return asyncio.run(_relay(settings, args.exit_when_idle))
     try:

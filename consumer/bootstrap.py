@@ -31,8 +31,8 @@ from intentflow.consumer.connections import (
     create_dead_letters,
     create_pool,
 )
-from intentflow.consumer.deadletter import Poison
 from intentflow.consumer.decode import Envelope
+from intentflow.consumer.dlq import Poison
 from intentflow.consumer.order_events import OrderEvents
 from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.preflight import check_database, check_topics
@@ -74,7 +74,7 @@ class BrokerConsumer(Protocol):
 
 
 class DeadLetterSink(Protocol):
-    """What the worker uses of `consumer.deadletter.DeadLetters`."""
+    """What the worker uses of `consumer.dlq.DeadLetters`."""
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...

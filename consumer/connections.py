@@ -23,7 +23,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from intentflow.consumer import database
 from intentflow.consumer.database import Begin
-from intentflow.consumer.deadletter import DeadLetters
+from intentflow.consumer.dlq import DeadLetters
 from intentflow.consumer.migrate import check_schema
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.schemas.kafka import client_kwargs

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from intentflow.consumer.deadletter import Poison
+from intentflow.consumer.dlq import Poison
 from intentflow.schemas import HEADER_RECEIVED_AT, StripeEvent
 
 __all__ = ["Envelope", "Poison", "decode"]

@@ -2,7 +2,7 @@
 
 Pure code: no I/O. Every meaning merges one event into the intent's `Facts`
 so that the result depends on the set of events seen, never on their order or
-on how often each came (DESIGN.md invariant 6):
+on how often each came (docs/design.md, invariant 6):
 
 - the status is the one of the greatest event by `status_key`: the status's
   tier, then the event's `created`, then the event type's step, then its id.

@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaError
 
 from intentflow.consumer import errors
 from intentflow.consumer.claims import Claimed, Mark
-from intentflow.consumer.producer import Producer
+from intentflow.consumer.kafka_producer import Producer
 from intentflow.schemas import HEADER_ORDER_EVENT_TYPE, HEADER_OUTBOX_ID, encode_key
 from intentflow.schemas.kafka import KafkaConnection
 

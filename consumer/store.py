@@ -1,6 +1,6 @@
 """Apply a batch of decoded events to PostgreSQL in one transaction.
 
-The unit of work (DESIGN.md, "The path of one event"):
+The unit of work (docs/design.md, "The path of one event"):
   1. claim the events in the inbox; only claimed events are applied (invariant 2);
   2. lock the intents' rows and read their facts and orders;
   3. fold each intent's claimed events, in Kafka order, into new facts and

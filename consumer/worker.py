@@ -52,8 +52,8 @@ from intentflow.consumer.bootstrap import (
     bootstrap,
 )
 from intentflow.consumer.database import within
-from intentflow.consumer.deadletter import DeadLetterRefused, Poison
 from intentflow.consumer.decode import Envelope, decode
+from intentflow.consumer.dlq import DeadLetterRefused, Poison
 from intentflow.consumer.errors import (
     Fault,
     cause,

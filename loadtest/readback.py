@@ -24,7 +24,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from intentflow.consumer import reconcile as reconciliation
+from intentflow.consumer.tools import reconcile as reconciliation
 from intentflow.loadtest.delivery import Tally
 from intentflow.loadtest.stack import Stack
 from intentflow.loadtest.verdict import Applied, Books, IntentRow, OrderRow, Refusals, reckon

@@ -98,7 +98,7 @@ class EventLog:
     chain gives (the fields, then `event`, `level`, `timestamp`), and written
     and flushed like structlog's `BytesLogger` does. structlog's processor
     chain cost three times as much CPU per line, about a tenth of the bridge's
-    CPU per webhook (README-bridge.md). Console output goes through structlog.
+    CPU per webhook (docs/benchmarks.md). Console output goes through structlog.
     """
 
     def __init__(self, name: str, level: str = "INFO", fmt: str = "json") -> None:

@@ -50,7 +50,7 @@ class BridgeSettings(KafkaConnection, BaseSettings):
     kafka_publish_timeout_s: float = Field(default=5.0, gt=0)
     # 0 still batches: records that arrive while a produce request is in flight go
     # out together in the next one. Measured against Tansu at 32 concurrent sends,
-    # linger_ms=1 halved throughput and doubled p50 (README-bridge.md).
+    # linger_ms=1 halved throughput and doubled p50 (docs/benchmarks.md).
     kafka_linger_ms: int = Field(default=0, ge=0)
     kafka_max_batch_bytes: int = Field(default=1024 * 1024, ge=1024)
     # The producer's largest request (aiokafka checks each record against it before

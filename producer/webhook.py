@@ -24,7 +24,7 @@ client may never send it) the answer says `connection: close`.
 
 It is a plain ASGI app rather than a Starlette endpoint: it is the hot path,
 and the framework's request, response and middleware layers cost a measurable
-share of the CPU per webhook (see README-bridge.md, bench).
+share of the CPU per webhook (docs/benchmarks.md, "Bridge").
 """
 
 from __future__ import annotations

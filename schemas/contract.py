@@ -1,7 +1,7 @@
 """The Kafka contract between the webhook bridge and the consumer.
 
 Topic names, the message key, and the header names are part of the public
-contract (DESIGN.md, "Contracts other people rely on"): change them only with
+contract (docs/design.md, "Contracts other people rely on"): change them only with
 a migration plan for every reader.
 """
 

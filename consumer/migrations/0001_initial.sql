@@ -1,5 +1,5 @@
 -- intentflow schema, version 1.
--- Tables and columns named in DESIGN.md ("Contracts") are read by other people:
+-- Tables and columns named in docs/design.md ("Contracts other people rely on") are read by other people:
 -- rename none of them. Every column beyond the contract has a default, so a
 -- storefront can create carts and stock with plain INSERTs.
 

@@ -3,7 +3,7 @@
 -- payment_intents; an order copies them and derives its status from them and
 -- from its allocation (consumer/decisions.py, `order_status`).
 
--- The order statuses of DESIGN.md ("Contracts").
+-- The order statuses of docs/design.md ("Order statuses").
 ALTER TABLE orders DROP CONSTRAINT orders_status_check;
 ALTER TABLE orders ADD CONSTRAINT orders_status_check
     CHECK (status IN ('placed', 'out_of_stock', 'needs_review', 'canceled', 'refunded', 'disputed'));

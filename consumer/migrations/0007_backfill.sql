@@ -37,3 +37,9 @@ CREATE TABLE IF NOT EXISTS inbox_pruned (
     only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
     before timestamptz NOT NULL
 );
+
+-- A database pruned before this version has no line yet: its oldest inbox row stands
+-- for it (no event processed before that row still has its own).
+INSERT INTO inbox_pruned (before)
+SELECT min(processed_at) FROM processed_events HAVING min(processed_at) IS NOT NULL
+ON CONFLICT (only_row) DO NOTHING;

@@ -115,7 +115,7 @@ async def test_every_operator_tool_works_through_a_transaction_pooler(
             done = await run_to_end(args, env)
             assert done.returncode == 0, (args, done.stdout, done.stderr)
             assert "Traceback" not in done.stderr, done.stderr
-    retried = await run_to_end(["outbox", "retry", "1"], env)
+    retried = await run_to_end(["outbox", "--json", "retry", "1"], env)
     assert json.loads(retried.stdout) == {"pending_again": [1], "not_failed": []}
     assert "reconcile" not in (await run_to_end(["reconcile"], env)).stderr
 

@@ -34,13 +34,14 @@ import asyncpg
 import httpx
 import pytest
 
-from intentflow.consumer import outbox_tool
+from intentflow.consumer import tools
 from intentflow.consumer.bootstrap import build_relay
 from intentflow.consumer.outbox import Action
 from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.relay import RelayStats
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import BatchResult, apply_batch
+from intentflow.consumer.tools import outbox as outbox_tool
 from intentflow.devservices import Services
 from intentflow.devservices.topics import create_topics
 from intentflow.stripekit import events
@@ -272,9 +273,18 @@ async def stripe_directly(emulator: StripeEmulator, pid: str, verb: str, **form:
 async def outbox_command(
     settings: ConsumerSettings, capsys: pytest.CaptureFixture[str], *words: str
 ) -> tuple[int, str]:
-    """`order-consumer outbox WORDS…` on the test's database, parsed as the command parses it."""
+    """`order-consumer outbox WORDS…` on the test's database: its status and stdout."""
+    code, out, _ = await outbox_run(settings, capsys, *words)
+    return code, out
+
+
+async def outbox_run(
+    settings: ConsumerSettings, capsys: pytest.CaptureFixture[str], *words: str
+) -> tuple[int, str, str]:
+    """`order-consumer outbox WORDS…`, parsed as the command parses it: status, out, err."""
     parser = argparse.ArgumentParser()
     outbox_tool.add_parser(parser.add_subparsers(dest="command"))
     capsys.readouterr()
-    code = await outbox_tool.main(parser.parse_args(["outbox", *words]), settings)
-    return code, capsys.readouterr().out
+    code = await tools.run("outbox", parser.parse_args(["outbox", *words]), settings)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -249,10 +249,38 @@ async def test_a_window_older_than_the_inbox_prune_kept_is_refused(
     async with StripeReadApi() as api:
         refused = await backfill(settings, api, "--since", SINCE)
         read_by_refused = len(api.requests)
-        later = await backfill(settings, api, "--since", "4h")
+        later = await backfill(settings, api, "--since", "3h")
     assert refused.status == 2, refused.stderr
-    assert "the line `order-consumer prune` deleted" in refused.stderr
+    assert "`order-consumer prune` deleted the inbox's rows before" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     assert read_by_refused == 0  # refused before asking Stripe anything
     assert later.status == 0, later.stderr
-    assert len(api.requests) == 4  # one empty page per hour from 4 h ago
+    assert len(api.requests) == 3  # one empty page per hour from 3 h ago
+
+
+async def test_a_resumed_run_is_refused_where_stripe_or_the_inbox_no_longer_reach(
+    infra: Services, database_url: str, db: asyncpg.Connection, topic: str
+) -> None:
+    """The window is checked where the run stands, when it goes on: a run left for weeks
+    starts where Stripe lists nothing, and a prune since may have passed it."""
+    settings = consumer_settings(infra, database_url, topic)
+    started = datetime.fromtimestamp(NOW - 31 * 24 * HOUR, UTC)
+    await db.execute(
+        "INSERT INTO backfill_runs (since, until, scope) VALUES ($1, $2, 'platform')",
+        started, datetime.fromtimestamp(NOW - 30 * 24 * HOUR, UTC),
+    )  # fmt: skip
+    async with StripeReadApi() as api:
+        stale = await backfill(settings, api, "--resume")
+        await db.execute("DELETE FROM backfill_progress")
+        await db.execute("UPDATE backfill_runs SET since = $1, until = $2",
+                         datetime.fromtimestamp(NOW - 10 * HOUR, UTC),
+                         datetime.fromtimestamp(NOW - HOUR, UTC))  # fmt: skip
+        await db.execute(
+            "INSERT INTO inbox_pruned (before) VALUES ($1)",
+            datetime.fromtimestamp(NOW - 5 * HOUR, UTC),
+        )
+        pruned = await backfill(settings, api, "--resume")
+        read = len(api.requests)
+    assert stale.status == 2 and "start a new backfill with a later --since" in stale.stderr
+    assert pruned.status == 2 and "`order-consumer prune` deleted" in pruned.stderr
+    assert read == 0, "nothing was read from where it could not be published"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from intentflow.consumer import reconcile
 from intentflow.consumer.errors import Fault, cause, classify
 from intentflow.consumer.stock import StockRowMissing
 from intentflow.consumer.store import apply_batch
+from intentflow.consumer.tools import reconcile
 from intentflow.stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import seed_cart, seed_stock, snapshot

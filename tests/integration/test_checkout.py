@@ -18,7 +18,7 @@ import pytest
 
 from intentflow.consumer.outbox import Action
 from intentflow.consumer.policy import CapturePolicy, ShopPolicy
-from intentflow.consumer.reconcile import check
+from intentflow.consumer.tools.reconcile import check
 from tests import stripe_stories as stories
 from tests.integration.stripe_support import apply
 from tests.stripe_stories import (

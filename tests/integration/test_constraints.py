@@ -1,7 +1,7 @@
 """Rules only the database enforces, tested by SQL against the migrated schema.
 
 The code above them is written so that they never fire; these tests make sure
-they are still there if a migration drops or loosens one (DESIGN.md, invariants
+they are still there if a migration drops or loosens one (docs/design.md, invariants
 1 to 4 and the order statuses of the contract).
 """
 

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
-from intentflow.consumer.deadletter import DeadLetters, Poison
+from intentflow.consumer.dlq import DeadLetters, Poison
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.worker import Worker
 from intentflow.devservices import Services

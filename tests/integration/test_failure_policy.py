@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from intentflow.consumer.deadletter import DeadLetterRefused
+from intentflow.consumer.dlq import DeadLetterRefused
 from intentflow.consumer.migrate import migrate, needed_version
 from intentflow.consumer.preflight import StartupError
 from intentflow.consumer.worker import Worker

@@ -12,8 +12,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from intentflow.consumer import reconcile
 from intentflow.consumer.store import apply_batch
+from intentflow.consumer.tools import reconcile
 from intentflow.stripekit import events
 from tests.integration.store_support import envelope
 from tests.support import seed_cart, seed_stock

@@ -31,10 +31,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from intentflow.consumer import reconcile
 from intentflow.consumer.outbox import OWED, REFUND_FAILED
 from intentflow.consumer.owed import CAPTURED_NOT_RETURNED
 from intentflow.consumer.store import apply_batch
+from intentflow.consumer.tools import reconcile
 from tests import lifecycle_model as model
 from tests.lifecycle_histories import Delivery, Scenario, deliveries, scenarios
 

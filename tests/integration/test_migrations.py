@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from intentflow.consumer import reconcile
 from intentflow.consumer.migrate import available, migrate
+from intentflow.consumer.tools import reconcile
 from intentflow.devservices import Services
 
 

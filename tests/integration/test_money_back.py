@@ -28,7 +28,7 @@ import pytest
 from intentflow.consumer import owed
 from intentflow.consumer.outbox import Action, sweep_needs_review
 from intentflow.consumer.policy import ShopPolicy
-from intentflow.consumer.reconcile import check
+from intentflow.consumer.tools.reconcile import check
 from intentflow.stripekit import events
 from tests.integration.stripe_support import (
     SKU,

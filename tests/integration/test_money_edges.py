@@ -20,7 +20,7 @@ import pytest
 from intentflow.consumer import owed
 from intentflow.consumer.migrate import available, migrate
 from intentflow.consumer.outbox import Action
-from intentflow.consumer.reconcile import check
+from intentflow.consumer.tools.reconcile import check
 from intentflow.devservices import Services
 from intentflow.stripekit import events
 from tests.fake_stripe import fake_stripe

@@ -25,8 +25,8 @@ from intentflow.consumer.bootstrap import build_relay
 from intentflow.consumer.claims import backlog, claim
 from intentflow.consumer.connections import create_pool
 from intentflow.consumer.outbox import Action, Kind
-from intentflow.consumer.reconcile import check
 from intentflow.consumer.relay import Relay
+from intentflow.consumer.tools.reconcile import check
 from intentflow.devservices import Services
 from intentflow.stripekit import events
 from tests.integration.stripe_support import (
@@ -43,6 +43,7 @@ from tests.integration.stripe_support import (
     key_of,
     order_status,
     outbox_command,
+    outbox_run,
     run_relay,
     shop,
     start_consumer,
@@ -183,10 +184,22 @@ async def test_outbox_retry_of_a_row_that_did_not_fail_changes_nothing(
     row = await action_row(shop.db, pid, Action.CANCEL)
     assert state_of(row) == SUCCEEDED_FIRST_TIME
 
-    code, out = await outbox_command(shop.settings, capsys, "retry", str(row["id"]), "999999")
+    code, out, err = await outbox_run(
+        shop.settings, capsys, "--json", "retry", str(row["id"]), "999999"
+    )
 
-    assert code == 0
+    # Nothing was retried: said in one line on stderr (exit 2), and in the JSON.
+    assert code == 2
     assert json.loads(out) == {"pending_again": [], "not_failed": [row["id"], 999999]}
+    assert err == (
+        f"order-consumer outbox: no failed row {row['id']}, 999999: nothing done to it "
+        "(`outbox --failed` lists the failed rows)\n"
+    )
+    assert await outbox_run(shop.settings, capsys, "retry", "999999") == (
+        2,
+        "",
+        err.replace(f"{row['id']}, ", ""),
+    )  # without --json, no JSON on stdout
     await run_relay(shop.settings)
     assert len(cancels(shop.proxy, pid)) == 1
     assert state_of(await action_row(shop.db, pid, Action.CANCEL)) == SUCCEEDED_FIRST_TIME

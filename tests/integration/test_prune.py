@@ -17,8 +17,9 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from intentflow.consumer import prune, reconcile
+from intentflow.consumer import tools
 from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.tools import prune, reconcile
 from intentflow.consumer.worker import Worker
 from intentflow.devservices import Services
 from intentflow.schemas import dlq_topic
@@ -42,7 +43,7 @@ def parse(*argv: str) -> argparse.Namespace:
 async def run(
     settings: ConsumerSettings, capsys: pytest.CaptureFixture[str], *argv: str
 ) -> tuple[int, str, str]:
-    code = await prune.main(parse(*argv), settings)
+    code = await tools.run("prune", parse(*argv), settings)
     out, err = capsys.readouterr()
     return code, out, err
 

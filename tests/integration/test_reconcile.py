@@ -17,10 +17,11 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from intentflow.consumer import prune, reconcile
+from intentflow.consumer import tools
 from intentflow.consumer.policy import CapturePolicy, ShopPolicy
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import apply_batch
+from intentflow.consumer.tools import prune, reconcile
 from intentflow.devservices import Services
 from intentflow.stripekit import events
 from tests.integration.store_support import envelope
@@ -81,7 +82,7 @@ async def test_a_database_written_by_the_consumer_is_clean_and_exits_0(
     await orders_of_every_kind(db)
     settings = consumer_settings(infra, database_url, "unused")
 
-    assert await reconcile.main(parse(), settings) == 0
+    assert await tools.run("reconcile", parse(), settings) == 0
 
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"{name}: OK" for name, _ in reconcile.CHECKS]
@@ -98,7 +99,7 @@ async def test_a_level_changed_behind_its_back_and_a_placed_order_on_a_canceled_
     await db.execute("UPDATE orders SET status = 'placed' WHERE payment_intent_id = 'pi_1'")
     settings = consumer_settings(infra, database_url, "unused")
 
-    assert await reconcile.main(parse(), settings) == 1
+    assert await tools.run("reconcile", parse(), settings) == 1
 
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     # sku-a: 10 stocked, 3 taken by pi_0, 3 taken and given back by pi_1, then +4 by hand.

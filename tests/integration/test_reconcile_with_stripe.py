@@ -19,9 +19,10 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from intentflow.consumer import reconcile, stripe_books
+from intentflow.consumer import tools
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import apply_batch
+from intentflow.consumer.tools import reconcile, stripe_books
 from intentflow.devservices import Services
 from intentflow.loadtest.stripe_api import StripeReadApi
 from tests import stripe_stories as stories
@@ -133,7 +134,7 @@ class Shop:
 
     async def reconcile(self, *argv: str, settings: ConsumerSettings | None = None) -> int:
         args = parse("--with-stripe", "--since", SINCE, *argv)
-        return await reconcile.main(args, settings or self.settings)
+        return await tools.run("reconcile", args, settings or self.settings)
 
 
 @pytest.fixture
@@ -386,7 +387,7 @@ async def test_without_stripe_api_key_it_says_so_in_one_line_and_exits_2(
 async def test_stripe_options_without_with_stripe_exit_2(
     shop: Shop, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert await reconcile.main(parse("--account", "acct_a"), shop.settings) == 2
+    assert await tools.run("reconcile", parse("--account", "acct_a"), shop.settings) == 2
     assert capsys.readouterr().err == (
         "order-consumer reconcile: --account: only with --with-stripe\n"
     )

@@ -433,7 +433,7 @@ async def test_a_relay_with_refund_unfillable_false_records_refunds_owed_until_r
         f"\trefund_unfillable_off\t{row['last_error']}"
     ]
 
-    code, out = await outbox_command(money.settings, capsys, "retry", str(row["id"]))
+    code, out = await outbox_command(money.settings, capsys, "--json", "retry", str(row["id"]))
     assert json.loads(out) == {"pending_again": [row["id"]], "not_failed": []}
     await relay(money.settings)
 

@@ -17,6 +17,7 @@ For README.md, CHANGELOG.md and docs/*.md:
 from __future__ import annotations
 
 import re
+import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,3 +243,36 @@ def test_the_checker_refuses_what_it_must(tmp_path: Path) -> None:
     urls = url_problems(page, tmp_path)
     assert len(urls) == 5, urls  # prose: 2 https:// and www.; code: x.example, example.org
     assert not any("127.0.0.1" in p for p in urls)
+
+
+# A relative path written out, linked or not: `../shared/DESIGN.md`, ../notes.md.
+RELATIVE_PATH = re.compile(r"(?<![\w./-])(?:\.\./)+[\w.-][\w./-]*")
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_path_written_in_a_page_leaves_the_repository(path: Path) -> None:
+    """A path named in prose or code, not only a link, must not lead out of the clone: a
+    reader has only the repository (the design once lived in `../shared/DESIGN.md`)."""
+    text = path.read_text()
+    outside = [
+        found
+        for found in RELATIVE_PATH.findall(text)
+        if not (path.parent / found).resolve().is_relative_to(ROOT.resolve())
+    ]
+    assert outside == []
+
+
+def test_the_code_cites_the_design_in_the_repository() -> None:
+    """Code, migrations and tests cite docs/design.md, never a design outside the clone."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.py", "*.sql", "*.md", "*.yaml", "Makefile"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    citing = [
+        name
+        for name in tracked
+        if name != "tests/unit/test_docs.py"
+        and ("DESIGN.md" in (text := (ROOT / name).read_text()) or "../shared/" in text)
+    ]
+    assert citing == []
+    assert (ROOT / "docs" / "design.md").is_file()

@@ -13,9 +13,9 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from intentflow.consumer.backfill import when
 from intentflow.consumer.decode import Envelope, decode
-from intentflow.consumer.events_api import record, slices
+from intentflow.consumer.tools.backfill import when
+from intentflow.consumer.tools.events_api import record, slices
 from intentflow.producer.logs import EventLog
 from intentflow.producer.metrics import BridgeMetrics
 from intentflow.producer.publisher import Published, Publisher

@@ -27,12 +27,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
 from pydantic import ValidationError
 
-from intentflow.consumer import connections, dlq, preflight, prune
-from intentflow.consumer import producer as consumer_producer
+from intentflow.consumer import connections, kafka_producer, preflight
 from intentflow.consumer.__main__ import main as consumer_main
 from intentflow.consumer.bootstrap import order_events
 from intentflow.consumer.connections import create_consumer, create_dead_letters
 from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.tools import dlq, prune
 from intentflow.producer import publisher
 from intentflow.producer.publisher import Publisher
 from intentflow.producer.settings import BridgeSettings
@@ -245,8 +245,8 @@ async def nothing(*args: Any) -> None: ...
 
 SITES: dict[str, tuple[list[tuple[object, str]], Callable[[Any], object]]] = {
     "consumer": ([(connections, "AIOKafkaConsumer")], create_consumer),
-    "dead letters": ([(consumer_producer, "AIOKafkaProducer")], create_dead_letters),
-    "order events": ([(consumer_producer, "AIOKafkaProducer")], lambda s: order_events(s)()),
+    "dead letters": ([(kafka_producer, "AIOKafkaProducer")], create_dead_letters),
+    "order events": ([(kafka_producer, "AIOKafkaProducer")], lambda s: order_events(s)()),
     "preflight": ([(preflight, "AIOKafkaClient")], lambda s: preflight.check_topics(s, ["t"])),
     "dlq topics": ([(dlq, "AIOKafkaClient")], lambda s: dlq.describe_topics(s, ["t"])),
     "dlq read": ([(dlq, "AIOKafkaConsumer")], lambda s: dlq.read_dead_letters(s, "t", [0])),

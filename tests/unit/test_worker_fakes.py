@@ -23,8 +23,8 @@ from aiokafka.errors import TopicAuthorizationFailedError
 from aiokafka.structs import ConsumerRecord
 
 from intentflow.consumer.bootstrap import BrokerConsumer, Dependencies
-from intentflow.consumer.deadletter import Poison
 from intentflow.consumer.decode import Envelope
+from intentflow.consumer.dlq import Poison
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import BatchResult
 from intentflow.consumer.worker import RunStats, Worker

@@ -15,8 +15,8 @@ import pytest
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from intentflow.consumer.backoff import StopRequested
-from intentflow.consumer.deadletter import DeadLetterRefused, Poison
 from intentflow.consumer.decode import Envelope
+from intentflow.consumer.dlq import DeadLetterRefused, Poison
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.store import BatchResult
 from intentflow.consumer.worker import Superseded, Worker

@@ -11,7 +11,7 @@ keeps every event for 30 days (https://docs.stripe.com/api/events/list), so:
      PostgreSQL (`backfill_runs`, `backfill_progress`, migration 0007): a run cut
      short goes on from its last finished slice (`--resume`, or the same window again);
   2. each slice is read whole, every page, and put in creation order, oldest first
-     (consumer/events_api.py);
+     (consumer/tools/events_api.py);
   3. each event is published as the bridge publishes a webhook (producer/webhook.py):
      keyed by `schemas.route`, with the contract's headers and `source: backfill`;
      one the bridge would not publish is skipped the same way (another mode than
@@ -34,12 +34,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import orjson
 from aiokafka.errors import KafkaError
 
 from intentflow.consumer import database
-from intentflow.consumer.backfill_runs import (
+from intentflow.consumer.connections import Connection
+from intentflow.consumer.errors import describe
+from intentflow.consumer.kafka_producer import Producer
+from intentflow.consumer.preflight import TopicsMissing, check_topics
+from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.stripe_reader import StripeReader, StripeRefused, StripeUnavailable
+from intentflow.consumer.tools import cli
+from intentflow.consumer.tools.backfill_runs import (
     NothingToResume,
     Progress,
     Run,
@@ -47,19 +53,14 @@ from intentflow.consumer.backfill_runs import (
     open_run,
     progress_of,
 )
-from intentflow.consumer.connections import Connection
-from intentflow.consumer.database import redact
-from intentflow.consumer.errors import describe
-from intentflow.consumer.events_api import Record, read_slice, record, slices
-from intentflow.consumer.migrate import SchemaBehind, check_schema
-from intentflow.consumer.preflight import TopicsMissing, check_topics
-from intentflow.consumer.producer import Producer
-from intentflow.consumer.prune import duration, show
-from intentflow.consumer.settings import ConsumerSettings
-from intentflow.consumer.stripe_reader import StripeReader, StripeRefused, StripeUnavailable
+from intentflow.consumer.tools.cli import CannotRun, Refused
+from intentflow.consumer.tools.events_api import Record, read_slice, record, slices
+from intentflow.consumer.tools.prune import duration, show
 
 STRIPE_KEEPS = timedelta(days=30)
 DEFAULT_SLICE = timedelta(hours=1)
+# Stripe's clock stamps `created`, the database's the prune line: a margin for the skew.
+PRUNE_MARGIN = timedelta(hours=1)
 PLATFORM = ""  # the platform's own events, in backfill_progress.account
 
 
@@ -129,6 +130,10 @@ async def backfill_account(
     tally = Tally()
     account = progress.account or None
     for gte, lt in slices(progress.done_until, run.until, slice_width):
+        # Checked per slice, not once: a run resumed days later, or a prune from cron
+        # meanwhile, may have moved either line past where this run stands.
+        if (why := await unreadable(conn, datetime.fromtimestamp(gte, UTC))) is not None:
+            raise CannotRun(why)
         events = await read_slice(reader, account, gte, lt)
         done = Tally(read=len(events))
         records: list[tuple[dict[str, Any], Record]] = []
@@ -178,12 +183,25 @@ def too_old(since: datetime, now: datetime) -> str | None:
     return None
 
 
+async def unreadable(conn: Connection, start: datetime) -> str | None:
+    """Why events created from `start` on cannot be backfilled now, or None: Stripe no
+    longer lists them, or the inbox may have lost the rows that make them harmless."""
+    now = datetime.now(UTC)
+    if (why := too_old(start, now)) is not None:
+        return f"{why}: start a new backfill with a later --since"
+    pruned = await conn.fetchval("SELECT before FROM inbox_pruned")
+    if pruned is not None and start < pruned + PRUNE_MARGIN:
+        return past_the_inbox(start, pruned)
+    return None
+
+
 def past_the_inbox(since: datetime, pruned: datetime) -> str:
     return (
         f"--since {since.isoformat(timespec='seconds')} is before "
-        f"{pruned.isoformat(timespec='seconds')}, the line `order-consumer prune` deleted the "
-        "inbox's rows before: an event applied before it and published again would be "
-        "applied twice; give a later --since"
+        f"{(pruned + PRUNE_MARGIN).isoformat(timespec='seconds')}: `order-consumer prune` "
+        f"deleted the inbox's rows before {pruned.isoformat(timespec='seconds')} (plus "
+        f"{show(PRUNE_MARGIN)} for the clocks' skew), and an event applied before then and "
+        "published again would be applied twice; give a later --since"
     )
 
 
@@ -214,7 +232,8 @@ def add_parser(commands: Any) -> None:
         "each event the inbox does not hold to the events topic, as the bridge would. "
         "Needs STRIPE_API_KEY. Exit 0 when the window is done; 2 when Stripe, the "
         "database or the broker cannot be used (the progress is kept: --resume); 3 when "
-        "the broker refuses an event.",
+        "the broker refuses an event. Guide: docs/operating.md, `Events Stripe could not "
+        "deliver`; settings: README, `Consumer configuration (environment)`.",
     )
     window = parser.add_mutually_exclusive_group(required=True)
     window.add_argument(
@@ -239,38 +258,23 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-EXIT_CANNOT_RUN = 2
-EXIT_REFUSED = 3
 RESUME_HINT = "the progress is kept: `order-consumer backfill --resume` goes on from there"
-
-
-def _say(line: str, code: int) -> int:
-    print(f"order-consumer backfill: {line}", file=sys.stderr)
-    return code
 
 
 async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     if settings.stripe_api_key is None:
-        return _say("STRIPE_API_KEY is not set: the Events API is read with it", EXIT_CANNOT_RUN)
+        raise CannotRun("STRIPE_API_KEY is not set: the Events API is read with it")
     if args.resume and (args.dry_run or args.until or args.account):
-        return _say("--resume takes the run's own window and accounts: give it alone", 2)
+        raise CannotRun("--resume takes the run's own window and accounts: give it alone")
     api_key = settings.stripe_api_key.get_secret_value()
     now = datetime.now(UTC)
     since, until = args.since, min(args.until or now, now)
-    if since is not None:
-        if (why := too_old(since, now)) is not None:
-            return _say(f"{why}: give a later --since", EXIT_CANNOT_RUN)
-        if since >= until:
-            return _say(f"--since {since.isoformat()} is not before --until", EXIT_CANNOT_RUN)
+    if since is not None and since >= until:
+        raise CannotRun(f"--since {since.isoformat()} is not before --until")
+    conn = await cli.connect(settings, "backfill")
     try:
-        conn = await database.connect(settings, name="order-consumer-backfill")
-    except Exception as exc:
-        return _unusable(exc, settings)
-    try:
-        await check_schema(conn)
-        pruned = await conn.fetchval("SELECT before FROM inbox_pruned")
-        if pruned is not None and since is not None and since < pruned:
-            return _say(past_the_inbox(since, pruned), EXIT_CANNOT_RUN)
+        if since is not None and (why := await unreadable(conn, since)) is not None:
+            raise CannotRun(why)
         scope = args.account or "platform"
         if args.dry_run:
             run = Run(0, since, until, scope, resumed=False)
@@ -279,13 +283,14 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
         async with StripeReader(
             api_key, api_base=settings.stripe_api_base, timeout_s=settings.stripe_timeout_s
         ) as reader:
-            return await _backfill(
-                args, settings, conn, reader, run, StripeReader.livemode_of(api_key)
-            )
-    except (SchemaBehind, NothingToResume) as exc:
-        return _say(str(exc), EXIT_CANNOT_RUN)
+            livemode = StripeReader.livemode_of(api_key)
+            return await _backfill(args, settings, conn, reader, run, livemode)
+    except NothingToResume as exc:
+        raise CannotRun(str(exc)) from None
+    except (CannotRun, Refused):
+        raise
     except Exception as exc:
-        return _unusable(exc, settings)
+        raise cli.unusable(exc, settings) from None
     finally:
         await database.close(conn, settings.db_connect_timeout_s)
 
@@ -322,9 +327,9 @@ async def _backfill(
             )
     except (StripeRefused, StripeUnavailable) as exc:
         kept = "" if args.dry_run else f"; {RESUME_HINT}"
-        return _say(f"Stripe's API: {exc}: check STRIPE_API_KEY and --account{kept}", 2)
+        raise CannotRun(f"Stripe's API: {exc}: check STRIPE_API_KEY and --account{kept}") from None
     except PublishRefused as exc:
-        return _say(f"{exc}; {RESUME_HINT}", EXIT_REFUSED)
+        raise Refused(f"{exc}; {RESUME_HINT}") from None
     finally:
         if sys.stderr.isatty():
             sys.stderr.write("\n")
@@ -346,15 +351,11 @@ async def _producer(settings: ConsumerSettings) -> Producer:
         )
         await producer.start()
     except (KafkaError, OSError, TimeoutError, TopicsMissing) as exc:
-        raise BrokerUnusable(
+        raise CannotRun(
             f"the broker at {settings.kafka_bootstrap_servers} cannot take events "
-            f"({describe(exc, 200)}): check KAFKA_BOOTSTRAP_SERVERS and the topic"
+            f"({describe(exc, 200)}): check KAFKA_BOOTSTRAP_SERVERS and the topic; {RESUME_HINT}"
         ) from None
     return producer
-
-
-class BrokerUnusable(Exception):
-    """The events topic cannot be published to: one line for the operator."""
 
 
 def _report(
@@ -391,17 +392,3 @@ def _report(
         f", {total.known} already known, {total.skipped} not the bridge's to publish; "
         f"{reader.requests} requests to Stripe, {reader.waited} waited out"
     )
-
-
-def _unusable(exc: BaseException, settings: ConsumerSettings) -> int:
-    if isinstance(exc, BrokerUnusable):
-        return _say(f"{exc}; {RESUME_HINT}", EXIT_CANNOT_RUN)
-    if (line := database.misconfiguration(exc, settings.database_url)) is not None:
-        return _say(line, EXIT_CANNOT_RUN)
-    if isinstance(exc, OSError | TimeoutError | asyncpg.PostgresError | asyncpg.InterfaceError):
-        return _say(
-            f"PostgreSQL at {redact(settings.database_url)} is not usable "
-            f"({describe(exc, 200)}): check DATABASE_URL and that the server is up",
-            EXIT_CANNOT_RUN,
-        )
-    raise exc

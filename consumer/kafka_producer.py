@@ -1,6 +1,6 @@
 """The consumer's own Kafka producer: acks=all, sends a list of records and says which landed.
 
-Used for dead letters (consumer/deadletter.py) and order events
+Used for dead letters (consumer/dlq.py) and order events
 (consumer/order_events.py). `send_all` sends every record before awaiting any
 acknowledgement, so a list goes out in as few requests as the producer can
 make, in order per partition; it returns, per record, None (acknowledged) or

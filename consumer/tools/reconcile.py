@@ -1,14 +1,14 @@
 """`order-consumer reconcile`: check the invariants on a live database, in one snapshot.
 
 Each check is one set-based query that returns the rows breaking an invariant
-(DESIGN.md "Invariants" and the order rules of the payment lifecycle); `CHECKS`
+(docs/design.md, "Invariants", and the order rules of the payment lifecycle); `CHECKS`
 lists them as (name, SQL), so adding a check is adding one entry. `check(conn)`
 runs them all in one REPEATABLE READ READ ONLY transaction, so that the report
 describes one state of the database even while consumers commit batches: every
 check sees the orders, movements and levels the others see. `main` connects,
 prints one line per check (or one JSON document with `--json`), and exits 0
 when every check holds, 1 on any violation, 2 when the database cannot be used.
-With `--with-stripe`, consumer/stripe_books.py's checks of the books against Stripe's
+With `--with-stripe`, consumer/tools/stripe_books.py's checks of the books against Stripe's
 view join the report (2 too when Stripe cannot be read).
 """
 
@@ -16,36 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from typing import Any
 
-from intentflow.consumer import database, stripe_books
+from intentflow.consumer import database
 from intentflow.consumer.allocation import UNFILLABLE
 from intentflow.consumer.connections import Connection
-from intentflow.consumer.database import redact
-from intentflow.consumer.errors import Fault, cause, classify, describe
+from intentflow.consumer.exits import EXIT_FOUND, EXIT_OK
 from intentflow.consumer.facts import DISPUTE_SETTLED_FOR_US, REFUND_COUNTS, REFUND_STOPPED
-from intentflow.consumer.migrate import SchemaBehind, check_schema
 from intentflow.consumer.owed import CAPTURED_NOT_RETURNED, sql_list
 from intentflow.consumer.policy import DEFAULT_POLICY, ShopPolicy
 from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.tools import cli, stripe_books
+from intentflow.consumer.tools.cli import CannotRun
 
-EXIT_VIOLATIONS = 1
-EXIT_CANNOT_CHECK = 2
 EXAMPLES = 5
-# Failures of the database or the session, not of these queries (consumer.errors
-# `cause`), and what the operator can do about each.
-OPERATOR_HINTS = {
-    "database_unreachable": "check DATABASE_URL and that the server is up",
-    "database_login": "check DATABASE_URL's user and password",
-    "database_missing": "check DATABASE_URL's database name",
-    "database_privileges": "grant this role SELECT on the intentflow tables",
-    "database_resources": "retry when the server has capacity again",
-    "database_system": "check the server's logs",
-    "statement_timeout": "raise statement_timeout for this role (ALTER ROLE ... SET), or, "
-    "connected without a pooler, add ?statement_timeout=0 to DATABASE_URL for this run",
-}
 
 
 # Rows (alias {}) written since schema version 4, when the rules of issue 17 began.
@@ -84,7 +69,7 @@ CHECKS: list[tuple[str, str]] = [
     (
         # An order is written in the transaction that claims its source event, so
         # both carry the same now(). Retention (`order-consumer prune`) deletes the
-        # inbox oldest first and a transaction's rows whole (consumer/prune.py), so
+        # inbox oldest first and a transaction's rows whole (consumer/tools/prune.py), so
         # the rows left are every row since the oldest left: orders older than it
         # are not checked, and every younger one's source event must be there.
         "order_source_event_in_inbox",
@@ -379,7 +364,8 @@ def add_parser(commands: Any) -> None:
         help="check the invariants on the database (exit 1 on any violation)",
         description="Check the invariants on the database in one snapshot; exit 0 when "
         "every check holds, 1 on any violation, 2 when the database (or, --with-stripe, "
-        "Stripe) cannot be used.",
+        "Stripe) cannot be used. Guide: docs/operating.md, `Checking the invariants`; "
+        "settings: README, `Consumer configuration (environment)`.",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     stripe_books.add_arguments(parser)
@@ -387,23 +373,15 @@ def add_parser(commands: Any) -> None:
 
 async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     if (refused := stripe_books.refusal(args, settings)) is not None:
-        print(f"order-consumer reconcile: {refused}", file=sys.stderr)
-        return EXIT_CANNOT_CHECK
+        raise CannotRun(refused)
+    conn = await cli.connect(settings, "reconcile")
     try:
-        conn = await database.connect(settings, name="order-consumer-reconcile")
-    except Exception as exc:
-        return _cannot_check(exc, settings)
-    try:
-        await check_schema(conn)
         report = await check(conn, ShopPolicy.from_settings(settings))
         if args.with_stripe:
             found = await stripe_books.check(conn, settings, args, EXAMPLES)
             report = Report(report.checks + [CheckResult(*result) for result in found])
-    except stripe_books.StripeUnreadable as exc:
-        print(f"order-consumer reconcile: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_CHECK
     except Exception as exc:
-        return _cannot_check(exc, settings)
+        raise cli.unusable(exc, settings) from None
     finally:
         await database.close(conn, settings.db_connect_timeout_s)
     if args.json:
@@ -411,21 +389,4 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     else:
         for result in report.checks:
             print(result.line())
-    return 0 if report.ok else EXIT_VIOLATIONS
-
-
-def _cannot_check(exc: Exception, settings: ConsumerSettings) -> int:
-    """One line for what the operator can fix; a traceback for anything else (a bug)."""
-    if isinstance(exc, SchemaBehind):
-        reason = str(exc)
-    elif (line := database.misconfiguration(exc, settings.database_url)) is not None:
-        reason = line
-    elif isinstance(exc, ValueError) or (
-        classify(exc) is Fault.ENVIRONMENT and cause(exc) in OPERATOR_HINTS
-    ):
-        hint = OPERATOR_HINTS.get(cause(exc), "check DATABASE_URL")
-        reason = f"PostgreSQL at {redact(settings.database_url)}: {describe(exc, 200)}: {hint}"
-    else:
-        raise exc
-    print(f"order-consumer reconcile: {reason}", file=sys.stderr)
-    return EXIT_CANNOT_CHECK
+    return EXIT_OK if report.ok else EXIT_FOUND

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import logging
 import re
-import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -43,15 +42,15 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, UnsupportedVersionError
 
 from intentflow.consumer import database
-from intentflow.consumer.database import Begin, redact
-from intentflow.consumer.errors import Misconfigured, describe
-from intentflow.consumer.migrate import SchemaBehind, check_schema
+from intentflow.consumer.database import Begin
+from intentflow.consumer.errors import describe
 from intentflow.consumer.preflight import TopicsMissing, check_topics
 from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.tools import cli
+from intentflow.consumer.tools.cli import CannotRun
 from intentflow.schemas import dlq_topic
 from intentflow.schemas.kafka import client_kwargs
 
-EXIT_REFUSED = 2
 STRIPE_RETRY_WINDOW = timedelta(days=3)
 DEFAULT_BATCH_SIZE = 1000
 
@@ -82,7 +81,7 @@ def show(span: timedelta) -> str:
     return "".join(parts) or "0s"
 
 
-class Refused(Exception):
+class Unsafe(Exception):
     """Pruning would not be safe, or its safety cannot be established: one line to act on."""
 
 
@@ -152,7 +151,7 @@ def _retention(configs: dict[str, str | None]) -> Retention | str:
 def minimum(
     reported: dict[str, Retention | str], stated: timedelta | None
 ) -> tuple[timedelta, timedelta]:
-    """(the shortest safe --older-than, the topic retention it counts), or Refused.
+    """(the shortest safe --older-than, the topic retention it counts), or Unsafe.
 
     `stated` (--topic-retention) stands in for what the broker cannot say, and
     never shortens what it does say: the longer of the two counts.
@@ -160,14 +159,14 @@ def minimum(
     longest = stated or timedelta()
     for topic, retention in reported.items():
         if retention is None:
-            raise Refused(
+            raise Unsafe(
                 f"topic {topic!r} keeps records forever (retention.ms -1 or a compacted "
                 "cleanup.policy), so any event can be replayed and needs its inbox row: "
                 "give both topics a finite retention.ms to prune"
             )
         if isinstance(retention, str):
             if stated is None:
-                raise Refused(
+                raise Unsafe(
                     f"cannot tell how long topic {topic!r} keeps records ({retention}): "
                     "pass --topic-retention DURATION, the longest retention.ms of "
                     + " and ".join(repr(t) for t in reported)
@@ -274,7 +273,8 @@ def add_parser(commands: Any) -> None:
         help="delete inbox rows older than a duration (safe beside running consumers)",
         description="Delete processed_events rows older than DURATION, in small batches. "
         "Refuses a DURATION shorter than Stripe's retry window (3d) plus the longest "
-        "retention of the events topic and its dead-letter topic.",
+        "retention of the events topic and its dead-letter topic. Guide: docs/operating.md, "
+        "`Inbox retention`; settings: README, `Consumer configuration (environment)`.",
     )
     parser.add_argument(
         "--older-than", type=duration, required=True, metavar="DURATION",
@@ -301,35 +301,26 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     try:
         reported = await broker_retention(settings)
     except (KafkaError, OSError, TimeoutError) as exc:
-        return _refuse(
+        raise CannotRun(
             f"the broker at {settings.kafka_bootstrap_servers} did not answer "
             f"({describe(exc, 200)}): check KAFKA_BOOTSTRAP_SERVERS"
-        )
+        ) from None
     except TopicsMissing as exc:
-        return _refuse(str(exc))
+        raise CannotRun(str(exc)) from None
     try:
         least, retention = minimum(reported, args.topic_retention)
-    except Refused as exc:
-        return _refuse(f"refused: {exc}")
+    except Unsafe as exc:
+        raise CannotRun(f"refused: {exc}") from None
     if args.older_than < least:
-        return _refuse(
+        raise CannotRun(
             f"refused: --older-than {show(args.older_than)} is below the minimum {show(least)} "
             f"(Stripe retries for {show(STRIPE_RETRY_WINDOW)}, the topics keep records for "
             f"{show(retention)}): an event redelivered after its inbox row is gone is applied again"
         )
-    try:
-        conn = await database.connect(
-            settings,
-            name="order-consumer-prune",
-            begin=Begin(statement_timeout_ms=settings.db_statement_timeout_ms),
-        )
-    except Misconfigured as e:
-        return _refuse(str(e))
-    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-        return _unusable(e, settings)
+    begin = Begin(statement_timeout_ms=settings.db_statement_timeout_ms)
+    conn = await cli.connect(settings, "prune", begin)
     deleted = batches = published = 0
     try:
-        await check_schema(conn)
         before = await cutoff(conn, args.older_than)
         await record_line(conn, before)
         async for count in delete_batches(conn, before, args.batch_size):
@@ -337,11 +328,9 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
             batches += 1
         async for count in delete_published(conn, before, args.batch_size):
             published += count
-    except SchemaBehind as exc:
-        return _refuse(str(exc))
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except Exception as exc:
         # What was deleted stays deleted; a second run goes on from there.
-        return _unusable(exc, settings, f"; {deleted} rows were deleted before that")
+        raise cli.unusable(exc, settings, f"; {deleted} rows were deleted before that") from None
     finally:
         await database.close(conn, settings.db_connect_timeout_s)
     print(
@@ -349,17 +338,3 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
         f"{before.isoformat()} in {batches} batches, and {published} published order events"
     )
     return 0
-
-
-def _unusable(exc: BaseException, settings: ConsumerSettings, progress: str = "") -> int:
-    if (line := database.misconfiguration(exc, settings.database_url)) is not None:
-        return _refuse(f"{line}{progress}")
-    return _refuse(
-        f"PostgreSQL at {redact(settings.database_url)} is not usable "
-        f"({describe(exc, 200)}): check DATABASE_URL and that the server is up{progress}"
-    )
-
-
-def _refuse(line: str) -> int:
-    print(f"order-consumer prune: {line}", file=sys.stderr)
-    return EXIT_REFUSED

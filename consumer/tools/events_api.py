@@ -25,7 +25,7 @@ from intentflow.consumer.stripe_reader import StripeReader
 from intentflow.schemas import contract_headers, encode_key, route
 from intentflow.schemas.contract import HEADER_SOURCE, SOURCE_BACKFILL
 
-# A record as consumer/producer.py sends it: (value, key, headers).
+# A record as consumer/kafka_producer.py sends it: (value, key, headers).
 Record = tuple[bytes, bytes, list[tuple[str, bytes]]]
 
 # What the endpoint is asked to send (docs/operating.md, "Events to enable"): the

@@ -23,13 +23,12 @@ import asyncpg
 
 from intentflow.consumer import database
 from intentflow.consumer.claims import backlog, finished_by_outcome
-from intentflow.consumer.database import redact
-from intentflow.consumer.errors import Misconfigured, describe
-from intentflow.consumer.migrate import check_schema
+from intentflow.consumer.exits import EXIT_OK
 from intentflow.consumer.outbox import OWED
 from intentflow.consumer.settings import ConsumerSettings
+from intentflow.consumer.tools import cli
+from intentflow.consumer.tools.cli import CannotRun
 
-EXIT_CANNOT = 2
 # What `--failed` prints of each row, tab-separated (`--json` gives every column).
 FAILED_COLUMNS = (
     "id",
@@ -48,7 +47,8 @@ def add_parser(commands: Any) -> None:
         help="show the outbox (Stripe actions and order events) and retry failed rows",
         description="Show pending outbox rows by kind and the oldest one's age, finished rows "
         "by outcome, or (--failed) the rows refused for good and the refunds owed; "
-        "`retry ID…` makes them pending again.",
+        "`retry ID…` makes them pending again. Guide: docs/operating.md, `The outbox`; "
+        "settings: README, `Consumer configuration (environment)`.",
     )
     parser.add_argument(
         "--failed", action="store_true", help="list the rows refused for good and refunds owed"
@@ -58,27 +58,16 @@ def add_parser(commands: Any) -> None:
 
 
 async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
+    if args.retry and not _retry_ids(args.retry):
+        raise CannotRun("usage: outbox retry ID [ID …] (ids from `outbox --failed`)")
+    conn = await cli.connect(settings, "outbox")
     try:
-        conn = await database.connect(settings, name="order-consumer-outbox")
-    except Misconfigured as e:
-        print(f"order-consumer outbox: {e}")
-        return EXIT_CANNOT
-    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-        print(
-            f"order-consumer outbox: PostgreSQL at {redact(settings.database_url)} is not usable "
-            f"({describe(e)}): check DATABASE_URL and that the server is up"
-        )
-        return EXIT_CANNOT
-    try:
-        await check_schema(conn)
         if args.retry:
-            return await _retry(conn, args.retry)
-        report = await (_failed(conn) if args.failed else _status(conn))
-    except Exception as e:
-        if (line := database.misconfiguration(e, settings.database_url)) is None:
-            raise
-        print(f"order-consumer outbox: {line}")
-        return EXIT_CANNOT
+            report = await _retry(conn, _retry_ids(args.retry))
+        else:
+            report = await (_failed(conn) if args.failed else _status(conn))
+    except Exception as exc:
+        raise cli.unusable(exc, settings) from None
     finally:
         await database.close(conn, settings.db_connect_timeout_s)
     if args.json:
@@ -86,7 +75,20 @@ async def main(args: argparse.Namespace, settings: ConsumerSettings) -> int:
     else:
         for line in _lines(report):
             print(line)
-    return 0
+    if report.get("not_failed"):
+        # Asked to retry rows that are not failed: nothing was done to them.
+        raise CannotRun(
+            f"no failed row {', '.join(map(str, report['not_failed']))}: nothing done to it "
+            "(`outbox --failed` lists the failed rows)"
+        )
+    return EXIT_OK
+
+
+def _retry_ids(words: list[str]) -> list[int]:
+    """The ids of `retry ID …`; empty when the words are not that."""
+    if words[0] != "retry" or len(words) < 2 or not all(w.isdigit() for w in words[1:]):
+        return []
+    return sorted({int(w) for w in words[1:]})
 
 
 async def _status(conn: asyncpg.Connection) -> dict[str, Any]:
@@ -108,11 +110,7 @@ async def _failed(conn: asyncpg.Connection) -> dict[str, Any]:
     return {"failed": [dict(r) for r in rows]}
 
 
-async def _retry(conn: asyncpg.Connection, words: list[str]) -> int:
-    if words[0] != "retry" or len(words) < 2 or not all(w.isdigit() for w in words[1:]):
-        print("order-consumer outbox: usage: outbox retry ID [ID …] (ids from `outbox --failed`)")
-        return EXIT_CANNOT
-    ids = sorted({int(w) for w in words[1:]})
+async def _retry(conn: asyncpg.Connection, ids: list[int]) -> dict[str, list[int]]:
     done = await conn.fetch(
         """
         UPDATE outbox SET state = 'pending', outcome = NULL, done_at = NULL, due_at = now(),
@@ -123,11 +121,13 @@ async def _retry(conn: asyncpg.Connection, words: list[str]) -> int:
         OWED,
     )
     again = sorted(r["id"] for r in done)
-    print(json.dumps({"pending_again": again, "not_failed": sorted(set(ids) - set(again))}))
-    return 0
+    return {"pending_again": again, "not_failed": sorted(set(ids) - set(again))}
 
 
 def _lines(report: dict[str, Any]) -> list[str]:
+    if "pending_again" in report:
+        again = report["pending_again"]
+        return [f"pending again: {', '.join(map(str, again))}"] if again else []
     if "failed" in report:
         return [
             "\t".join(str(r[column]) for column in FAILED_COLUMNS) for r in report["failed"]

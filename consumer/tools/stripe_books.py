@@ -33,7 +33,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from intentflow.consumer.allocation import UNFILLABLE
-from intentflow.consumer.backfill import when
 from intentflow.consumer.connections import Connection
 from intentflow.consumer.errors import describe
 from intentflow.consumer.facts import Dispute
@@ -41,6 +40,8 @@ from intentflow.consumer.lifecycle import AUTHORIZED_STATUSES
 from intentflow.consumer.policy import ShopPolicy
 from intentflow.consumer.settings import ConsumerSettings
 from intentflow.consumer.stripe_reader import StripeReader, StripeRefused, StripeUnavailable
+from intentflow.consumer.tools.backfill import when
+from intentflow.consumer.tools.cli import CannotRun
 from intentflow.schemas import CheckoutSession, PaymentIntent
 
 PAYMENT_WITHOUT_ORDER = "stripe_payment_without_order"
@@ -56,7 +57,7 @@ SETTLE_S = 60.0
 SESSION_LASTS = timedelta(hours=24)
 
 
-class StripeUnreadable(Exception):
+class StripeUnreadable(CannotRun):
     """Stripe could not be read: one line for the operator."""
 
 

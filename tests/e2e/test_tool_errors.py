@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
+from intentflow.consumer import logs
 from intentflow.consumer.__main__ import main
 from intentflow.consumer.exits import EXIT_CANNOT
 from intentflow.consumer.tools import TOOLS
@@ -73,6 +74,9 @@ def one_line(
         )  # fmt: skip
         status, err = done.returncode, done.stderr
     else:
+        # The process's logging is the session's to set: configured here, it would write
+        # to this test's captured stderr, closed once the test ends, for every later test.
+        monkeypatch.setattr(logs, "configure", lambda *_: None)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         capsys.readouterr()

@@ -9,6 +9,7 @@ server that does not answer, and a broker that does not.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import subprocess
@@ -41,6 +42,15 @@ ON_THE_BROKER = {
     "dlq replay": ["dlq", "replay", "--all"],
     "prune": ["prune", "--older-than", "35d", "--topic-retention", "7d"],
 }
+
+
+@pytest.fixture(autouse=True)
+def libraries_logging_kept() -> Iterator[None]:
+    """A tool quiets aiokafka's logger for its process; here, that process is the session's."""
+    quieted = logging.getLogger("aiokafka")
+    level = quieted.level
+    yield
+    quieted.setLevel(level)
 
 
 @pytest.fixture
